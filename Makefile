@@ -1,0 +1,71 @@
+# lambdarec — run `make help` for the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# Serving processes: one BLAS/OpenMP thread each (see STACK.md: threads fight on 2 cores).
+export OPENBLAS_NUM_THREADS ?= 1
+export PYTHONHASHSEED ?= 0
+DATA ?=
+
+.PHONY: help setup java run test test-all test-slow test-reliability lint protos pipeline bench airflow sql tables clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory java
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) protos ## Create the venv and install everything (idempotent)
+
+java: ## Check for Java >= 17 (installs openjdk-17-jre-headless via apt when root)
+	@bash infra/scripts/ensure_java.sh
+
+protos: $(STAMP) ## Generate gRPC code + .pyi stubs from protos/ into online/generated/
+	@if [ -d protos/lambdarec ] && ls protos/lambdarec/v1/*.proto >/dev/null 2>&1; then \
+		$(PY) -m online.protogen; fi
+
+run: setup ## Bring the system up on the embedded default (lake, sample model, gRPC server)
+	$(PY) -m online.run
+
+test: setup ## Run the test suite (fast + slow, no GPU, no reliability soak)
+	$(PY) -m pytest -m "not gpu and not reliability and not integration" -q
+
+test-integration: setup ## Tests that start external processes (Spark cluster, Airflow standalone)
+	$(PY) -m pytest -m "integration" -q
+
+test-reliability: setup ## Crash / reload-under-load / fuzz suites
+	$(PY) -m pytest -m "reliability" -q
+
+test-gpu: setup ## GPU-only checks (needs CUDA)
+	$(PY) -m pytest -m "gpu" -q
+
+lint: setup ## ruff + mypy
+	$(PY) -m ruff check lake spark_jobs online dags tests
+	$(PY) -m mypy lake spark_jobs online
+
+pipeline: setup ## Run the batch pipeline end to end (DATA=synthetic|ml-100k|ml-1m)
+	$(PY) -m spark_jobs.pipeline $(if $(DATA),--data $(DATA),)
+
+bench: setup ## Benchmarks: writes bench/results/<timestamp>/report.md
+	$(PY) -m bench.run
+
+airflow: setup ## Start Airflow standalone with this project's DAGs (Ctrl-C stops it)
+	$(PY) -m infra.airflow_standalone
+
+sql: setup ## Run SQL over the lake: make sql Q="SELECT count(*) FROM bronze_events"
+	$(PY) -m lake.sql "$(Q)"
+
+tables: setup ## List lake tables with versions and row counts
+	$(PY) -m lake.sql --tables
+
+clean: ## Remove the local lake, models, WAL and Airflow home (keeps the venv)
+	rm -rf var

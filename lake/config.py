@@ -1,0 +1,264 @@
+"""Typed settings for every layer, loaded from YAML and overridden by environment variables.
+
+One place defines the configuration schema; every job, DAG and server reads it through
+`load_settings()`. Unknown keys are errors (a typo must not silently fall back to a
+default), and a validation failure names the file and the dotted key.
+
+Precedence (lowest to highest): model defaults < YAML file < environment variables.
+The YAML file is `$LAMBDAREC_CONFIG` if set, else `infra/lambdarec.yaml` when present.
+Environment overrides use `LAMBDAREC__<SECTION>__<KEY>` (double underscores), e.g.
+`LAMBDAREC__SERVER__PORT=50052` or `LAMBDAREC__SPARK__MASTER=spark://127.0.0.1:7077`.
+Values are parsed as YAML scalars, so `true`, `3` and `0.5` get their natural types.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = PROJECT_ROOT / "infra" / "lambdarec.yaml"
+ENV_PREFIX = "LAMBDAREC__"
+
+EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase", "rating")
+
+
+class ConfigError(ValueError):
+    """The configuration file or an environment override is invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LakeSettings(_Strict):
+    root: Path = Path("var/lake")
+    """Directory holding one sub-directory per Delta table."""
+    commit_retries: int = Field(default=8, ge=0)
+    """How often a conflicting delta-rs commit is retried before giving up."""
+
+
+class SparkSettings(_Strict):
+    master: str = "local[*]"
+    app_name: str = "lambdarec"
+    driver_memory: str = "4g"
+    executor_memory: str = "1g"
+    shuffle_partitions: int = Field(default=8, ge=1)
+    conf: dict[str, str] = Field(default_factory=dict)
+    """Extra `spark.*` settings passed verbatim to the session builder."""
+
+
+class InteractionSettings(_Strict):
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "view": 1.0,
+            "click": 2.0,
+            "add_to_cart": 4.0,
+            "purchase": 8.0,
+            "rating": 1.0,
+        }
+    )
+    half_life_days: float = Field(default=30.0, gt=0)
+    max_confidence: float = Field(default=100.0, gt=0)
+    lookback_days: int = Field(default=3650, ge=1)
+    """Events older than this (relative to the as-of date) are ignored."""
+
+    @field_validator("weights")
+    @classmethod
+    def _known_event_types(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(EVENT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event type(s) {unknown}; known: {list(EVENT_TYPES)}")
+        negative = sorted(k for k, w in v.items() if w < 0)
+        if negative:
+            raise ValueError(f"weights must be >= 0, negative for {negative}")
+        return v
+
+
+class TrainSettings(_Strict):
+    backend: Literal["implicit", "mllib"] = "implicit"
+    factors: int = Field(default=64, ge=1, le=1024)
+    regularization: float = Field(default=0.05, ge=0)
+    iterations: int = Field(default=15, ge=1)
+    alpha: float = Field(default=1.0, gt=0)
+    seed: int = 42
+    use_gpu: bool | None = None
+    """None = use the GPU when implicit reports CUDA, else CPU."""
+
+
+class EvaluateSettings(_Strict):
+    split: Literal["time", "random"] = "time"
+    k: list[int] = Field(default_factory=lambda: [5, 10, 20, 50])
+    test_fraction: float = Field(default=0.1, gt=0, lt=1)
+    holdout_days: int = Field(default=7, ge=1)
+    """Time split: the last `holdout_days` before the as-of date are the test period."""
+    ease_max_items: int = Field(default=20_000, ge=0)
+    """EASE baseline is skipped above this many items (it inverts an items x items matrix)."""
+    ease_lambda: float = Field(default=500.0, gt=0)
+    max_eval_users: int = Field(default=20_000, ge=1)
+
+
+class GateSettings(_Strict):
+    metric: str = "ndcg@10"
+    min_lift_over_popularity: float = 0.10
+    """New model must beat popularity by this relative margin (0.10 = +10%)."""
+    max_regression: float = 0.05
+    """...and must not be worse than the current model by more than this relative tolerance."""
+
+
+class IndexSettings(_Strict):
+    exact_max_items: int = Field(default=50_000, ge=1)
+    """Catalogues up to this size use an exact IndexFlatIP; above it HNSW."""
+    hnsw_m: int = Field(default=32, ge=4)
+    hnsw_ef_construction: int = Field(default=80, ge=8)
+    hnsw_ef_search: int = Field(default=128, ge=8)
+    use_gpu: bool | None = None
+
+
+class ModelSettings(_Strict):
+    dir: Path = Path("var/models")
+    """Versioned model bundles live in `<dir>/<version>/`; `<dir>/CURRENT` names the live one."""
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    admin_port: int = Field(default=50052, ge=0, le=65535)
+    admin_token: str = "change-me"
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    workers: int = Field(default=8, ge=1)
+    wal_dir: Path = Path("var/wal")
+    wal_fsync_interval_ms: float = Field(default=2.0, ge=0)
+    flush_interval_s: float = Field(default=5.0, gt=0)
+    flush_max_events: int = Field(default=10_000, ge=1)
+    reload_poll_s: float = Field(default=0.0, ge=0)
+    """Poll the model CURRENT pointer this often; 0 disables polling."""
+    max_k: int = Field(default=500, ge=1)
+    max_batch: int = Field(default=10_000, ge=1)
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_id_length: int = Field(default=256, ge=1)
+    overfetch: int = Field(default=4, ge=1)
+    recent_events_per_user: int = Field(default=200, ge=1)
+    new_item_min_interactions: int = Field(default=3, ge=1)
+    seen_event_types: list[str] = Field(default_factory=lambda: list(EVENT_TYPES))
+    popularity_half_life_days: float = Field(default=7.0, gt=0)
+
+
+class DataSettings(_Strict):
+    source: Literal["synthetic", "ml-100k", "ml-1m"] = "synthetic"
+    dir: Path = PROJECT_ROOT.parent / "shared" / "data"
+    """Where the MovieLens folders live (`<dir>/ml-100k`, `<dir>/ml-1m`)."""
+    synthetic_events: int = Field(default=200_000, ge=1)
+    synthetic_users: int = Field(default=5_000, ge=1)
+    synthetic_items: int = Field(default=2_000, ge=1)
+    seed: int = 7
+
+
+class AirflowSettings(_Strict):
+    spark_conn_id: str = "spark_default"
+    reload_targets: list[str] = Field(default_factory=lambda: ["127.0.0.1:50052"])
+
+
+class Settings(_Strict):
+    lake: LakeSettings = Field(default_factory=LakeSettings)
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    interactions: InteractionSettings = Field(default_factory=InteractionSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+
+    def resolved(self, base: Path = PROJECT_ROOT) -> Settings:
+        """Return a copy whose relative paths are anchored at `base` (the project root)."""
+        data = self.model_dump()
+        for section, key in (("lake", "root"), ("model", "dir"), ("server", "wal_dir"),
+                             ("data", "dir")):
+            p = Path(data[section][key])
+            data[section][key] = p if p.is_absolute() else (base / p)
+        return Settings.model_validate(data)
+
+
+def _set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot override {'.'.join(keys)}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """Turn `LAMBDAREC__SECTION__KEY=value` variables into a nested dict."""
+    tree: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
+        if len(keys) < 2:
+            raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{name}: cannot parse value {raw!r}: {exc}") from exc
+        _set_dotted(tree, keys, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load settings: defaults < YAML file < env < explicit `overrides` (a nested dict).
+
+    Relative paths are resolved against the project root, so jobs behave the same
+    whatever their working directory.
+    """
+    env = os.environ if env is None else env
+    if path is None:
+        path = env.get("LAMBDAREC_CONFIG") or (
+            DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
+        )
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = loaded
+    data = _merge(data, env_overrides(env))
+    if overrides:
+        data = _merge(data, dict(overrides))
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source} (+ {ENV_PREFIX}* environment): {problems}") from exc
+    return settings.resolved()

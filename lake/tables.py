@@ -1,0 +1,278 @@
+"""The lake: every Delta table read and written through delta-rs, with schemas enforced.
+
+`Lake(root)` is the only way the project touches table files. Writers conform data to the
+catalog schema in `lake.schemas` (a wrong type, a missing column or an extra one is an
+error before anything is written) and retry commits that lose an optimistic-concurrency
+race. Spark reaches the same tables through `lake.spark_bridge`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from lake.config import LakeSettings
+from lake.schemas import TABLES, TableSpec
+from lake.validation import validate_events_table
+
+
+class LakeError(ValueError):
+    """A request to the lake is invalid (unknown table, wrong schema, missing version...)."""
+
+
+def spec(name: str) -> TableSpec:
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise LakeError(f"unknown table {name!r}; tables: {sorted(TABLES)}") from None
+
+
+def conform(table: pa.Table, s: TableSpec) -> pa.Table:
+    """Cast `table` to the spec's schema, column by column, naming what does not fit."""
+    names = set(table.column_names)
+    extra = sorted(names - set(s.schema.names))
+    if extra:
+        raise LakeError(f"{s.name}: unknown column(s) {extra}")
+    cols = []
+    for f in s.schema:
+        if f.name not in names:
+            if not f.nullable:
+                raise LakeError(f"{s.name}: required column {f.name!r} is missing")
+            cols.append(pa.nulls(table.num_rows, f.type))
+            continue
+        col = table.column(f.name)
+        try:
+            col = col.cast(f.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise LakeError(f"{s.name}.{f.name}: expected {f.type}, got {col.type}: {exc}") from exc
+        if not f.nullable and col.null_count:
+            raise LakeError(f"{s.name}.{f.name}: {col.null_count} null value(s) in a required column")
+        cols.append(col)
+    return pa.table(cols, schema=s.schema)
+
+
+def sql_literal(v: Any) -> str:
+    if isinstance(v, str):
+        return "'" + v.replace("'", "''") + "'"
+    if isinstance(v, datetime | date):
+        return f"'{v.isoformat()}'"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def partition_predicate(partitions: Sequence[Mapping[str, Any]]) -> str:
+    """`[{'event_date': d1}, {'event_date': d2}]` -> "(event_date = 'd1') OR (event_date = 'd2')"."""
+    if not partitions:
+        raise LakeError("no partitions given")
+    clauses = [
+        " AND ".join(f"{k} = {sql_literal(v)}" for k, v in sorted(p.items())) for p in partitions
+    ]
+    return " OR ".join(f"({c})" for c in clauses)
+
+
+class Lake:
+    def __init__(self, root: Path | str, *, commit_retries: int = 8) -> None:
+        self.root = Path(root)
+        self.commit_retries = commit_retries
+
+    @classmethod
+    def from_settings(cls, settings: LakeSettings) -> Lake:
+        return cls(settings.root, commit_retries=settings.commit_retries)
+
+    # -- locating ----------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        return self.root / spec(name).name
+
+    def exists(self, name: str) -> bool:
+        return DeltaTable.is_deltatable(str(self.path(name)))
+
+    def ensure(self, name: str) -> DeltaTable:
+        """Create the table empty with its catalog schema if it does not exist yet."""
+        s = spec(name)
+        p = self.path(name)
+        if not self.exists(name):
+            p.mkdir(parents=True, exist_ok=True)
+            try:
+                DeltaTable.create(
+                    str(p), s.schema, mode="ignore", partition_by=list(s.partition_by) or None,
+                    name=s.name, description=s.description,
+                )
+            except Exception:  # a concurrent creator won the race: fine if the table exists now
+                if not self.exists(name):
+                    raise
+        return DeltaTable(str(p))
+
+    def ensure_all(self) -> None:
+        for name in TABLES:
+            self.ensure(name)
+
+    def delta(self, name: str, version: int | str | datetime | None = None) -> DeltaTable:
+        """The DeltaTable at its latest version, or at `version` (number or timestamp)."""
+        p = self.path(name)
+        try:
+            dt = DeltaTable(str(p))
+        except TableNotFoundError:
+            raise LakeError(f"table {name!r} does not exist at {p}") from None
+        if version is not None:
+            try:
+                dt.load_as_version(version)
+            except Exception as exc:
+                raise LakeError(f"{name}: cannot load version {version!r}: {exc}") from exc
+        return dt
+
+    def version(self, name: str) -> int:
+        return self.delta(name).version()
+
+    # -- reading -----------------------------------------------------------------------
+    def read(
+        self,
+        name: str,
+        *,
+        version: int | str | datetime | None = None,
+        columns: list[str] | None = None,
+        filters: Any = None,
+    ) -> pa.Table:
+        if not self.exists(name) and version is None:
+            return spec(name).schema.empty_table().select(columns or spec(name).schema.names)
+        dt = self.delta(name, version)
+        return dt.to_pyarrow_table(columns=columns, filters=filters)
+
+    def count(self, name: str, version: int | None = None) -> int:
+        if not self.exists(name):
+            return 0
+        return int(self.delta(name, version).count())
+
+    # -- writing -----------------------------------------------------------------------
+    def _commit(self, fn: Any) -> int:
+        """Run a write, retrying when another writer committed first."""
+        delay = 0.05
+        for attempt in range(self.commit_retries + 1):
+            try:
+                return int(fn())
+            except CommitFailedError:
+                if attempt == self.commit_retries:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")
+
+    def _props(self) -> CommitProperties:
+        return CommitProperties(max_commit_retries=self.commit_retries)
+
+    def append(self, name: str, data: pa.Table) -> int:
+        """Append rows (schema-checked; events are validated) and return the new version."""
+        s = spec(name)
+        table = self._prepare(s, data)
+        self.ensure(name)
+        p = str(self.path(name))
+
+        def go() -> int:
+            write_deltalake(p, table, mode="append", partition_by=list(s.partition_by) or None,
+                            commit_properties=self._props())
+            return DeltaTable(p).version()
+
+        return self._commit(go)
+
+    def overwrite(
+        self, name: str, data: pa.Table, *, partitions: Sequence[Mapping[str, Any]] | None = None
+    ) -> int:
+        """Replace exactly the given partitions (or the whole table when None) with `data`.
+
+        Every row of `data` must fall inside the named partitions, so a rerun can never
+        touch partitions it was not asked to rewrite.
+        """
+        s = spec(name)
+        table = self._prepare(s, data)
+        self.ensure(name)
+        predicate = None
+        if partitions is not None:
+            allowed = {tuple(sorted(p.items())) for p in partitions}
+            cols = sorted({k for p in partitions for k in p})
+            if not set(cols) <= set(s.partition_by):
+                raise LakeError(f"{name}: {cols} are not partition columns {list(s.partition_by)}")
+            seen = {tuple(zip(cols, vals, strict=True))
+                    for vals in zip(*(table.column(c).to_pylist() for c in cols), strict=True)}
+            outside = seen - allowed
+            if outside:
+                raise LakeError(f"{name}: rows fall outside the partitions being overwritten: "
+                                f"{sorted(outside)[:3]}")
+            predicate = partition_predicate(partitions)
+        p = str(self.path(name))
+
+        def go() -> int:
+            write_deltalake(p, table, mode="overwrite", predicate=predicate,
+                            partition_by=list(s.partition_by) or None,
+                            commit_properties=self._props())
+            return DeltaTable(p).version()
+
+        return self._commit(go)
+
+    def upsert(self, name: str, data: pa.Table) -> int:
+        """Merge rows by the table's key: matching rows are updated, new ones inserted."""
+        s = spec(name)
+        if not s.key:
+            raise LakeError(f"{name} has no key to upsert by")
+        table = self._prepare(s, data)
+        dupes = table.group_by(list(s.key)).aggregate([([], "count_all")])
+        if dupes.num_rows != table.num_rows:
+            raise LakeError(f"{name}: duplicate keys {list(s.key)} within one upsert batch")
+        self.ensure(name)
+        p = str(self.path(name))
+        pred = " AND ".join(f"t.{k} = s.{k}" for k in s.key)
+
+        def go() -> int:
+            (
+                DeltaTable(p)
+                .merge(table, pred, source_alias="s", target_alias="t",
+                       commit_properties=self._props())
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute()
+            )
+            return DeltaTable(p).version()
+
+        return self._commit(go)
+
+    def delete(self, name: str, predicate: str) -> dict[str, Any]:
+        """Delete the rows matching a SQL predicate; returns delta-rs' metrics."""
+        if not self.exists(name):
+            return {"num_deleted_rows": 0}
+        p = str(self.path(name))
+        return DeltaTable(p).delete(predicate, commit_properties=self._props())
+
+    def update(self, name: str, predicate: str, new_values: Mapping[str, Any]) -> dict[str, Any]:
+        p = str(self.path(name))
+        return DeltaTable(p).update(
+            predicate=predicate,
+            new_values={k: sql_literal(v) if v is not None else "NULL" for k, v in new_values.items()},
+            commit_properties=self._props(),
+        )
+
+    def _prepare(self, s: TableSpec, data: pa.Table) -> pa.Table:
+        if isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        if s.name in ("bronze_events", "silver_events"):
+            return validate_events_table(data)
+        return conform(data, s)
+
+    # -- inspection --------------------------------------------------------------------
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per catalog table: name, version, rows, files, partition columns."""
+        out = []
+        for name, s in TABLES.items():
+            if self.exists(name):
+                dt = self.delta(name)
+                out.append({"table": name, "version": dt.version(), "rows": int(dt.count()),
+                            "files": len(dt.file_uris()), "partitioned_by": ",".join(s.partition_by)})
+            else:
+                out.append({"table": name, "version": None, "rows": 0, "files": 0,
+                            "partitioned_by": ",".join(s.partition_by)})
+        return out

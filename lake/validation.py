@@ -1,0 +1,234 @@
+"""Event validation: a batch is accepted whole or rejected whole with the row and field named.
+
+The same rules serve bulk loads into bronze and the online IngestEvents handler (which
+validates event by event and rejects only the bad ones).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+
+from lake.config import EVENT_TYPES
+from lake.schemas import BRONZE_EVENTS
+
+# Timestamps outside this window are treated as unit mistakes (seconds vs ms) or garbage.
+MIN_TS = datetime(1995, 1, 1, tzinfo=UTC)
+MAX_FUTURE = timedelta(days=1)
+MAX_ID_LENGTH = 256
+REQUIRED = ("event_id", "user_id", "item_id", "event_type", "ts")
+OPTIONAL = ("value", "received_at", "session_id", "properties")
+
+
+class EventValidationError(ValueError):
+    """An event is invalid. `row` is its position in the batch, `field` the offending field."""
+
+    def __init__(self, row: int, field: str, message: str) -> None:
+        super().__init__(f"row {row}, field {field!r}: {message}")
+        self.row = row
+        self.field = field
+        self.reason = message
+
+
+def _check_id(row: int, name: str, v: Any, max_len: int) -> str:
+    if not isinstance(v, str):
+        raise EventValidationError(row, name, f"must be a string, got {type(v).__name__}")
+    if not v or not v.strip():
+        raise EventValidationError(row, name, "must not be empty")
+    if len(v) > max_len:
+        raise EventValidationError(row, name, f"longer than {max_len} characters")
+    return v
+
+
+def _check_ts(row: int, name: str, v: Any, now: datetime) -> datetime:
+    if isinstance(v, datetime):
+        ts = v
+    elif isinstance(v, str):
+        try:
+            ts = datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise EventValidationError(row, name, f"not an ISO-8601 timestamp: {v!r}") from exc
+    else:
+        raise EventValidationError(row, name, f"must be a datetime, got {type(v).__name__}")
+    if ts.tzinfo is None:
+        raise EventValidationError(row, name, "must be timezone-aware (UTC)")
+    ts = ts.astimezone(UTC)
+    if ts < MIN_TS or ts > now + MAX_FUTURE:
+        raise EventValidationError(
+            row, name, f"{ts.isoformat()} is outside [{MIN_TS.date()}, now + 1 day]"
+        )
+    return ts
+
+
+def validate_event(
+    row: int,
+    event: Mapping[str, Any],
+    *,
+    now: datetime | None = None,
+    max_id_length: int = MAX_ID_LENGTH,
+) -> dict[str, Any]:
+    """Check one event and return it normalised to the bronze schema's columns."""
+    now = now or datetime.now(UTC)
+    unknown = sorted(set(event) - set(REQUIRED) - set(OPTIONAL) - {"event_date"})
+    if unknown:
+        raise EventValidationError(row, unknown[0], "unknown field")
+    for name in REQUIRED:
+        if event.get(name) is None:
+            raise EventValidationError(row, name, "is required")
+    out: dict[str, Any] = {
+        name: _check_id(row, name, event[name], max_id_length)
+        for name in ("event_id", "user_id", "item_id")
+    }
+    etype = event["event_type"]
+    if etype not in EVENT_TYPES:
+        raise EventValidationError(
+            row, "event_type", f"unknown event type {etype!r}; expected one of {list(EVENT_TYPES)}"
+        )
+    out["event_type"] = etype
+    value = event.get("value")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise EventValidationError(row, "value", f"must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise EventValidationError(row, "value", f"must be finite, got {value}")
+        value = float(value)
+    if etype == "rating" and value is not None and not (0 <= value <= 10):
+        raise EventValidationError(row, "value", f"rating {value} outside [0, 10]")
+    out["value"] = value
+    out["ts"] = _check_ts(row, "ts", event["ts"], now)
+    received = event.get("received_at")
+    out["received_at"] = now if received is None else _check_ts(row, "received_at", received, now)
+    session = event.get("session_id")
+    out["session_id"] = (
+        None if session is None else _check_id(row, "session_id", session, max_id_length)
+    )
+    props = event.get("properties")
+    if props is not None:
+        if isinstance(props, Mapping):
+            props = json.dumps(props, sort_keys=True, separators=(",", ":"))
+        elif isinstance(props, str):
+            try:
+                parsed = json.loads(props)
+            except json.JSONDecodeError as exc:
+                raise EventValidationError(row, "properties", f"not valid JSON: {exc}") from exc
+            if not isinstance(parsed, dict):
+                raise EventValidationError(row, "properties", "must be a JSON object")
+        else:
+            raise EventValidationError(row, "properties", "must be a JSON object or mapping")
+    out["properties"] = props
+    out["event_date"] = out["ts"].date()
+    return out
+
+
+def events_to_table(
+    events: Iterable[Mapping[str, Any]], *, now: datetime | None = None
+) -> pa.Table:
+    """Validate a batch of event dicts and build a bronze-schema Arrow table (all or nothing)."""
+    now = now or datetime.now(UTC)
+    rows = [validate_event(i, e, now=now) for i, e in enumerate(events)]
+    cols = {f.name: [r[f.name] for r in rows] for f in BRONZE_EVENTS.schema}
+    return pa.table(cols, schema=BRONZE_EVENTS.schema)
+
+
+def validate_events_table(table: pa.Table, *, now: datetime | None = None) -> pa.Table:
+    """Validate an Arrow table of events column-wise and conform it to the bronze schema.
+
+    Raises EventValidationError naming the first bad row and field; nothing is written
+    by callers when this raises.
+    """
+    now = now or datetime.now(UTC)
+    schema = BRONZE_EVENTS.schema
+    names = set(table.column_names)
+    unknown = sorted(names - {f.name for f in schema})
+    if unknown:
+        raise EventValidationError(0, unknown[0], "unknown column")
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    cols: dict[str, pa.Array] = {}
+    for f in schema:
+        if f.name not in names:
+            if f.name == "event_date" and "ts" in names:
+                continue
+            if f.name == "received_at":
+                cols[f.name] = pa.array([now] * n, type=f.type)
+                continue
+            if not f.nullable:
+                raise EventValidationError(0, f.name, "is required (column missing)")
+            cols[f.name] = pa.nulls(n, type=f.type)
+            continue
+        col = table.column(f.name)
+        try:
+            col = col.cast(f.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise EventValidationError(
+                _first_uncastable(col, f.type), f.name, f"expected {f.type}, got {col.type}"
+            ) from exc
+        if not f.nullable and col.null_count:
+            raise EventValidationError(_first(pc.is_null(col)), f.name, "is required")
+        cols[f.name] = col
+    for name in ("event_id", "user_id", "item_id"):
+        lens = pc.utf8_length(cols[name])
+        bad = pc.or_(pc.equal(lens, 0), pc.greater(lens, MAX_ID_LENGTH))
+        if pc.any(bad).as_py():
+            i = _first(bad)
+            raise EventValidationError(i, name, "must be 1..%d characters" % MAX_ID_LENGTH)
+    bad_type = pc.invert(pc.is_in(cols["event_type"], value_set=pa.array(EVENT_TYPES)))
+    if pc.any(bad_type).as_py():
+        i = _first(bad_type)
+        raise EventValidationError(
+            i, "event_type",
+            f"unknown event type {cols['event_type'][i].as_py()!r}; expected one of {list(EVENT_TYPES)}",
+        )
+    value = cols["value"]
+    bad_value = pc.fill_null(pc.invert(pc.is_finite(value)), False)
+    if pc.any(bad_value).as_py():
+        i = _first(bad_value)
+        raise EventValidationError(i, "value", f"must be finite, got {value[i].as_py()}")
+    lo = pa.scalar(MIN_TS, type=schema.field("ts").type)
+    hi = pa.scalar(now + MAX_FUTURE, type=schema.field("ts").type)
+    for name in ("ts", "received_at"):
+        c = cols[name]
+        bad_ts = pc.fill_null(pc.or_(pc.less(c, lo), pc.greater(c, hi)), False)
+        if pc.any(bad_ts).as_py():
+            i = _first(bad_ts)
+            raise EventValidationError(
+                i, name, f"{c[i].as_py()} is outside [{MIN_TS.date()}, now + 1 day]"
+            )
+    props = cols["properties"]
+    if props.null_count < n:
+        for i, p in enumerate(props.to_pylist()):
+            if p is None:
+                continue
+            try:
+                ok = isinstance(json.loads(p), dict)
+            except json.JSONDecodeError:
+                ok = False
+            if not ok:
+                raise EventValidationError(i, "properties", "must be a JSON object")
+    cols["event_date"] = pc.cast(cols["ts"], pa.date32())  # UTC date: ts is tz=UTC
+    return pa.table([cols[f.name] for f in schema], schema=schema)
+
+
+def _first(mask: pa.ChunkedArray | pa.Array) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.index(mask, True).as_py())
+
+
+def _first_uncastable(col: pa.ChunkedArray, typ: pa.DataType) -> int:
+    for i, v in enumerate(col.to_pylist()):
+        try:
+            pa.array([v]).cast(typ)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            return i
+    return 0
+
+
+def event_date(ts: datetime) -> date:
+    return ts.astimezone(UTC).date()
