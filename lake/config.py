@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class LakeSettings(_Strict):
@@ -45,10 +45,15 @@ class LakeSettings(_Strict):
 
 class SparkSettings(_Strict):
     master: str = "local[*]"
+    """Spark master URL: `local[*]`, or `spark://127.0.0.1:7077` for a standalone cluster."""
     app_name: str = "lambdarec"
+    """Spark application name."""
     driver_memory: str = "4g"
+    """Spark driver memory."""
     executor_memory: str = "1g"
+    """Executor memory on a standalone cluster."""
     shuffle_partitions: int = Field(default=8, ge=1)
+    """`spark.sql.shuffle.partitions`."""
     conf: dict[str, str] = Field(default_factory=dict)
     """Extra `spark.*` settings passed verbatim to the session builder."""
 
@@ -63,8 +68,11 @@ class InteractionSettings(_Strict):
             "rating": 1.0,
         }
     )
+    """Weight of each event type in a (user, item) confidence."""
     half_life_days: float = Field(default=30.0, gt=0)
+    """Time decay of an event's weight: halves every this many days."""
     max_confidence: float = Field(default=100.0, gt=0)
+    """Cap on one (user, item) confidence."""
     lookback_days: int = Field(default=3650, ge=1)
     """Events older than this (relative to the as-of date) are ignored."""
 
@@ -82,29 +90,41 @@ class InteractionSettings(_Strict):
 
 class TrainSettings(_Strict):
     backend: Literal["implicit", "mllib"] = "implicit"
+    """ALS trainer: `implicit` (single node, fast) or `mllib` (Spark, distributed)."""
     factors: int = Field(default=64, ge=1, le=1024)
+    """Latent dimensions."""
     regularization: float = Field(default=0.05, ge=0)
+    """L2 regularisation (lambda)."""
     iterations: int = Field(default=15, ge=1)
+    """ALS sweeps."""
     alpha: float = Field(default=1.0, gt=0)
+    """Confidence scaling of interaction strengths."""
     seed: int = 42
+    """Random seed for training."""
     use_gpu: bool | None = None
     """None = use the GPU when implicit reports CUDA, else CPU."""
 
 
 class EvaluateSettings(_Strict):
     split: Literal["time", "random"] = "time"
+    """Holdout protocol: `time` (train before a cut-off) or `random` per user."""
     k: list[int] = Field(default_factory=lambda: [5, 10, 20, 50])
+    """Cut-offs for Recall/NDCG/MAP/coverage."""
     test_fraction: float = Field(default=0.1, gt=0, lt=1)
+    """Random split: share of each user's items held out."""
     holdout_days: int = Field(default=7, ge=1)
     """Time split: the last `holdout_days` before the as-of date are the test period."""
     ease_max_items: int = Field(default=20_000, ge=0)
     """EASE baseline is skipped above this many items (it inverts an items x items matrix)."""
     ease_lambda: float = Field(default=500.0, gt=0)
+    """EASE baseline regularisation."""
     max_eval_users: int = Field(default=20_000, ge=1)
+    """Evaluate on at most this many test users (sampled, seeded)."""
 
 
 class GateSettings(_Strict):
     metric: str = "ndcg@10"
+    """Metric the gate compares."""
     min_lift_over_popularity: float = 0.10
     """New model must beat popularity by this relative margin (0.10 = +10%)."""
     max_regression: float = 0.05
@@ -115,9 +135,13 @@ class IndexSettings(_Strict):
     exact_max_items: int = Field(default=50_000, ge=1)
     """Catalogues up to this size use an exact IndexFlatIP; above it HNSW."""
     hnsw_m: int = Field(default=32, ge=4)
+    """HNSW graph degree."""
     hnsw_ef_construction: int = Field(default=80, ge=8)
+    """HNSW build-time search depth."""
     hnsw_ef_search: int = Field(default=128, ge=8)
+    """HNSW query-time search depth."""
     use_gpu: bool | None = None
+    """None = GPU index when faiss sees a GPU (flat indexes only), else CPU."""
 
 
 class ModelSettings(_Strict):
@@ -127,41 +151,67 @@ class ModelSettings(_Strict):
 
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
+    """gRPC bind address."""
     port: int = Field(default=50051, ge=0, le=65535)
+    """Recommender service port (0 = any free port)."""
     admin_port: int = Field(default=50052, ge=0, le=65535)
+    """Admin service port (ReloadModel, ModelInfo, ForgetUser)."""
     admin_token: str = "change-me"
+    """Bearer token the admin service requires. Change it."""
     metrics_port: int = Field(default=9464, ge=0, le=65535)
+    """Prometheus metrics HTTP port (0 disables)."""
     workers: int = Field(default=8, ge=1)
+    """gRPC handler threads."""
     wal_dir: Path = Path("var/wal")
+    """Write-ahead log directory for acknowledged events."""
     wal_fsync_interval_ms: float = Field(default=2.0, ge=0)
+    """Group-commit window: concurrent ingests share one fsync."""
     flush_interval_s: float = Field(default=5.0, gt=0)
+    """Flush the WAL to bronze at least this often."""
     flush_max_events: int = Field(default=10_000, ge=1)
+    """...or when this many events are pending."""
     reload_poll_s: float = Field(default=0.0, ge=0)
     """Poll the model CURRENT pointer this often; 0 disables polling."""
     max_k: int = Field(default=500, ge=1)
+    """Largest k a request may ask for."""
     max_batch: int = Field(default=10_000, ge=1)
+    """Most events/items in one request."""
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """gRPC max message size."""
     max_id_length: int = Field(default=256, ge=1)
+    """Longest user/item/event id accepted."""
     overfetch: int = Field(default=4, ge=1)
+    """ANN over-fetch factor so filters still leave k results."""
     recent_events_per_user: int = Field(default=200, ge=1)
+    """Real-time interactions kept per user for fold-in."""
     new_item_min_interactions: int = Field(default=3, ge=1)
+    """Interactions before an unknown item is folded in and indexed."""
     seen_event_types: list[str] = Field(default_factory=lambda: list(EVENT_TYPES))
+    """Event types that make an item "seen" for exclude-seen."""
     popularity_half_life_days: float = Field(default=7.0, gt=0)
+    """Decay of real-time popularity counts for the fallback."""
 
 
 class DataSettings(_Strict):
     source: Literal["synthetic", "ml-100k", "ml-1m"] = "synthetic"
+    """Sample data loaded by `make run` / `make pipeline`."""
     dir: Path = PROJECT_ROOT.parent / "shared" / "data"
     """Where the MovieLens folders live (`<dir>/ml-100k`, `<dir>/ml-1m`)."""
     synthetic_events: int = Field(default=200_000, ge=1)
+    """Synthetic generator size: events."""
     synthetic_users: int = Field(default=5_000, ge=1)
+    """Synthetic generator size: users."""
     synthetic_items: int = Field(default=2_000, ge=1)
+    """Synthetic generator size: items."""
     seed: int = 7
+    """Synthetic generator seed."""
 
 
 class AirflowSettings(_Strict):
     spark_conn_id: str = "spark_default"
+    """Airflow connection the DAG submits Spark jobs to."""
     reload_targets: list[str] = Field(default_factory=lambda: ["127.0.0.1:50052"])
+    """Admin endpoints notified to reload after publish."""
 
 
 class Settings(_Strict):
@@ -262,3 +312,30 @@ def load_settings(
         )
         raise ConfigError(f"{source} (+ {ENV_PREFIX}* environment): {problems}") from exc
     return settings.resolved()
+
+
+def settings_table() -> str:
+    """The README's configuration table, rendered from the model so the two cannot drift."""
+    rows = ["| key | environment variable | default | meaning |", "|---|---|---|---|"]
+    for section, field_info in Settings.model_fields.items():
+        model = field_info.default_factory() if field_info.default_factory else None  # type: ignore[call-arg]
+        if model is None:
+            continue
+        for key, f in type(model).model_fields.items():
+            default = getattr(model, key)
+            if isinstance(default, Path) and not default.is_absolute():
+                shown = str(default)
+            elif isinstance(default, Path):
+                shown = "../shared/data"
+            else:
+                shown = str(default).replace("|", "\\|")
+            doc = (f.description or "").replace("\n", " ")
+            rows.append(
+                f"| `{section}.{key}` | `{ENV_PREFIX}{section.upper()}__{key.upper()}` "
+                f"| `{shown}` | {doc} |"
+            )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

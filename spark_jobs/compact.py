@@ -1,0 +1,155 @@
+"""Compaction: bronze events -> silver events for a range of event dates.
+
+Silver holds each event once (first arrival wins), validated and typed. The job rewrites
+exactly the silver partitions `event_date` in `[start, end]`, so a rerun for the same
+dates gives the same table, and a date whose bronze events are gone ends up empty.
+
+Late events (a `ts` long before `received_at`) are kept: they live in the bronze
+partition of their `ts` date, and the nightly DAG recompacts a trailing window of dates.
+
+    python -m spark_jobs.compact --start 2026-11-01 --end 2026-11-21
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+from lake.config import EVENT_TYPES, Settings
+from spark_jobs.cli import date_range, job_parser, parse_date, run_main, settings_from_args
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+REQUIRED = ("event_id", "user_id", "item_id", "event_type", "ts", "received_at")
+ID_COLUMNS = ("event_id", "user_id", "item_id")
+OUTPUT_COLUMNS = (
+    "event_id", "user_id", "item_id", "event_type", "value", "ts", "received_at",
+    "session_id", "properties", "event_date",
+)
+# First arrival wins; the remaining columns only break ties, so the result never depends
+# on the order Spark happens to read the rows in.
+TIE_BREAK = ("received_at", "ts", "user_id", "item_id", "event_type", "value", "session_id",
+             "properties")
+
+
+def compact_events(bronze: DataFrame) -> DataFrame:
+    """Validate, type and de-duplicate raw events.
+
+    Drops rows with a null or blank required field, an unknown `event_type`, or a
+    non-finite `value` (NaN, +-inf; null stays allowed). Keeps one row per `event_id`:
+    the earliest `received_at`, ties broken by the other columns. `event_type` is
+    trimmed and lower-cased, `event_date` recomputed as the UTC date of `ts`.
+
+    Args:
+        bronze: DataFrame with the bronze event columns (extra columns are ignored).
+
+    Returns:
+        DataFrame with exactly the silver columns, in catalog order.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    df = bronze.select(
+        *(F.col(c).cast("string").alias(c) for c in ID_COLUMNS),
+        F.lower(F.trim(F.col("event_type").cast("string"))).alias("event_type"),
+        F.col("value").cast("double").alias("value"),
+        F.col("ts").cast("timestamp").alias("ts"),
+        F.col("received_at").cast("timestamp").alias("received_at"),
+        F.col("session_id").cast("string").alias("session_id"),
+        F.col("properties").cast("string").alias("properties"),
+    )
+    valid = F.lit(True)
+    for c in REQUIRED:
+        valid = valid & F.col(c).isNotNull()
+    for c in ID_COLUMNS:
+        valid = valid & (F.length(F.trim(F.col(c))) > 0)
+    valid = valid & F.col("event_type").isin(*EVENT_TYPES)
+    finite = ~F.isnan(F.col("value")) & (F.abs(F.col("value")) != float("inf"))
+    valid = valid & (F.col("value").isNull() | finite)
+    df = df.where(valid)
+
+    order = [F.col(c).asc_nulls_last() for c in TIE_BREAK]
+    w = Window.partitionBy("event_id").orderBy(*order)
+    return (
+        df.withColumn("_rank", F.row_number().over(w))
+        .where(F.col("_rank") == 1)
+        .drop("_rank")
+        # The session time zone is UTC (lake.spark_session), so this is the UTC date.
+        .withColumn("event_date", F.to_date(F.col("ts")))
+        .select(*OUTPUT_COLUMNS)
+    )
+
+
+def run(
+    settings: Settings,
+    *,
+    start: date,
+    end: date,
+    spark: SparkSession | None = None,
+) -> dict[str, Any]:
+    """Compact bronze into silver for event dates `start..end` (both included).
+
+    Returns:
+        `{"job", "start", "end", "dates", "bronze_rows", "silver_rows", "dropped",
+        "silver_version", "seconds"}`.
+    """
+    from pyspark.sql import functions as F
+
+    from lake.spark_bridge import read_table, write_table
+    from lake.spark_session import get_spark
+    from lake.tables import Lake
+
+    t0 = time.perf_counter()
+    dates = date_range(start, end)
+    spark = spark or get_spark(settings.spark)
+    lake = Lake.from_settings(settings.lake)
+    lake.ensure("bronze_events")
+    lake.ensure("silver_events")
+    bronze = read_table(spark, lake, "bronze_events").where(
+        (F.col("event_date") >= F.lit(start)) & (F.col("event_date") <= F.lit(end))
+    )
+    silver = compact_events(bronze).cache()
+    try:
+        n_bronze = bronze.count()
+        # A late-arriving duplicate may carry a different ts: keep only rows whose
+        # (recomputed) date is inside the range being rewritten.
+        silver_in_range = silver.where(
+            (F.col("event_date") >= F.lit(start)) & (F.col("event_date") <= F.lit(end))
+        )
+        n_silver = write_table(
+            silver_in_range, lake, "silver_events", mode="overwrite",
+            partitions=[{"event_date": d} for d in dates],
+        )
+    finally:
+        silver.unpersist()
+    return {
+        "job": "compact",
+        "start": start,
+        "end": end,
+        "dates": len(dates),
+        "bronze_rows": int(n_bronze),
+        "silver_rows": int(n_silver),
+        "dropped": int(n_bronze) - int(n_silver),
+        "silver_version": lake.version("silver_events"),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = job_parser("spark_jobs.compact", "Compact bronze events into silver for a date range.")
+    parser.add_argument("--start", type=parse_date, required=True, help="first event date")
+    parser.add_argument("--end", type=parse_date, required=True, help="last event date (included)")
+
+    def body(args: Any) -> dict[str, Any]:
+        settings = settings_from_args(args)
+        return run(settings, start=args.start, end=args.end)
+
+    return run_main(parser, argv, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
