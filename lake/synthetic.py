@@ -99,12 +99,13 @@ def _rng(seed: int, *tags: int) -> np.random.Generator:
 
 
 def _check_sizes(**sizes: int) -> None:
+    """Counts must be integers; `n_events` and `seed` may be 0, the others must be >= 1."""
     for name, v in sizes.items():
         if isinstance(v, bool) or not isinstance(v, int | np.integer):
             raise ValueError(f"{name} must be an integer, got {type(v).__name__}")
-        if v < 0 if name in ("n_events", "seed") else v < 1:
-            bound = ">= 0" if name in ("n_events", "seed") else ">= 1"
-            raise ValueError(f"{name} must be {bound}, got {v}")
+        low = 0 if name in ("n_events", "seed") else 1
+        if v < low:
+            raise ValueError(f"{name} must be >= {low}, got {v}")
 
 
 def n_categories_for(n_items: int) -> int:
@@ -117,7 +118,7 @@ def default_end() -> date:
     return datetime.now(UTC).date() - timedelta(days=1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ItemWorld:
     """The known structure of the catalogue (index k is item ``i<k>``)."""
 
@@ -155,7 +156,7 @@ class ItemWorld:
         return self._order[np.minimum(pos, self._order.size - 1)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class UserWorld:
     """The known structure of the users (index k is user ``u<k>``)."""
 
@@ -175,7 +176,7 @@ class UserWorld:
         return int(self.activity.size)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class World:
     items: ItemWorld
     users: UserWorld
@@ -212,10 +213,13 @@ def item_world(n_items: int, seed: int) -> ItemWorld:
 
 def user_world(n_users: int, n_items: int, seed: int, *, drift_share: float = 0.3) -> UserWorld:
     """The users' structure for `(n_users, n_items, seed, drift_share)`."""
-    _check_sizes(n_users=n_users, n_items=n_items, seed=seed)
+    return _user_world(n_users, item_world(n_items, seed), seed, drift_share)
+
+
+def _user_world(n_users: int, items: ItemWorld, seed: int, drift_share: float) -> UserWorld:
+    _check_sizes(n_users=n_users, seed=seed)
     if not 0.0 <= drift_share <= 1.0:
         raise ValueError(f"drift_share must be within [0, 1], got {drift_share}")
-    items = item_world(n_items, seed)
     n_cat = len(items.categories)
     rng = _rng(seed, _USERS)
     activity = rng.lognormal(0.0, 1.0, size=n_users)
@@ -241,8 +245,8 @@ def user_world(n_users: int, n_items: int, seed: int, *, drift_share: float = 0.
 
 def world(n_users: int, n_items: int, seed: int, *, drift_share: float = 0.3) -> World:
     """Everything known about the synthetic shop for these arguments (for tests and docs)."""
-    return World(item_world(n_items, seed), user_world(n_users, n_items, seed,
-                                                       drift_share=drift_share))
+    items = item_world(n_items, seed)
+    return World(items, _user_world(n_users, items, seed, drift_share))
 
 
 def window(days: int, end: date | datetime | None = None) -> tuple[datetime, datetime]:

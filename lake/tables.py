@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+import pyarrow.fs as pafs
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from lake.config import LakeSettings
@@ -143,7 +144,23 @@ class Lake:
         if not self.exists(name) and version is None:
             return spec(name).schema.empty_table().select(columns or spec(name).schema.names)
         dt = self.delta(name, version)
-        return dt.to_pyarrow_table(columns=columns, filters=filters)
+        return dt.to_pyarrow_table(columns=columns, filters=filters,
+                                   filesystem=self._filesystem(name, dt))
+
+    def _filesystem(self, name: str, dt: DeltaTable) -> pafs.FileSystem | None:
+        """Arrow's own local filesystem rooted at the table directory, where usable.
+
+        By default delta-rs hands Arrow a Python filesystem backed by its Rust object
+        store; Arrow's I/O threads then call into that runtime, and at interpreter exit the
+        process can abort with "terminate called without an active exception" (exit 134,
+        delta-rs #2184). Arrow's LocalFileSystem avoids that path. delta-rs passes the log's
+        URI-encoded file paths to a custom filesystem undecoded, so tables whose paths
+        carry escapes ('%', from partition values such as "a b:c") keep the default.
+        """
+        paths = pa.table(dt.get_add_actions(flatten=False).select(["path"])).column("path")
+        if any("%" in p or "://" in p or p.startswith("/") for p in paths.to_pylist()):
+            return None
+        return pafs.SubTreeFileSystem(str(self.path(name).resolve()), pafs.LocalFileSystem())
 
     def count(self, name: str, version: int | None = None) -> int:
         if not self.exists(name):
@@ -167,16 +184,30 @@ class Lake:
     def _props(self) -> CommitProperties:
         return CommitProperties(max_commit_retries=self.commit_retries)
 
-    def append(self, name: str, data: pa.Table) -> int:
-        """Append rows (schema-checked; events are validated) and return the new version."""
+    def append(
+        self, name: str, data: pa.Table, *, app_transaction: tuple[str, int] | None = None
+    ) -> int:
+        """Append rows (schema-checked; events are validated) and return the new version.
+
+        `app_transaction=(app_id, version)` records a Delta application transaction in
+        the same commit, so an idempotent writer can later ask
+        `DeltaTable.transaction_version(app_id)` what it already committed.
+        """
         s = spec(name)
         table = self._prepare(s, data)
         self.ensure(name)
         p = str(self.path(name))
+        props = self._props()
+        if app_transaction is not None:
+            app_id, txn_version = app_transaction
+            props = CommitProperties(
+                max_commit_retries=self.commit_retries,
+                app_transactions=[Transaction(app_id=app_id, version=int(txn_version))],
+            )
 
         def go() -> int:
             write_deltalake(p, table, mode="append", partition_by=list(s.partition_by) or None,
-                            commit_properties=self._props())
+                            commit_properties=props)
             return DeltaTable(p).version()
 
         return self._commit(go)

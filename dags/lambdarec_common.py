@@ -1,0 +1,303 @@
+"""Shared pieces of the lambdarec DAGs (not a DAG file; listed in `.airflowignore`).
+
+Everything here is cheap to import: the Airflow SDK, the Spark provider's operator and
+`lake.config` (YAML + pydantic). Spark, implicit, FAISS, numpy and the lake are imported
+inside task callables only, so parsing a DAG file never starts a JVM, opens the lake or
+touches the network (STYLE.md #3).
+
+* `plan_run` turns a DAG run into the dates and the model version its tasks work on. The
+  version is a pure function of the run, so clearing and rerunning any task of a run
+  rewrites that run's own version and never creates a second one.
+* `LambdarecSparkSubmitOperator` submits `spark_jobs/<job>.py` with `spark-submit` to the
+  master of the Airflow connection `settings.airflow.spark_conn_id`, with this
+  interpreter on both driver and executors and the project on `PYTHONPATH`; the job's
+  JSON result line becomes the task's XCom return value.
+* `notify_reload` asks each online server to hot-reload the model; an unreachable server
+  is a warning, never a task failure (it also polls CURRENT / reloads on restart).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+from lake.config import PROJECT_ROOT, Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+SPARK_JOBS_DIR = PROJECT_ROOT / "spark_jobs"
+TAGS = ["lambdarec", "batch"]
+
+
+def settings() -> Settings:
+    """The project settings (infra/lambdarec.yaml + LAMBDAREC__* environment)."""
+    return load_settings()
+
+
+def default_task_args() -> dict[str, Any]:
+    """Retries and timeouts shared by every lambdarec task."""
+    return {
+        "owner": "lambdarec",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=10),
+        "execution_timeout": timedelta(hours=3),
+    }
+
+
+# --------------------------------------------------------------------------- run plan
+
+
+def model_version_for(dag_id: str, run_id: str, as_of: date) -> str:
+    """Deterministic model version of one DAG run, e.g. `v20261122-3fa91c0d`.
+
+    Sortable by as-of date; the suffix distinguishes two runs for the same date (a
+    scheduled run and a manual one) but is identical for every retry of the same run.
+    """
+    digest = hashlib.sha256(f"{dag_id}\x00{run_id}".encode()).hexdigest()[:8]
+    return f"v{as_of:%Y%m%d}-{digest}"
+
+
+def as_of_for(
+    logical_date: datetime | None, run_after: datetime | None, override: str | None = None
+) -> date:
+    """The as-of date a run works on.
+
+    * `override` (the `as_of` trigger param, `YYYY-MM-DD`) wins when given.
+    * Scheduled runs use a daily data interval: the logical date is the start of the day
+      being processed, so as-of = the logical date (the run starts after that day ends).
+    * Manual runs without a logical date (Airflow 3 REST / UI default) process the last
+      complete UTC day before the run: `run_after - 1 day`.
+    """
+    if override:
+        try:
+            return date.fromisoformat(str(override)[:10])
+        except ValueError:
+            raise ValueError(f"param as_of={override!r} is not a YYYY-MM-DD date") from None
+    if logical_date is not None:
+        return logical_date.date()
+    if run_after is None:
+        raise ValueError("the DAG run has neither a logical date nor run_after")
+    return run_after.date() - timedelta(days=1)
+
+
+def plan_run(
+    *,
+    dag_id: str,
+    run_id: str,
+    logical_date: datetime | None,
+    run_after: datetime | None,
+    params: Mapping[str, Any],
+    models_dir: Path,
+) -> dict[str, Any]:
+    """Dates and version for one run of `lambdarec_retrain` (pure; unit-tested)."""
+    lookback = int(params.get("lookback_days") or 1)
+    if lookback < 1:
+        raise ValueError(f"lookback_days must be >= 1, got {lookback}")
+    as_of = as_of_for(logical_date, run_after, params.get("as_of"))
+    version = model_version_for(dag_id, run_id, as_of)
+    return {
+        "as_of": as_of.isoformat(),
+        "compact_start": (as_of - timedelta(days=lookback - 1)).isoformat(),
+        "compact_end": as_of.isoformat(),
+        "version": version,
+        "report": str(report_path(models_dir, version)),
+    }
+
+
+def report_path(models_dir: Path, version: str) -> Path:
+    """Where `spark_jobs.evaluate` writes the report of `version`."""
+    return Path(models_dir) / "reports" / version / "report.md"
+
+
+# --------------------------------------------------------------------------- spark-submit
+
+
+def venv_bin() -> Path:
+    """The bin directory of the interpreter running this task (the project venv)."""
+    return Path(sys.executable).parent
+
+
+def spark_submit_binary() -> str:
+    """`spark-submit` of this venv's pyspark when present, else the one on PATH."""
+    candidate = venv_bin() / "spark-submit"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("spark-submit")
+    if found is None:
+        raise FileNotFoundError(
+            f"spark-submit is neither in {venv_bin()} nor on PATH; install pyspark in the venv"
+        )
+    return found
+
+
+def _prepend_path(var: str, entry: str, env: Mapping[str, str]) -> str:
+    parts = [p for p in env.get(var, "").split(os.pathsep) if p and p != entry]
+    return os.pathsep.join([entry, *parts])
+
+
+def spark_job_env(master: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment added to the spark-submit process (and so to the Python driver).
+
+    The job builds its session with `lake.spark_session.get_spark`, which sets the master
+    from settings: `LAMBDAREC__SPARK__MASTER` makes that the connection's master, so the
+    Airflow connection stays the single switch between `local[*]` and a cluster.
+    """
+    env = os.environ if env is None else env
+    return {
+        "PYTHONPATH": _prepend_path("PYTHONPATH", str(PROJECT_ROOT), env),
+        "PATH": _prepend_path("PATH", str(venv_bin()), env),
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "LAMBDAREC__SPARK__MASTER": master,
+    }
+
+
+def spark_job_conf() -> dict[str, str]:
+    """`--conf` entries: same interpreter and project path on driver and executors."""
+    return {
+        "spark.pyspark.python": sys.executable,
+        "spark.pyspark.driver.python": sys.executable,
+        "spark.executorEnv.PYSPARK_PYTHON": sys.executable,
+        "spark.executorEnv.PYTHONPATH": str(PROJECT_ROOT),
+        "spark.driver.host": "127.0.0.1",
+        "spark.driver.bindAddress": "127.0.0.1",
+        "spark.ui.enabled": "false",
+    }
+
+
+def last_json_object(lines: Sequence[str] | Iterator[str]) -> dict[str, Any] | None:
+    """The last line that is a JSON object (the jobs print their result that way)."""
+    result = None
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                result = obj
+    return result
+
+
+class LambdarecSparkSubmitOperator(SparkSubmitOperator):
+    """`spark-submit spark_jobs/<job>.py <args>` against the configured Spark connection.
+
+    Resolved when the task runs (never at parse time): the venv's `spark-submit` and
+    Python, the connection's master (exported to the job as `LAMBDAREC__SPARK__MASTER`),
+    `PYTHONPATH`. Returns the job's JSON result line, which Airflow stores as XCom.
+    """
+
+    ui_color = "#ffd9b3"
+
+    def __init__(self, *, job: str, conn_id: str, **kwargs: Any) -> None:
+        kwargs.setdefault("name", f"lambdarec-{job}")
+        super().__init__(
+            application=str(SPARK_JOBS_DIR / f"{job}.py"), conn_id=conn_id, **kwargs
+        )
+        self.job = job
+        self.job_result: dict[str, Any] | None = None
+
+    def _get_hook(self):  # type: ignore[no-untyped-def]
+        hook = super()._get_hook()
+        process = hook._process_spark_submit_log
+        operator = self
+
+        def capture(itr: Iterator[str]) -> None:
+            def tee() -> Iterator[str]:
+                for line in itr:
+                    found = last_json_object([line])
+                    if found is not None:
+                        operator.job_result = found
+                    yield line
+
+            process(tee())
+
+        hook._process_spark_submit_log = capture  # type: ignore[method-assign]
+        return hook
+
+    def execute(self, context: Any) -> dict[str, Any] | None:
+        if self._spark_binary is None:
+            self._spark_binary = spark_submit_binary()
+        self.conf = {**spark_job_conf(), **(self.conf or {})}
+        # Resolve the connection once to learn the master, then let the operator build
+        # the hook that actually submits, with the environment that names that master.
+        master = super()._get_hook()._connection["master"]
+        self.env_vars = {**spark_job_env(master), **(self.env_vars or {})}
+        self._hook = None
+        self.log.info("Submitting spark_jobs/%s.py to %s", self.job, master)
+        super().execute(context)
+        if self.job_result is None:
+            self.log.warning("spark_jobs/%s.py printed no JSON result line", self.job)
+        else:
+            self.log.info("Result: %s", json.dumps(self.job_result, sort_keys=True))
+        return self.job_result
+
+
+class EvaluateSparkSubmitOperator(LambdarecSparkSubmitOperator):
+    """The evaluate job, plus a link to its report: logged and pushed as XCom `report`."""
+
+    def execute(self, context: Any) -> dict[str, Any] | None:
+        result = super().execute(context)
+        report = (result or {}).get("report")
+        if not report:
+            planned = context["ti"].xcom_pull(task_ids="plan") or {}
+            report = planned.get("report")
+        if report:
+            state = "written" if Path(report).exists() else "MISSING"
+            self.log.info("Evaluation report (%s): %s", state, report)
+            context["ti"].xcom_push(key="report", value=str(report))
+        return result
+
+
+# --------------------------------------------------------------------------- online reload
+
+
+def notify_reload(
+    targets: Sequence[str], token: str, version: str | None, *, timeout_s: float = 10.0
+) -> dict[str, Any]:
+    """Ask each admin endpoint to reload the model; failures are logged, not raised.
+
+    Returns `{"targets": {target: "ok: ..." | "unreachable: ..." | "skipped: ..."}}`.
+    """
+    outcome: dict[str, str] = {}
+    try:
+        from online import client as online_client  # heavy (grpc): import at run time only
+    except Exception as exc:  # noqa: BLE001 - the client is optional; say why it is missing
+        log.warning("online.client not importable (%s): servers will pick the model up "
+                    "from CURRENT on their next reload", exc)
+        return {"targets": {t: f"skipped: online.client not importable: {exc}" for t in targets}}
+
+    for target in targets:
+        try:
+            reply = _call_reload(online_client, target, token, version, timeout_s)
+        except Exception as exc:  # noqa: BLE001 - an unreachable server must not fail the run
+            log.warning("reload on %s failed: %s: %s", target, type(exc).__name__, exc)
+            outcome[target] = f"unreachable: {type(exc).__name__}: {exc}"
+        else:
+            log.info("reload on %s: %s", target, reply)
+            outcome[target] = f"ok: {reply}"
+    return {"targets": outcome}
+
+
+def _call_reload(module: Any, target: str, token: str, version: str | None,
+                 timeout_s: float) -> Any:
+    """Call ReloadModel through `online.client`, whichever entry point it offers."""
+    if hasattr(module, "reload_model"):
+        return module.reload_model(target, token=token, version=version, timeout=timeout_s)
+    if hasattr(module, "AdminClient"):
+        with module.AdminClient(target, token=token) as admin:
+            return admin.reload_model(version=version, timeout=timeout_s)
+    raise RuntimeError("online.client has neither reload_model() nor AdminClient")

@@ -1,0 +1,212 @@
+"""Nightly retraining of the lambdarec ALS model (see the DAG's doc_md below).
+
+Thin DAG (STYLE.md #3): each task submits one Spark job or calls one library function for
+the run's as-of date; nothing heavy happens at parse time.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
+
+from dags.lambdarec_common import (
+    TAGS,
+    EvaluateSparkSubmitOperator,
+    LambdarecSparkSubmitOperator,
+    default_task_args,
+    notify_reload,
+    plan_run,
+    settings,
+)
+
+DAG_ID = "lambdarec_retrain"
+_S = settings()
+_CONN = _S.airflow.spark_conn_id
+_PLAN = "{{ ti.xcom_pull(task_ids='plan')['%s'] }}"
+
+DOC = f"""
+# lambdarec nightly retrain
+
+Batch layer of the Lambda architecture: rebuilds the ALS model from the Delta lake and,
+if it passes the gate, makes it the model the online servers serve.
+
+| task | what it does | re-runnable because |
+|---|---|---|
+| `plan` | as-of date, compaction window, **model version** of this run | pure function of the run |
+| `compact` | Spark: bronze → silver for `[as_of - lookback_days + 1, as_of]` (late events land in old dates) | rewrites exactly those silver partitions |
+| `interactions` | Spark: silver → gold partition `as_of` | rewrites that partition |
+| `train` | Spark: ALS (`backend` implicit / mllib) → staged model `version` | overwrites its staging dir |
+| `evaluate` | Spark: metrics vs popularity / EASE / current model, report | overwrites `reports/<version>/` |
+| `publish` | gate + bundle + `model_runs` + CURRENT (never fails on a rejection) | keeps its recorded decision |
+| `notify_reload` | `ReloadModel` on `{', '.join(_S.airflow.reload_targets)}` | reload is idempotent |
+
+**Dates.** Scheduled daily with data intervals: the run for logical date D starts after D
+ends and processes as-of D. A manual trigger without a logical date processes yesterday
+(UTC); the `as_of` param overrides both.
+
+**Version.** `v<as_of>-<hash of the run id>`: a cleared or retried task writes the same
+version again; a second run for the same date gets its own version.
+
+**Evaluation report.** Task `evaluate` logs the path and pushes it as XCom `report`
+(`<models dir>/reports/<version>/report.md`, currently under `{_S.model.dir}`).
+`publish` returns `accepted` / `reason` in its XCom; a rejected model leaves
+`notify_reload` *skipped* and the run green.
+
+**Spark.** Jobs are submitted with `spark-submit` to the master of Airflow connection
+`{_CONN}` (default `local[*]`; point it at `spark://127.0.0.1:7077` for the standalone
+cluster).
+"""
+
+
+@task(task_id="plan")
+def plan() -> dict[str, Any]:
+    """Compute **as_of**, the compaction window and the **model version** of this run.
+
+    The version depends only on the DAG run (its id and as-of date), never on the
+    attempt, so rerunning any task overwrites this run's own artefacts.
+    """
+    ctx = get_current_context()
+    dag_run = ctx["dag_run"]
+    result = plan_run(
+        dag_id=dag_run.dag_id,
+        run_id=dag_run.run_id,
+        logical_date=dag_run.logical_date,
+        run_after=dag_run.run_after,
+        params=ctx["params"],
+        models_dir=settings().model.dir,
+    )
+    print(f"plan: {result}")
+    return result
+
+
+@task(task_id="publish")
+def publish(plan_result: dict[str, Any]) -> dict[str, Any]:
+    """Gate the evaluated model and publish it (bundle, factor tables, CURRENT).
+
+    Params: `gate_margin` (min relative lift of the gate metric over popularity) and
+    `force_publish`. A rejection is **recorded, not raised**: the XCom says
+    `accepted: false` and the reason, `model_runs` gets status `rejected`, and
+    `notify_reload` is skipped.
+    """
+    from spark_jobs import publish as publish_job  # heavy (numpy, faiss, delta): run time
+
+    params = get_current_context()["params"]
+    cfg = settings()
+    gate = cfg.gate.model_copy(update={"min_lift_over_popularity": float(params["gate_margin"])})
+    cfg = cfg.model_copy(update={"gate": gate})
+    result = publish_job.run(cfg, version=plan_result["version"],
+                             force=bool(params["force_publish"]))
+    verdict = "ACCEPTED" if result["accepted"] else "REJECTED"
+    print(f"publish {result['version']}: {verdict} ({result['reason']}); "
+          f"current={result.get('current')}")
+    result["report"] = plan_result["report"]
+    return result
+
+
+@task(task_id="notify_reload")
+def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
+    """Ask the online servers (`airflow.reload_targets`) to hot-reload the new model.
+
+    Skipped when the gate rejected the model. An unreachable server is logged as a
+    warning (servers also pick CURRENT up on restart / polling), never a failure.
+    """
+    if not publish_result.get("accepted"):
+        raise AirflowSkipException(
+            f"model {publish_result.get('version')} not published: {publish_result.get('reason')}"
+        )
+    cfg = settings()
+    return notify_reload(cfg.airflow.reload_targets, cfg.server.admin_token,
+                         publish_result.get("version"))
+
+
+@dag(
+    dag_id=DAG_ID,
+    description="Nightly: compact → interactions → train ALS → evaluate → gated publish → reload",
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_task_args(),
+    dagrun_timeout=timedelta(hours=8),
+    tags=TAGS,
+    doc_md=DOC,
+    params={
+        "backend": Param(_S.train.backend, enum=["implicit", "mllib"],
+                         description="ALS trainer: implicit (fast, CPU/GPU) or Spark MLlib"),
+        "factors": Param(_S.train.factors, type="integer", minimum=1, maximum=1024,
+                         description="latent dimension"),
+        "regularization": Param(_S.train.regularization, type="number", minimum=0),
+        "iterations": Param(_S.train.iterations, type="integer", minimum=1, maximum=200),
+        "alpha": Param(_S.train.alpha, type="number", exclusiveMinimum=0,
+                       description="confidence scaling of implicit feedback"),
+        "lookback_days": Param(3, type="integer", minimum=1, maximum=3660,
+                               description="silver dates recompacted, ending at as_of "
+                                           "(late events land in earlier dates)"),
+        "gate_margin": Param(_S.gate.min_lift_over_popularity, type="number",
+                             description="required relative lift of "
+                                         f"{_S.gate.metric} over popularity"),
+        "force_publish": Param(False, type="boolean",
+                               description="publish even if the gate rejects the model"),
+        "as_of": Param(None, type=["null", "string"], format="date",
+                       description="override the as-of date (YYYY-MM-DD)"),
+    },
+)
+def lambdarec_retrain() -> None:
+    planned = plan()
+
+    compact = LambdarecSparkSubmitOperator(
+        task_id="compact",
+        job="compact",
+        conn_id=_CONN,
+        application_args=["--start", _PLAN % "compact_start", "--end", _PLAN % "compact_end"],
+        driver_memory=_S.spark.driver_memory,
+        executor_memory=_S.spark.executor_memory,
+        doc_md="Spark: bronze → silver for the `lookback_days` dates ending at as-of "
+               "(rewrites exactly those silver partitions).",
+    )
+    interactions = LambdarecSparkSubmitOperator(
+        task_id="interactions",
+        job="interactions",
+        conn_id=_CONN,
+        application_args=["--as-of", _PLAN % "as_of"],
+        driver_memory=_S.spark.driver_memory,
+        executor_memory=_S.spark.executor_memory,
+        doc_md="Spark: silver → gold interactions, partition `as_of` (rewritten on rerun).",
+    )
+    train = LambdarecSparkSubmitOperator(
+        task_id="train",
+        job="train",
+        conn_id=_CONN,
+        application_args=[
+            "--as-of", _PLAN % "as_of",
+            "--version", _PLAN % "version",
+            "--backend", "{{ params.backend }}",
+            "--factors", "{{ params.factors }}",
+            "--regularization", "{{ params.regularization }}",
+            "--iterations", "{{ params.iterations }}",
+            "--alpha", "{{ params.alpha }}",
+        ],
+        driver_memory=_S.spark.driver_memory,
+        executor_memory=_S.spark.executor_memory,
+        doc_md="Spark: ALS on gold `as_of` with the run's params → staged model `version`.",
+    )
+    evaluate = EvaluateSparkSubmitOperator(
+        task_id="evaluate",
+        job="evaluate",
+        conn_id=_CONN,
+        application_args=["--as-of", _PLAN % "as_of", "--version", _PLAN % "version"],
+        driver_memory=_S.spark.driver_memory,
+        executor_memory=_S.spark.executor_memory,
+        doc_md="Spark: time-split holdout metrics of the staged model vs popularity, EASE and "
+               "the current model. **Report:** XCom `report` of this task, i.e. "
+               "`<models dir>/reports/<version>/report.md` (path also in the log).",
+    )
+    published = publish(planned)
+    planned >> compact >> interactions >> train >> evaluate >> published
+    notify(published)
+
+
+lambdarec_retrain()

@@ -1,0 +1,520 @@
+"""The one bridge between Spark and the Delta tables of the lake (delta-rs is the Delta engine).
+
+There are no delta-spark jars on these machines, so Spark never sees `format("delta")`:
+
+- `read_table` asks delta-rs which Parquet files make up a snapshot and has Spark read
+  exactly those files with the catalog's explicit schema. Partition values (not stored in
+  the files) come back from the hive-style directory names, after checking on the driver
+  that every file's directory agrees with the partition values in the Delta log; if any
+  file does not, the table is read per partition and the values from the log are attached
+  as literals. Either way nothing but the file list touches the driver.
+- `write_table` lets Spark write Parquet into a private staging directory under the table
+  root, moves the files into their hive-style partition directories, reads only their
+  footers (row counts, null counts, min/max) and commits them as one Delta transaction
+  with delta-rs: an append, or an overwrite of exactly the named partitions (or of the
+  whole table). Files that are not in the log are invisible to every Delta reader, so a
+  failure before the commit changes nothing.
+
+On a cluster with delta-spark these two functions are the only code to swap for
+`spark.read.format("delta")` / `df.write.format("delta")`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from deltalake import CommitProperties
+from deltalake.transaction import AddAction, RemoveAction
+
+from lake.schemas import TableSpec
+from lake.tables import Lake, LakeError, spec
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import DataType, StructType
+
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+STAGING_DIR = "_staging"
+
+
+class SchemaMismatchError(LakeError):
+    """A DataFrame does not fit the catalog schema of the table it is written to."""
+
+
+# -- schemas -----------------------------------------------------------------------------
+def spark_schema(s: TableSpec, *, data_only: bool = False) -> StructType:
+    """The catalog's Arrow schema as a Spark StructType (optionally without partition columns)."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+    from pyspark.sql.types import StructType
+
+    struct = from_arrow_schema(s.schema, prefer_timestamp_ntz=False)
+    if data_only:
+        return StructType([f for f in struct.fields if f.name not in s.partition_by])
+    return struct
+
+
+def _loose(t: DataType) -> DataType:
+    """`t` with every nullability flag set, so types compare on shape alone."""
+    from pyspark.sql.types import ArrayType, MapType, StructField, StructType
+
+    if isinstance(t, ArrayType):
+        return ArrayType(_loose(t.elementType), True)
+    if isinstance(t, MapType):
+        return MapType(_loose(t.keyType), _loose(t.valueType), True)
+    if isinstance(t, StructType):
+        return StructType([StructField(f.name, _loose(f.dataType), True) for f in t.fields])
+    return t
+
+
+def _widens(got: DataType, want: DataType) -> bool:
+    """Lossless numeric widenings accepted on write (cast before writing)."""
+    from pyspark.sql.types import (
+        ByteType,
+        DoubleType,
+        FloatType,
+        IntegerType,
+        LongType,
+        ShortType,
+    )
+
+    if isinstance(want, LongType):
+        return isinstance(got, ByteType | ShortType | IntegerType)
+    if isinstance(want, DoubleType):
+        return isinstance(got, FloatType | ByteType | ShortType | IntegerType)
+    return False
+
+
+def conform_df(df: DataFrame, s: TableSpec) -> DataFrame:
+    """Check `df` against the catalog schema and return it with columns in catalog order.
+
+    Accepted: exact types (nullability aside), lossless numeric widenings (int -> bigint,
+    float -> double), and missing *nullable* columns (filled with nulls). Anything else
+    raises SchemaMismatchError naming the table and column.
+    """
+    from pyspark.sql import functions as F
+
+    want = {f.name: f for f in spark_schema(s).fields}
+    got = {f.name: f for f in df.schema.fields}
+    extra = [c for c in got if c not in want]
+    if extra:
+        raise SchemaMismatchError(f"{s.name}: unknown column(s) {extra}; expected {list(want)}")
+    cols = []
+    for name, wf in want.items():
+        if name not in got:
+            if not wf.nullable:
+                raise SchemaMismatchError(f"{s.name}: required column {name!r} is missing")
+            cols.append(F.lit(None).cast(wf.dataType).alias(name))
+            continue
+        gt, wt = got[name].dataType, wf.dataType
+        if _loose(gt) == _loose(wt):
+            cols.append(F.col(name))
+        elif _widens(gt, wt):
+            cols.append(F.col(name).cast(wt).alias(name))
+        else:
+            hint = ""
+            if gt.typeName() == "timestamp_ntz":
+                hint = " (timestamps must be UTC TimestampType, not TIMESTAMP_NTZ)"
+            raise SchemaMismatchError(
+                f"{s.name}.{name}: expected {wt.simpleString()}, got {gt.simpleString()}{hint}"
+            )
+    return df.select(*cols)
+
+
+# -- reading -----------------------------------------------------------------------------
+def _local_path(root: Path, log_path: str) -> str:
+    """A Delta log path (URI-encoded, relative or absolute) as a plain local path."""
+    if "://" in log_path:
+        scheme, rest = log_path.split("://", 1)
+        if scheme != "file":
+            raise LakeError(f"only local tables are supported by the bridge, got {log_path}")
+        return unquote(rest)
+    p = unquote(log_path)
+    return p if p.startswith("/") else str(root / p)
+
+
+def _hive_consistent(rel_paths: Sequence[str], parts: Sequence[dict[str, str | None]],
+                     cols: Sequence[str]) -> bool:
+    """True when each file sits in `<col>=<value>/...` dirs that equal its log partition values."""
+    for rel, pv in zip(rel_paths, parts, strict=True):
+        if "://" in rel or rel.startswith("/"):
+            return False
+        dirs = unquote(rel).split("/")[:-1]
+        if len(dirs) != len(cols):
+            return False
+        found: dict[str, str | None] = {}
+        for d in dirs:
+            if "=" not in d:
+                return False
+            k, v = d.split("=", 1)
+            found[k] = None if v == HIVE_NULL else unquote(v)
+        if found != {c: pv.get(c) for c in cols}:
+            return False
+    return True
+
+
+def read_table(
+    spark: SparkSession,
+    lake: Lake,
+    name: str,
+    version: int | None = None,
+    *,
+    partition_filter: str | None = None,
+) -> DataFrame:
+    """A Spark DataFrame over one snapshot of a lake table, with the catalog schema.
+
+    Args:
+        spark: the session (see `lake.spark_session.get_spark`).
+        lake: the lake holding the table.
+        name: catalog table name.
+        version: Delta version to read (time travel); the latest when None.
+        partition_filter: optional SQL predicate on partition columns, e.g.
+            "event_date >= '2024-01-01'"; files are pruned by delta-rs before Spark
+            sees them (filters on data columns prune by file statistics, so apply them
+            again on the DataFrame for exact results).
+
+    Returns:
+        A DataFrame with exactly the catalog's columns in catalog order. A table that
+        does not exist yet (and no version asked for) reads as an empty DataFrame.
+    """
+    s = spec(name)
+    full = spark_schema(s)
+    if version is None and not lake.exists(name):
+        return spark.createDataFrame([], full)
+    dt = lake.delta(name, version)
+    root = lake.path(name)
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    if partition_filter is not None:
+        try:
+            keep = set(dt.file_uris(file_pruning_predicate=partition_filter))
+        except Exception as exc:
+            raise LakeError(f"{name}: bad partition_filter {partition_filter!r}: {exc}") from exc
+        keep_local = {_local_path(root, u) for u in keep}
+        paths_all = [_local_path(root, p) for p in actions.column("path").to_pylist()]
+        mask = pa.array([p in keep_local for p in paths_all])
+        actions = actions.filter(mask)
+    if actions.num_rows == 0:
+        return spark.createDataFrame([], full)
+    rel = actions.column("path").to_pylist()
+    files = [_local_path(root, p) for p in rel]
+    cols = list(s.partition_by)
+    if not cols:
+        return spark.read.schema(full).parquet(*files).select(*full.names)
+    parts: list[dict[str, str | None]] = [
+        {c: actions.column(f"partition.{c}")[i].as_py() for c in cols}
+        for i in range(actions.num_rows)
+    ]
+    parts = [{c: (None if v is None else _partition_str(v)) for c, v in p.items()} for p in parts]
+    if _hive_consistent(rel, parts, cols):
+        df = spark.read.schema(full).option("basePath", str(root)).parquet(*files)
+        return df.select(*full.names)
+    return _read_per_partition(spark, s, files, parts)
+
+
+def _read_per_partition(spark: SparkSession, s: TableSpec, files: list[str],
+                        parts: list[dict[str, str | None]]) -> DataFrame:
+    """Fallback for files outside hive-style dirs: one read per partition, values as literals."""
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
+    full = spark_schema(s)
+    data = spark_schema(s, data_only=True)
+    groups: dict[tuple[tuple[str, str | None], ...], list[str]] = {}
+    for f, p in zip(files, parts, strict=True):
+        groups.setdefault(tuple(sorted(p.items())), []).append(f)
+    frames = []
+    for key, group in groups.items():
+        df = spark.read.schema(data).parquet(*group)
+        for c, v in key:
+            df = df.withColumn(c, F.lit(v).cast(full[c].dataType))
+        frames.append(df.select(*full.names))
+    return reduce(lambda a, b: a.unionByName(b), frames)
+
+
+# -- writing -----------------------------------------------------------------------------
+def _partition_str(v: Any) -> str:
+    """A partition value in Delta's string serialisation."""
+    if isinstance(v, datetime):
+        return v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(v, date):
+        return v.isoformat()
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _stat_value(v: Any) -> Any:
+    """A Parquet min/max statistic as Delta stats JSON (None when it should be left out)."""
+    if isinstance(v, datetime):
+        v = v if v.tzinfo else v.replace(tzinfo=UTC)
+        v = v.astimezone(UTC)
+        return v.strftime("%Y-%m-%dT%H:%M:%S.") + f"{v.microsecond // 1000:03d}Z"
+    if isinstance(v, date):
+        return v.isoformat()
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, str):
+        return v
+    return None
+
+
+def file_stats(path: str, columns: Sequence[str]) -> tuple[int, dict[str, Any]]:
+    """Row count and Delta stats (numRecords, nullCount, minValues, maxValues) from a footer."""
+    md = pq.read_metadata(path)
+    want = set(columns)
+    nulls: dict[str, int] = {}
+    mins: dict[str, Any] = {}
+    maxs: dict[str, Any] = {}
+    no_minmax: set[str] = set()
+    no_nulls: set[str] = set()
+    for rg in range(md.num_row_groups):
+        group = md.row_group(rg)
+        if group.num_rows == 0:
+            continue
+        for j in range(group.num_columns):
+            col = group.column(j)
+            name = col.path_in_schema
+            if name not in want:  # nested leaves ("factors.list.element") carry no top-level stats
+                continue
+            st = col.statistics
+            if st is None or st.null_count is None:
+                no_nulls.add(name)
+            else:
+                nulls[name] = nulls.get(name, 0) + st.null_count
+            if st is None or not st.has_min_max:
+                if st is None or st.null_count != group.num_rows:  # all-null chunk: no min/max
+                    no_minmax.add(name)
+                continue
+            lo, hi = _stat_value(st.min), _stat_value(st.max)
+            if lo is None or hi is None:
+                no_minmax.add(name)
+                continue
+            mins[name] = lo if name not in mins else min(mins[name], lo)
+            maxs[name] = hi if name not in maxs else max(maxs[name], hi)
+    for name in no_minmax:
+        mins.pop(name, None)
+        maxs.pop(name, None)
+    for name in no_nulls:
+        nulls.pop(name, None)
+    stats: dict[str, Any] = {"numRecords": md.num_rows, "nullCount": nulls}
+    if mins:
+        stats["minValues"] = mins
+        stats["maxValues"] = maxs
+    return md.num_rows, stats
+
+
+def _written_files(staging: Path) -> list[Path]:
+    return sorted(
+        p for p in staging.rglob("*.parquet")
+        if not any(part.startswith(("_", ".")) for part in p.relative_to(staging).parts)
+    )
+
+
+def _parse_dirs(rel: Path, cols: Sequence[str]) -> dict[str, str | None]:
+    values: dict[str, str | None] = {}
+    for d in rel.parts[:-1]:
+        k, _, v = d.partition("=")
+        values[k] = None if v == HIVE_NULL else unquote(v)
+    if sorted(values) != sorted(cols):
+        raise LakeError(f"unexpected partition directories in {rel}; expected columns {cols}")
+    return values
+
+
+def write_table(
+    df: DataFrame,
+    lake: Lake,
+    name: str,
+    *,
+    mode: Literal["append", "overwrite"],
+    partitions: list[dict[str, Any]] | None = None,
+) -> int:
+    """Write a DataFrame into a lake table as one Delta commit and return the new version.
+
+    Args:
+        df: rows to write; its schema must fit the catalog (see `conform_df`).
+        lake: the lake holding the table (the table is created when missing).
+        name: catalog table name.
+        mode: "append" adds the rows; "overwrite" replaces the named `partitions`, or the
+            whole table when `partitions` is None.
+        partitions: for overwrite, e.g. `[{"event_date": date(2024, 1, 1)}]`. Every row
+            of `df` must fall into one of them, so a rerun rewrites only its own
+            partitions. Named partitions that get no rows end up empty.
+
+    Returns:
+        The table version after the commit (the current version when an append has no
+        rows, since there is nothing to commit).
+
+    Raises:
+        SchemaMismatchError: the DataFrame does not fit the catalog schema.
+        LakeError: bad arguments, rows outside the named partitions, nulls in a
+            required column. Nothing is committed in any of these cases.
+    """
+    if mode not in ("append", "overwrite"):
+        raise ValueError(f"mode must be 'append' or 'overwrite', got {mode!r}")
+    s = spec(name)
+    cols = list(s.partition_by)
+    wanted: set[tuple[tuple[str, str | None], ...]] | None = None
+    if partitions is not None:
+        if mode != "overwrite":
+            raise ValueError("partitions= is only valid with mode='overwrite'")
+        if not partitions:
+            raise ValueError("partitions= must name at least one partition (or be None)")
+        for p in partitions:
+            if sorted(p) != sorted(cols):
+                raise LakeError(f"{name}: partition {p} must name exactly the partition "
+                                f"columns {cols}")
+        wanted = {tuple(sorted((k, None if v is None else _partition_str(v))
+                               for k, v in p.items())) for p in partitions}
+    df = conform_df(df, s)
+    lake.ensure(name)
+    root = lake.path(name)
+    staging = root / STAGING_DIR / f"{int(time.time() * 1000)}-{uuid.uuid4().hex}"
+    moved: list[Path] = []
+    try:
+        writer = df.write.mode("errorifexists")
+        if cols:
+            writer = writer.partitionBy(*cols)
+        writer.parquet(str(staging))
+        actions = _stage_actions(s, staging, root, cols, wanted, moved)
+        if not actions and mode == "append":
+            return lake.version(name)
+        schema = lake.delta(name).schema()
+        props = CommitProperties(max_commit_retries=lake.commit_retries,
+                                 custom_metadata={"lambdarec.writer": "spark_bridge"})
+        filters, by_remove = _overwrite_filters(cols, wanted)
+
+        def commit() -> int:
+            t = lake.delta(name)
+            todo: list[Any] = list(actions)
+            commit_mode = mode
+            if by_remove:
+                todo += _remove_actions(t, cols, wanted or set())
+                commit_mode = "append"
+            t.create_write_transaction(
+                todo, mode=commit_mode, schema=schema, partition_by=cols or None,
+                partition_filters=filters, commit_properties=props,
+            )
+            return lake.version(name)
+
+        return lake._commit(commit)
+    except BaseException:
+        for f in moved:
+            f.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            (root / STAGING_DIR).rmdir()
+        except OSError:
+            pass
+
+
+def _overwrite_filters(
+    cols: list[str], wanted: set[tuple[tuple[str, str | None], ...]] | None
+) -> tuple[list[tuple[str, str, Any]] | None, bool]:
+    """delta-rs partition filters selecting exactly `wanted`, or (None, True) when a flat
+    conjunction cannot express them (several multi-column partitions): then the commit
+    removes those partitions' files explicitly."""
+    if wanted is None:
+        return None, False
+    if len(cols) == 1:
+        values = sorted("" if v is None else v for ((_, v),) in wanted)
+        return [(cols[0], "in", values)], False
+    if len(wanted) == 1:
+        (key,) = wanted
+        return [(k, "=", "" if v is None else v) for k, v in key], False
+    return None, True
+
+
+def _remove_actions(dt: Any, cols: list[str],
+                    wanted: set[tuple[tuple[str, str | None], ...]]) -> list[RemoveAction]:
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    now = int(time.time() * 1000)
+    out = []
+    for i, path in enumerate(actions.column("path").to_pylist()):
+        pv = {c: actions.column(f"partition.{c}")[i].as_py() for c in cols}
+        key = tuple(sorted((c, None if v is None else _partition_str(v)) for c, v in pv.items()))
+        if key in wanted:
+            out.append(RemoveAction(
+                path=path, data_change=True, deletion_timestamp=now,
+                size=actions.column("size_bytes")[i].as_py(),
+                partition_values={c: None if v is None else _partition_str(v)
+                                  for c, v in pv.items()},
+            ))
+    return out
+
+
+def _stage_actions(
+    s: TableSpec,
+    staging: Path,
+    root: Path,
+    cols: list[str],
+    wanted: set[tuple[tuple[str, str | None], ...]] | None,
+    moved: list[Path],
+) -> list[AddAction]:
+    """Check the staged files, move them into place and describe them as AddActions."""
+    data_cols = [f.name for f in s.schema if f.name not in cols]
+    required = [f.name for f in s.schema if not f.nullable and f.name in data_cols
+                and not pa.types.is_nested(f.type)]
+    staged = []
+    for f in _written_files(staging):
+        rel = f.relative_to(staging)
+        pv = _parse_dirs(rel, cols) if cols else {}
+        n, stats = file_stats(str(f), data_cols)
+        if n == 0:
+            continue
+        for c in cols:
+            if pv[c] is None and not s.schema.field(c).nullable:
+                raise LakeError(f"{s.name}.{c}: null value(s) in a required partition column")
+        for c in required:
+            if stats["nullCount"].get(c, 0):
+                raise LakeError(f"{s.name}.{c}: {stats['nullCount'][c]} null value(s) in a "
+                                f"required column")
+        if wanted is not None:
+            key = tuple(sorted(pv.items()))
+            if key not in wanted:
+                raise LakeError(f"{s.name}: rows fall outside the partitions being "
+                                f"overwritten: {dict(key)}")
+        staged.append((f, rel, pv, stats))
+    actions = []
+    for f, rel, pv, stats in staged:
+        target_rel = rel
+        target = root / target_rel
+        if target.exists():
+            target_rel = rel.with_name(f"{uuid.uuid4().hex[:8]}-{rel.name}")
+            target = root / target_rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, target)
+        moved.append(target)
+        st = target.stat()
+        actions.append(AddAction(
+            path=target_rel.as_posix(),  # delta-rs URI-encodes it in the log
+            size=st.st_size,
+            partition_values=dict(pv),
+            modification_time=int(st.st_mtime * 1000),
+            data_change=True,
+            stats=json.dumps(stats, separators=(",", ":")),
+        ))
+    return actions
+
+
+def partition_values(partitions: Sequence[Mapping[str, Any]]) -> list[dict[str, str | None]]:
+    """Partition dicts with Delta-serialised values (handy for logs and tests)."""
+    return [{k: None if v is None else _partition_str(v) for k, v in p.items()}
+            for p in partitions]

@@ -1,0 +1,82 @@
+"""One error hierarchy for the online layer; each error knows its gRPC status code.
+
+Handlers raise these (or let `ValueError`-style domain errors from `lake` escape); the
+single mapping to a status lives in `online.service.ErrorInterceptor` via `status_of()`.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from lake.bundle import BundleError
+from lake.validation import EventValidationError
+
+
+class ServiceError(Exception):
+    """Base class: a failure the caller should see with a specific status code."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    """A request field is invalid. The message always starts with the field's path."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ModelLoadError(FailedPrecondition):
+    """A bundle could not be loaded or failed validation; the serving model is unchanged."""
+
+
+class NoModel(FailedPrecondition):
+    """The request needs a model and none is loaded yet."""
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a caller sees for `exc` (the only such mapping)."""
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    if isinstance(exc, EventValidationError):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"events[{exc.row}].{exc.field}: {exc.reason}"
+    if _is_ingest_error(exc):  # WAL closed / failing, or the bronze flush far behind
+        return grpc.StatusCode.UNAVAILABLE, f"ingest unavailable: {exc}"
+    if isinstance(exc, BundleError):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"model bundle refused: {exc}"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+def _is_ingest_error(exc: BaseException) -> bool:
+    try:
+        from online.ingest import IngestError
+    except ImportError:  # pragma: no cover - the ingest module is part of the package
+        return False
+    return isinstance(exc, IngestError)

@@ -1,0 +1,113 @@
+"""Observability: Prometheus metrics (own registry per server) and JSON logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_LAG_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 30, 60, 300, 3600, 86400)
+
+
+class Metrics:
+    """All online-layer metrics, registered on a private registry (several servers can
+    live in one process, e.g. in tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lambdarec_rpc_requests_total", "RPCs handled",
+                                ["method", "code"], registry=r)
+        self.latency = Histogram("lambdarec_rpc_latency_seconds", "RPC handler latency",
+                                 ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.strategy = Counter("lambdarec_recommend_strategy_total",
+                                "Recommend answers by strategy", ["strategy"], registry=r)
+        self.events = Counter("lambdarec_events_total", "Ingested events by outcome",
+                              ["outcome"], registry=r)
+        self.ingest_lag = Histogram("lambdarec_ingest_lag_seconds",
+                                    "Event time to fold-in (now - event ts)",
+                                    buckets=_LAG_BUCKETS, registry=r)
+        self.model_info = Gauge("lambdarec_model_info", "Serving model version (value 1)",
+                                ["version"], registry=r)
+        self.model_loaded = Gauge("lambdarec_model_loaded_timestamp_seconds",
+                                  "When the serving model was swapped in", registry=r)
+        self.reloads = Counter("lambdarec_model_reloads_total", "Model reload attempts",
+                               ["outcome"], registry=r)
+        self.online_users = Gauge("lambdarec_online_users", "Users with real-time state",
+                                  registry=r)
+        self.online_items = Gauge("lambdarec_online_items",
+                                  "Items folded in online and added to the index", registry=r)
+        self.ingest_pending = Gauge("lambdarec_ingest_pending_events",
+                                    "Durable events not yet flushed to bronze", registry=r)
+        self.ingest_flush_lag = Gauge("lambdarec_ingest_flush_lag_seconds",
+                                      "Age of the oldest event waiting for the bronze flush",
+                                      registry=r)
+        self._version: str | None = None
+        self._http: Any = None
+
+    def watch_ingest(self, stats: Any) -> None:
+        """Read the ingest pipeline's `stats()` at scrape time."""
+        self.ingest_pending.set_function(lambda: float(stats().get("pending_events", 0)))
+        self.ingest_flush_lag.set_function(lambda: float(stats().get("ingest_lag_s", 0.0)))
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.latency.labels(method).observe(seconds)
+
+    def set_model(self, version: str) -> None:
+        if self._version is not None:
+            self.model_info.remove(self._version)
+        self.model_info.labels(version).set(1)
+        self._version = version
+        self.model_loaded.set(time.time())
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics over HTTP; returns the bound port (port 0 picks one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+_STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, and every `extra={...}` field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k, v in record.__dict__.items():
+            if k not in _STD_ATTRS and not k.startswith("_"):
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: int | str = logging.INFO) -> None:
+    """Route the root logger to stderr as JSON lines (idempotent)."""
+    root = logging.getLogger()
+    for h in root.handlers:
+        if isinstance(h.formatter, JsonFormatter):
+            return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(level)

@@ -1,0 +1,292 @@
+"""The serving model: a validated bundle, its FAISS index and id maps, swapped atomically.
+
+`load_model()` does all the slow, failure-prone work (read + checksum every file, check
+shapes, load the index and check it against the factors) so that a bad bundle is refused
+before anything changes. `ModelManager.reload()` runs it off the request path, lets the
+online state re-fold its users on the new factors, and then replaces one reference;
+requests read `manager.current` once and finish on the model they started with.
+
+Items unknown to the batch model can be added online (`LoadedModel.add_items`): they are
+appended to the FAISS index (`.add`, no rebuild) and to the id maps. The index is guarded
+by a reader/writer lock because FAISS does not allow `add` concurrently with `search`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lake.bundle import Bundle, BundleError, current_version, read_bundle
+from lake.config import IndexSettings, Settings
+from lake.vector_index import FaissIndex
+from online.errors import ModelLoadError, NotFound
+
+log = logging.getLogger(__name__)
+_generations = itertools.count(1)
+
+
+class RWLock:
+    """Many readers or one writer; writers are not starved (new readers wait for them)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class LoadedModel:
+    """One bundle ready to serve. Immutable except for items added online."""
+
+    def __init__(self, bundle: Bundle, index: FaissIndex, *, load_seconds: float = 0.0) -> None:
+        self.bundle = bundle
+        self.index = index
+        self.generation = next(_generations)
+        self.version = bundle.version
+        self.dim = bundle.dim
+        self.foldin = bundle.foldin
+        self.loaded_at = datetime.now(UTC)
+        self.load_seconds = load_seconds
+        self.n_base_items = len(bundle.item_ids)
+        self.item_ids: list[str] = bundle.item_ids.tolist()
+        self.item_row: dict[str, int] = {iid: i for i, iid in enumerate(self.item_ids)}
+        self.user_row: dict[str, int] = {uid: i for i, uid in enumerate(bundle.user_ids.tolist())}
+        self._factors = np.ascontiguousarray(bundle.item_factors, dtype=np.float32)
+        pop = np.asarray(bundle.item_popularity, dtype=np.float64)
+        top = float(pop.max()) if pop.size else 0.0
+        self.popularity = pop / top if top > 0 else np.zeros_like(pop)
+        self.popularity_order = np.argsort(-pop, kind="stable")
+        self._lock = RWLock()
+        self._add_lock = threading.Lock()
+        self.forgotten: set[str] = set()
+
+    # -- facts ------------------------------------------------------------------------
+    @property
+    def item_factors(self) -> np.ndarray:
+        """Item factors including items added online (rows match `item_ids`)."""
+        return self._factors
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def online_items(self) -> int:
+        return self.n_items - self.n_base_items
+
+    @property
+    def index_type(self) -> str:
+        return str(self.bundle.manifest.get("index", {}).get("type", type(self.index).__name__))
+
+    # -- users ------------------------------------------------------------------------
+    def user_history(self, user_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The batch interactions (item rows, raw strengths) the trainer saw for this user."""
+        row = self.user_row.get(user_id)
+        if row is None or user_id in self.forgotten:
+            return np.empty(0, np.int64), np.empty(0, np.float64)
+        ui = self.bundle.user_items
+        lo, hi = ui.indptr[row], ui.indptr[row + 1]
+        return ui.indices[lo:hi].astype(np.int64), ui.data[lo:hi].astype(np.float64)
+
+    def batch_user_vector(self, user_id: str) -> np.ndarray | None:
+        row = self.user_row.get(user_id)
+        if row is None or user_id in self.forgotten:
+            return None
+        return self.bundle.user_factors[row]
+
+    # -- index ------------------------------------------------------------------------
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = max(1, min(k, self.n_items))
+        with self._lock.read():
+            scores, rows = self.index.search(query.reshape(1, -1), k)
+        return scores[0], rows[0]
+
+    def add_items(self, item_ids: list[str], vectors: np.ndarray) -> list[int]:
+        """Append new items to the index and id maps; returns their rows.
+
+        Items already known are skipped (their existing rows are returned).
+        """
+        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        with self._add_lock:
+            rows: list[int] = []
+            new_ids: list[str] = []
+            new_vecs: list[np.ndarray] = []
+            for iid, v in zip(item_ids, vectors, strict=True):
+                if iid in self.item_row:
+                    rows.append(self.item_row[iid])
+                    continue
+                rows.append(self.n_items + len(new_ids))
+                new_ids.append(iid)
+                new_vecs.append(v)
+            if not new_ids:
+                return rows
+            stacked = np.vstack(new_vecs)
+            factors = np.vstack([self._factors, stacked])
+            with self._lock.write():
+                self.index.add(stacked)
+                if self.index.ntotal != factors.shape[0]:
+                    raise RuntimeError("index and factor rows diverged while adding items")
+                # Factors first, then ids, then the row map: a reader that finds the row
+                # in item_row can always index item_ids and the factors with it.
+                self._factors = factors
+                self.item_ids.extend(new_ids)
+                for j, iid in enumerate(new_ids):
+                    self.item_row[iid] = self.n_items - len(new_ids) + j
+        return rows
+
+    def info(self) -> dict[str, Any]:
+        m = self.bundle.manifest
+        return {
+            "version": self.version,
+            "backend": m.get("backend", ""),
+            "dim": self.dim,
+            "n_users": len(self.user_row),
+            "n_items": self.n_base_items,
+            "online_items": self.online_items,
+            "index_type": self.index_type,
+            "created_at": m.get("created_at"),
+            "loaded_at": self.loaded_at.isoformat(),
+            "metrics": m.get("metrics", {}),
+            "params": m.get("params", {}),
+        }
+
+
+def load_model(path: Path, index_settings: IndexSettings | None = None) -> LoadedModel:
+    """Read and validate a bundle and its index. Raises ModelLoadError; changes nothing."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    if not path.is_dir():
+        raise NotFound(f"model bundle {path} does not exist")
+    try:
+        bundle = read_bundle(path, verify=True)
+    except BundleError as exc:
+        raise ModelLoadError(f"model bundle refused: {exc}") from exc
+    problems = []
+    if len(set(bundle.item_ids.tolist())) != len(bundle.item_ids):
+        problems.append("duplicate item ids")
+    if len(set(bundle.user_ids.tolist())) != len(bundle.user_ids):
+        problems.append("duplicate user ids")
+    if bundle.user_items.shape != (len(bundle.user_ids), len(bundle.item_ids)):
+        problems.append("user_items shape")
+    if not np.all(np.isfinite(bundle.item_gram)):
+        problems.append("non-finite item gram")
+    if problems:
+        raise ModelLoadError(f"model bundle refused: {path}: {', '.join(problems)}")
+    try:
+        index = FaissIndex.load(bundle.index_path, index_settings)
+    except Exception as exc:  # faiss raises RuntimeError with its C++ message
+        raise ModelLoadError(f"model bundle refused: {path}: cannot read index: {exc}") from exc
+    d = int(getattr(index.faiss_index, "d", bundle.dim))
+    if index.ntotal != len(bundle.item_ids) or d != bundle.dim:
+        raise ModelLoadError(
+            f"model bundle refused: {path}: index has {index.ntotal} vectors of dim {d}, "
+            f"factors have {len(bundle.item_ids)} of dim {bundle.dim}"
+        )
+    if len(bundle.item_ids):
+        _, rows = index.search(bundle.item_factors[:1], 1)
+        if rows[0, 0] < 0:
+            raise ModelLoadError(f"model bundle refused: {path}: index search returned nothing")
+    return LoadedModel(bundle, index, load_seconds=time.perf_counter() - t0)
+
+
+class ModelManager:
+    """Holds the serving model; reloads are serialised and swap a single reference."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_new_model: Callable[[LoadedModel, LoadedModel | None], int] | None = None,
+        on_swapped: Callable[[LoadedModel], None] | None = None,
+    ) -> None:
+        self.models_dir = Path(settings.model.dir)
+        self.index_settings = settings.index
+        self._current: LoadedModel | None = None
+        self._reload_lock = threading.Lock()
+        self._on_new_model = on_new_model
+        self._on_swapped = on_swapped
+        self.last_seen_current: str | None = None
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    def reload(self, version: str | None = None) -> dict[str, Any]:
+        """Load `version` (default: CURRENT), prepare it, swap it in. Old model on failure."""
+        with self._reload_lock:
+            pointer = current_version(self.models_dir)
+            target = version or pointer
+            if not target:
+                raise NotFound(f"no model version given and {self.models_dir}/CURRENT is missing")
+            if version is None:
+                self.last_seen_current = pointer
+            if "/" in target or target.startswith("."):
+                raise ModelLoadError(f"version: {target!r} is not a bundle directory name")
+            old = self._current
+            if old is not None and old.version == target:
+                return {"version": target, "previous": old.version, "changed": False,
+                        "refolded_users": 0, "load_seconds": 0.0}
+            t0 = time.perf_counter()
+            new = load_model(self.models_dir / target, self.index_settings)
+            if old is not None:
+                new.forgotten = set(old.forgotten)
+            refolded = self._on_new_model(new, old) if self._on_new_model else 0
+            self._current = new  # the swap: one reference assignment
+            seconds = time.perf_counter() - t0
+            if self._on_swapped:
+                self._on_swapped(new)
+            log.info("model swapped", extra={"version": new.version,
+                                             "previous": old.version if old else None,
+                                             "refolded_users": refolded,
+                                             "seconds": round(seconds, 3)})
+            return {"version": new.version, "previous": old.version if old else "",
+                    "changed": True, "refolded_users": refolded, "load_seconds": seconds}
+
+    def poll_once(self) -> dict[str, Any] | None:
+        """Reload when the CURRENT pointer changed since we last looked; None otherwise."""
+        pointer = current_version(self.models_dir)
+        if pointer is None or pointer == self.last_seen_current:
+            return None
+        try:
+            return self.reload(None)
+        except Exception:
+            self.last_seen_current = pointer  # do not retry a bad bundle every poll
+            raise

@@ -1,0 +1,235 @@
+"""Recommend / SimilarItems: fold-in, FAISS over-fetch, business filters, explanations,
+popularity fallback. Pure request logic: no gRPC types here (see `online.service`).
+
+Every request takes the model reference once (`manager.current`) and uses only that
+object, so a model swap in the middle of a request cannot mix two models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lake.config import Settings
+from lake.foldin import contributions
+from online.catalog import Catalog
+from online.errors import NoModel, NotFound
+from online.model import LoadedModel, ModelManager
+from online.state import OnlineState
+
+log = logging.getLogger(__name__)
+
+CONTEXT_EVENT_TYPE = "add_to_cart"
+"""Context (session / basket) items are folded in with this event type's weight."""
+MAX_BECAUSE = 3
+PERSONALISED, FALLBACK = "personalised", "fallback"
+FALLBACK_RANKED_BATCH_ITEMS = 1000
+"""Most popular batch items kept in the cached fallback ranking."""
+
+DeadlineCheck = Callable[[str], None]
+
+
+def _no_deadline(what: str) -> None:
+    return None
+
+
+@dataclass
+class FilterSpec:
+    exclude_seen: bool = True
+    exclude_item_ids: frozenset[str] = frozenset()
+    include_categories: frozenset[str] = frozenset()
+    exclude_categories: frozenset[str] = frozenset()
+    only_available: bool = True
+
+
+@dataclass
+class Result:
+    items: list[tuple[str, float, list[str]]] = field(default_factory=list)
+    model_version: str = ""
+    strategy: str = PERSONALISED
+
+
+class Recommender:
+    def __init__(self, settings: Settings, manager: ModelManager, state: OnlineState,
+                 catalog: Catalog) -> None:
+        self.settings = settings
+        self.manager = manager
+        self.state = state
+        self.catalog = catalog
+        self.overfetch = settings.server.overfetch
+        self.context_weight = float(settings.interactions.weights.get(CONTEXT_EVENT_TYPE, 1.0))
+        self._fb_cache: tuple[tuple[int, int], tuple[list[tuple[str, float]], float, int]] | \
+            None = None
+
+    # -- filters -----------------------------------------------------------------------
+    def _passes(self, item_id: str, f: FilterSpec) -> bool:
+        if item_id in f.exclude_item_ids:
+            return False
+        if f.only_available or f.include_categories or f.exclude_categories:
+            info = self.catalog.get(item_id)
+            if f.only_available and not info.available:
+                return False
+            if f.include_categories and info.category not in f.include_categories:
+                return False
+            if f.exclude_categories and info.category in f.exclude_categories:
+                return False
+        return True
+
+    def _search(
+        self, model: LoadedModel, query: np.ndarray, k: int, f: FilterSpec,
+        skip_rows: set[int], skip_ids: set[str], check: DeadlineCheck,
+    ) -> list[tuple[int, float]]:
+        """Top-k rows by inner product that pass the filters; over-fetches, then grows."""
+        total = model.n_items
+        fetch = min(total, k * self.overfetch + len(skip_rows))
+        while True:
+            check("vector search")
+            scores, rows = model.search(query, fetch)
+            out: list[tuple[int, float]] = []
+            for s, r in zip(scores.tolist(), rows.tolist(), strict=True):
+                if r < 0 or r in skip_rows:
+                    continue
+                iid = model.item_ids[r]
+                if iid in skip_ids or not self._passes(iid, f):
+                    continue
+                out.append((r, s))
+                if len(out) == k:
+                    return out
+            if fetch >= total:
+                return out
+            fetch = min(total, fetch * 4)
+
+    # -- Recommend ---------------------------------------------------------------------
+    def recommend(
+        self,
+        user_id: str,
+        k: int,
+        f: FilterSpec,
+        *,
+        context_item_ids: Sequence[str] = (),
+        explain: bool = False,
+        check: DeadlineCheck = _no_deadline,
+    ) -> Result:
+        model = self.manager.current  # once per request
+        if model is None:
+            return self._fallback(None, k, f, set(context_item_ids), user_id, check)
+        context_rows: dict[int, float] = {}
+        for iid in context_item_ids:
+            r = model.item_row.get(iid)
+            if r is not None:
+                context_rows[r] = context_rows.get(r, 0.0) + self.context_weight
+        check("fold-in")
+        prof = self.state.profile(model, user_id, context_rows or None)
+        seen_ids = prof.seen_ids | set(context_item_ids) if f.exclude_seen else set()
+        if prof.vector is None or not np.any(prof.vector):
+            return self._fallback(model, k, f, seen_ids, user_id, check)
+        # Seen = the batch history + real-time events of `seen_event_types` (by id) + context.
+        skip_rows = set(model.user_history(user_id)[0].tolist()) if f.exclude_seen else set()
+        hits = self._search(model, prof.vector, k, f, skip_rows, seen_ids, check)
+        items = []
+        for r, s in hits:
+            because: list[str] = []
+            if explain and prof.rows.size:
+                because = self._because(model, prof.rows, r)
+            items.append((model.item_ids[r], float(s), because))
+        return Result(items, model.version, PERSONALISED)
+
+    def _because(self, model: LoadedModel, rows: np.ndarray, target: int) -> list[str]:
+        factors = model.item_factors
+        c = contributions(np.empty(0), factors, rows, factors[target])
+        order = np.argsort(-c, kind="stable")[:MAX_BECAUSE]
+        return [model.item_ids[int(rows[i])] for i in order if c[i] > 0 and rows[i] != target]
+
+    def _fallback(
+        self, model: LoadedModel | None, k: int, f: FilterSpec, seen_ids: set[str],
+        user_id: str, check: DeadlineCheck,
+    ) -> Result:
+        """Popularity: 0.5 x batch popularity + 0.5 x real-time decayed counts (each scaled
+        to max 1), exact top-k under the filters.
+
+        The ranking of (top batch items + every real-time item) is cached per (model,
+        real-time version); items outside it score 0.5 x batch <= `floor`, so the walk
+        only continues down the batch order when the filters eat the whole ranking."""
+        check("popularity fallback")
+        ranking, floor, walked = self._popularity_ranking(model)
+
+        def ok(iid: str) -> bool:
+            return iid not in seen_ids and self._passes(iid, f)
+
+        picked: list[tuple[str, float]] = []
+        above = 0  # picked items that nothing outside the ranking can beat
+        for iid, score in ranking:
+            if above >= k:
+                break
+            if ok(iid):
+                picked.append((iid, score))
+                above += score >= floor
+        if above < k and model is not None and walked < model.popularity_order.size:
+            in_ranking = {iid for iid, _ in ranking}
+            found, start, chunk = 0, walked, k * self.overfetch
+            order = model.popularity_order
+            while found < k and start < order.size:
+                check("popularity fallback")
+                for r in order[start:start + chunk].tolist():
+                    iid = model.item_ids[r]
+                    if iid in in_ranking or not ok(iid):
+                        continue
+                    picked.append((iid, 0.5 * float(model.popularity[r])))
+                    found += 1
+                start += chunk
+                chunk *= 4
+        top = sorted(picked, key=lambda kv: (-kv[1], kv[0]))[:k]
+        return Result([(iid, s, []) for iid, s in top],
+                      model.version if model is not None else "", FALLBACK)
+
+    def _popularity_ranking(
+        self, model: LoadedModel | None
+    ) -> tuple[list[tuple[str, float]], float, int]:
+        """(ranking, floor, batch items walked), cached until the model or counts change."""
+        pop = self.state.popularity
+        key = (model.generation if model is not None else 0, pop.version)
+        cached = self._fb_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        realtime = pop.normalised()
+        scores: dict[str, float] = {}
+        floor, walked = 0.0, 0
+        if model is not None:
+            walked = min(model.n_base_items, FALLBACK_RANKED_BATCH_ITEMS)
+            top_rows = model.popularity_order[:walked].tolist()
+            for r in top_rows:
+                scores[model.item_ids[r]] = 0.5 * float(model.popularity[r])
+            if walked < model.n_base_items:
+                floor = 0.5 * float(model.popularity[model.popularity_order[walked]])
+        for iid, rt in realtime.items():
+            row = model.item_row.get(iid) if model is not None else None
+            batch = float(model.popularity[row]) if model is not None and row is not None \
+                and row < model.n_base_items else 0.0
+            scores[iid] = 0.5 * batch + 0.5 * rt
+        ranking = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+        out = (ranking, floor, walked)
+        self._fb_cache = (key, out)
+        return out
+
+    # -- SimilarItems ------------------------------------------------------------------
+    def similar(self, item_id: str, k: int, f: FilterSpec,
+                check: DeadlineCheck = _no_deadline) -> Result:
+        model = self.manager.current
+        if model is None:
+            raise NoModel("no model is loaded yet")
+        row = model.item_row.get(item_id)
+        if row is None:
+            raise NotFound(f"item_id: {item_id!r} is not in model {model.version}")
+        query = model.item_factors[row]
+        hits = self._search(model, query, k, f, {row}, set(), check)
+        return Result([(model.item_ids[r], float(s), []) for r, s in hits], model.version,
+                      PERSONALISED)
+
+    # -- events ------------------------------------------------------------------------
+    def apply_events(self, events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Fold accepted events into the online state on the serving model."""
+        return self.state.apply(self.manager.current, events)

@@ -1,0 +1,269 @@
+"""The online server: public Recommender port + admin port, health, reflection, metrics.
+
+`create_server(settings)` builds everything and returns `(server, ports)` without
+blocking (tests bind port 0); `serve()` is the process entry point (`python -m
+online.server`). Shutdown is graceful: health goes NOT_SERVING, both gRPC servers stop
+with a grace period, then the ingest pipeline flushes its WAL to bronze.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Serving processes answer single queries: one BLAS / OpenMP thread each, set before numpy
+# is imported (STACK.md: faiss' bundled OpenBLAS follows OMP_NUM_THREADS).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import logging  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
+from concurrent import futures  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import grpc  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
+from grpc_reflection.v1alpha import reflection  # noqa: E402
+
+from lake.bundle import current_version  # noqa: E402
+from lake.config import Settings, load_settings  # noqa: E402
+from lake.tables import Lake  # noqa: E402
+from online.catalog import Catalog  # noqa: E402
+from online.metrics import Metrics, configure_logging  # noqa: E402
+from online.model import LoadedModel, ModelManager  # noqa: E402
+from online.pb import admin_pb2_grpc, recommender_pb2_grpc  # noqa: E402
+from online.recommender import Recommender  # noqa: E402
+from online.service import (  # noqa: E402
+    AdminServicer,
+    RecommenderServicer,
+    ServiceInterceptor,
+    Validator,
+    service_names,
+)
+from online.state import OnlineState, batch_cutoff  # noqa: E402
+
+log = logging.getLogger(__name__)
+WARM_START_MAX_EVENTS = 2_000_000
+
+
+def limit_threads() -> None:
+    """One FAISS/BLAS thread in this process (faiss parallelises over queries, not in one)."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(1)
+    threadpool_limits(1)
+
+
+@dataclass
+class OnlineServer:
+    settings: Settings
+    grpc_server: grpc.Server
+    admin_server: grpc.Server
+    health: health.HealthServicer
+    admin_health: health.HealthServicer
+    manager: ModelManager
+    engine: Recommender
+    ingest: Any
+    metrics: Metrics
+    lake: Lake
+    metrics_enabled: bool = True
+    ports: dict[str, int] = field(default_factory=dict)
+    _stop_poll: threading.Event = field(default_factory=threading.Event)
+    _poller: threading.Thread | None = None
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        self.ingest.start()
+        self.warm_start()
+        self.grpc_server.start()
+        self.admin_server.start()
+        if self.metrics_enabled:
+            self.ports["metrics"] = self.metrics.serve(self.settings.server.host,
+                                                       self.settings.server.metrics_port)
+        for h in (self.health, self.admin_health):
+            for name in ("", *service_names()):
+                h.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.server.reload_poll_s > 0:
+            self._poller = threading.Thread(target=self._poll, name="model-poller", daemon=True)
+            self._poller.start()
+        log.info("server started", extra={"ports": self.ports,
+                                          "model": getattr(self.manager.current, "version", None)})
+
+    def warm_start(self, max_events: int = WARM_START_MAX_EVENTS) -> int:
+        """Rebuild online state from bronze events newer than the model's training data.
+
+        After a restart, users keep what they did since the last batch run (read-your-writes
+        survives restarts). Skipped when the bundle does not say what it was trained on.
+        """
+        model = self.manager.current
+        cutoff = batch_cutoff(model.bundle.manifest) if model is not None else None
+        if model is None or cutoff is None or not self.lake.exists("bronze_events"):
+            return 0
+        table = self.lake.read(
+            "bronze_events", columns=["user_id", "item_id", "event_type", "ts"],
+            filters=[("event_date", ">=", cutoff.date())],
+        )
+        table = table.filter(pc.greater_equal(table["ts"], pa.scalar(cutoff, table["ts"].type)))
+        if table.num_rows > max_events:
+            table = table.sort_by("ts").slice(table.num_rows - max_events)
+        events = table.sort_by("ts").to_pylist()
+        if events:
+            self.engine.apply_events(events)
+        log.info("warm start", extra={"events": len(events), "since": cutoff.isoformat(),
+                                      "users": len(self.engine.state)})
+        return len(events)
+
+    def _poll(self) -> None:
+        while not self._stop_poll.wait(self.settings.server.reload_poll_s):
+            try:
+                out = self.manager.poll_once()
+                if out:
+                    self.metrics.reloads.labels("ok").inc()
+            except Exception:
+                self.metrics.reloads.labels("refused").inc()
+                log.exception("model poll reload failed; keeping the serving model")
+
+    def reload(self, version: str | None) -> dict[str, Any]:
+        try:
+            out = self.manager.reload(version)
+        except Exception:
+            self.metrics.reloads.labels("refused").inc()
+            raise
+        self.metrics.reloads.labels("ok" if out["changed"] else "unchanged").inc()
+        return out
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Graceful: NOT_SERVING, finish in-flight RPCs (up to `grace` s), flush ingest."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._stop_poll.set()
+        self.health.enter_graceful_shutdown()
+        self.admin_health.enter_graceful_shutdown()
+        a = self.grpc_server.stop(grace)
+        b = self.admin_server.stop(grace)
+        a.wait()
+        b.wait()
+        try:
+            self.ingest.close()
+        finally:
+            self.metrics.close()
+            log.info("server stopped")
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.grpc_server.wait_for_termination(timeout)
+
+
+def _make_grpc_server(settings: Settings, workers: int, interceptor: ServiceInterceptor) -> Any:
+    mb = settings.server.max_message_bytes
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        interceptors=[interceptor],
+        options=[
+            ("grpc.max_receive_message_length", mb),
+            ("grpc.max_send_message_length", mb),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=workers * 64,
+    )
+
+
+def create_server(
+    settings: Settings,
+    *,
+    lake: Lake | None = None,
+    ingest: Any = None,
+    load_model: bool = True,
+    metrics: bool = True,
+    threads: bool = True,
+) -> tuple[OnlineServer, dict[str, int]]:
+    """Build (not start) the server. Returns it and its bound ports {grpc, admin}.
+
+    Args:
+        settings: full settings; `server.port` / `admin_port` 0 bind free ports.
+        lake: the lake to read the catalogue from and ingest into (default: settings').
+        ingest: an `online.ingest.IngestPipeline`-compatible object (default: a real one).
+        load_model: load the CURRENT model now (a missing CURRENT is not an error: the
+            server answers from popularity until a model is loaded).
+        metrics: start the Prometheus endpoint on `server.metrics_port` at start().
+        threads: set FAISS/BLAS to one thread in this process.
+    """
+    if threads:
+        limit_threads()
+    srv = settings.server
+    lake = lake or Lake.from_settings(settings.lake)
+    if ingest is None:
+        from online.ingest import IngestPipeline
+
+        ingest = IngestPipeline(settings, lake)
+    m = Metrics()
+    if hasattr(ingest, "stats"):
+        m.watch_ingest(ingest.stats)
+    state = OnlineState(settings)
+    catalog = Catalog(lake)
+    catalog.load()
+
+    def refold(new: LoadedModel, old: LoadedModel | None) -> int:
+        return state.refold(new)
+
+    def swapped(new: LoadedModel) -> None:
+        m.set_model(new.version)
+        m.online_items.set(new.online_items)
+
+    manager = ModelManager(settings, on_new_model=refold, on_swapped=swapped)
+    if load_model and current_version(settings.model.dir):
+        manager.reload(None)
+    engine = Recommender(settings, manager, state, catalog)
+
+    public_health = health.HealthServicer()
+    admin_health = health.HealthServicer()
+    public = _make_grpc_server(settings, srv.workers, ServiceInterceptor(m))
+    admin = _make_grpc_server(settings, 2, ServiceInterceptor(m, admin_token=srv.admin_token))
+    server = OnlineServer(settings, public, admin, public_health, admin_health, manager,
+                          engine, ingest, m, lake, metrics_enabled=metrics)
+
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(
+        RecommenderServicer(settings, engine, ingest, m), public)
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminServicer(engine, state, ingest, m, Validator(settings), server.reload), admin)
+    names = service_names()
+    for g, h, svc in ((public, public_health, names[0]), (admin, admin_health, names[1])):
+        health_pb2_grpc.add_HealthServicer_to_server(h, g)
+        for name in ("", svc):
+            h.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # SERVING at start()
+        reflection.enable_server_reflection(
+            (svc, health.SERVICE_NAME, reflection.SERVICE_NAME), g)
+    ports = {
+        "grpc": public.add_insecure_port(f"{srv.host}:{srv.port}"),
+        "admin": admin.add_insecure_port(f"{srv.host}:{srv.admin_port}"),
+    }
+    if 0 in ports.values():
+        raise OSError(f"cannot bind {srv.host}: ports {ports}")
+    server.ports = ports
+    return server, ports
+
+
+def serve(settings: Settings | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM, then shut down gracefully."""
+    configure_logging()
+    settings = settings or load_settings()
+    server, ports = create_server(settings)
+    server.start()
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal received, shutting down", extra={"signal": signum})
+        done.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    done.wait()
+    server.stop(grace=settings.server.flush_interval_s)
+
+
+if __name__ == "__main__":
+    serve()

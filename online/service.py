@@ -1,0 +1,332 @@
+"""gRPC servicers for `lambdarec.v1.Recommender` and `lambdarec.v1.Admin`.
+
+Handlers parse and validate requests (`InvalidArgument` names the field), check the
+deadline before heavy work, and call the engine. They never set status codes: the one
+`ServiceInterceptor` maps every exception through `online.errors.status_of`, records
+per-RPC metrics, and (on the admin server) checks the bearer token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from lake.config import Settings
+from lake.validation import MAX_ID_LENGTH, validate_event
+from online.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ServiceError,
+    Unauthenticated,
+    status_of,
+)
+from online.metrics import Metrics
+from online.pb import admin_pb2, admin_pb2_grpc, recommender_pb2_grpc
+from online.pb import recommender_pb2 as pb
+from online.recommender import FALLBACK, FilterSpec, Recommender, Result
+from online.state import OnlineState
+
+log = logging.getLogger(__name__)
+
+DEADLINE_MARGIN_S = 0.0005
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+# -- the one place exceptions become status codes --------------------------------------
+class ServiceInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions to status codes, records metrics, and optionally requires a token."""
+
+    def __init__(self, metrics: Metrics, *, admin_token: str | None = None) -> None:
+        self.metrics = metrics
+        self._token = f"Bearer {admin_token}".encode() if admin_token is not None else None
+
+    def _authorised(self, details: grpc.HandlerCallDetails) -> bool:
+        if self._token is None or details.method.startswith(UNAUTHENTICATED_PREFIXES):
+            return True
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                got = value.encode() if isinstance(value, str) else value
+                return hmac.compare_digest(got, self._token)
+        return False
+
+    def intercept_service(self, continuation: Callable[..., Any],
+                          details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming RPCs (reflection, health Watch) pass through
+        inner = handler.unary_unary
+        method = details.method.rsplit("/", 1)[-1]
+        authorised = self._authorised(details)
+        metrics = self.metrics
+
+        def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+            t0 = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                if not authorised:
+                    raise Unauthenticated("missing or invalid 'authorization: Bearer <token>'")
+                return inner(request, context)
+            except Exception as exc:  # noqa: BLE001 - this IS the single mapping point
+                code, message = status_of(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("rpc failed", extra={"method": details.method})
+                elif not isinstance(exc, ServiceError | ValueError):
+                    log.warning("rpc error", extra={"method": details.method, "error": message})
+                context.abort(code, message)
+            finally:
+                metrics.observe_rpc(method, code.name, time.perf_counter() - t0)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapper,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def deadline_check(context: grpc.ServicerContext) -> Callable[[str], None]:
+    def check(what: str) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= DEADLINE_MARGIN_S:
+            raise DeadlineExceeded(f"deadline exceeded before {what}")
+    return check
+
+
+# -- request validation ------------------------------------------------------------------
+class Validator:
+    def __init__(self, settings: Settings) -> None:
+        s = settings.server
+        self.max_k = s.max_k
+        self.max_batch = s.max_batch
+        self.max_id = s.max_id_length
+
+    def id(self, field: str, value: str) -> str:
+        if not value or not value.strip():
+            raise InvalidArgument(field, "must not be empty")
+        if len(value) > self.max_id:
+            raise InvalidArgument(field, f"longer than {self.max_id} characters")
+        return value
+
+    def ids(self, field: str, values: Iterable[str]) -> list[str]:
+        values = list(values)
+        if len(values) > self.max_batch:
+            raise InvalidArgument(field, f"at most {self.max_batch} entries, got {len(values)}")
+        return [self.id(f"{field}[{i}]", v) for i, v in enumerate(values)]
+
+    def k(self, field: str, k: int) -> int:
+        if k <= 0 or k > self.max_k:
+            raise InvalidArgument(field, f"must be in [1, {self.max_k}], got {k}")
+        return k
+
+    def batch(self, field: str, n: int) -> None:
+        if n == 0:
+            raise InvalidArgument(field, "must not be empty")
+        if n > self.max_batch:
+            raise InvalidArgument(field, f"at most {self.max_batch} entries, got {n}")
+
+    def filters(self, f: pb.Filters, *, prefix: str = "filters") -> FilterSpec:
+        return FilterSpec(
+            exclude_seen=f.exclude_seen if f.HasField("exclude_seen") else True,
+            exclude_item_ids=frozenset(self.ids(f"{prefix}.exclude_item_ids",
+                                                f.exclude_item_ids)),
+            include_categories=frozenset(self.ids(f"{prefix}.include_categories",
+                                                  f.include_categories)),
+            exclude_categories=frozenset(self.ids(f"{prefix}.exclude_categories",
+                                                  f.exclude_categories)),
+            only_available=f.only_available if f.HasField("only_available") else True,
+        )
+
+
+def _to_pb_items(result: Result) -> list[pb.ScoredItem]:
+    return [pb.ScoredItem(item_id=i, score=s, because=b) for i, s, b in result.items]
+
+
+def event_to_dict(e: pb.Event) -> dict[str, Any]:
+    """A protobuf Event as the dict `lake.validation.validate_event` checks."""
+    ts: Any = None
+    if e.HasField("ts"):
+        try:
+            ts = e.ts.ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError):
+            ts = f"<invalid Timestamp seconds={e.ts.seconds} nanos={e.ts.nanos}>"
+    return {
+        "event_id": e.event_id,
+        "user_id": e.user_id,
+        "item_id": e.item_id,
+        "event_type": e.event_type,
+        "value": e.value if e.HasField("value") else None,
+        "ts": ts,
+        "session_id": e.session_id or None,
+        "properties": dict(e.properties) or None,
+    }
+
+
+# -- servicers ---------------------------------------------------------------------------
+class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
+    def __init__(self, settings: Settings, engine: Recommender, ingest: Any,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.ingest = ingest
+        self.metrics = metrics
+        self.v = Validator(settings)
+
+    def Recommend(self, request: pb.RecommendRequest,  # noqa: N802 (gRPC names)
+                  context: grpc.ServicerContext) -> pb.RecommendResponse:
+        v = self.v
+        user_id = v.id("user_id", request.user_id)
+        k = v.k("k", request.k)
+        filters = v.filters(request.filters)
+        ctx_items = v.ids("context_item_ids", request.context_item_ids)
+        check = deadline_check(context)
+        check("recommend")
+        result = self.engine.recommend(user_id, k, filters, context_item_ids=ctx_items,
+                                       explain=request.explain, check=check)
+        self.metrics.strategy.labels(result.strategy).inc()
+        return pb.RecommendResponse(
+            items=_to_pb_items(result), model_version=result.model_version,
+            strategy=pb.STRATEGY_FALLBACK if result.strategy == FALLBACK
+            else pb.STRATEGY_PERSONALISED,
+        )
+
+    def SimilarItems(self, request: pb.SimilarItemsRequest,  # noqa: N802
+                     context: grpc.ServicerContext) -> pb.SimilarItemsResponse:
+        item_id = self.v.id("item_id", request.item_id)
+        k = self.v.k("k", request.k)
+        filters = self.v.filters(request.filters)
+        check = deadline_check(context)
+        check("similar items")
+        result = self.engine.similar(item_id, k, filters, check=check)
+        return pb.SimilarItemsResponse(items=_to_pb_items(result),
+                                       model_version=result.model_version)
+
+    def IngestEvents(self, request: pb.IngestEventsRequest,  # noqa: N802
+                     context: grpc.ServicerContext) -> pb.IngestEventsResponse:
+        self.v.batch("events", len(request.events))
+        events = [event_to_dict(e) for e in request.events]
+        if request.atomic:  # all or nothing: check every event before any is stored
+            now = datetime.now(UTC)
+            max_id = min(self.v.max_id, MAX_ID_LENGTH)  # what bronze (and ingest) accept
+            for i, e in enumerate(events):
+                validate_event(i, e, now=now, max_id_length=max_id)  # raises -> 400
+        deadline_check(context)("ingest")
+        result = self.ingest.ingest(events)
+        if request.atomic and result.rejected:  # the pipeline disagrees with our check
+            i, reason = result.rejected[0]
+            raise InvalidArgument(f"events[{i}]", reason)
+        changed = self.engine.apply_events(result.accepted)
+        self.metrics.events.labels("accepted").inc(len(result.accepted))
+        self.metrics.events.labels("duplicate").inc(result.duplicates)
+        self.metrics.events.labels("rejected").inc(len(result.rejected))
+        for lag in changed["lags"]:
+            self.metrics.ingest_lag.observe(lag)
+        if changed["new_items"]:
+            log.info("items folded in online", extra={"items": changed["new_items"]})
+            model = self.engine.manager.current
+            self.metrics.online_items.set(model.online_items if model else 0)
+        self.metrics.online_users.set(len(self.engine.state))
+        return pb.IngestEventsResponse(
+            accepted=len(result.accepted), duplicates=result.duplicates,
+            rejected=[pb.RejectedEvent(index=i, reason=r) for i, r in result.rejected],
+        )
+
+    def UpsertItems(self, request: pb.UpsertItemsRequest,  # noqa: N802
+                    context: grpc.ServicerContext) -> pb.UpsertItemsResponse:
+        self.v.batch("items", len(request.items))
+        rows, seen = [], set()
+        for i, it in enumerate(request.items):
+            item_id = self.v.id(f"items[{i}].item_id", it.item_id)
+            if item_id in seen:
+                raise InvalidArgument(f"items[{i}].item_id", f"duplicate item_id {item_id!r}")
+            seen.add(item_id)
+            price = it.price if it.HasField("price") else None
+            if price is not None and (price != price or price < 0 or price == float("inf")):
+                raise InvalidArgument(f"items[{i}].price", f"must be finite and >= 0, got {price}")
+            category = it.category if it.HasField("category") else None
+            if category is not None:
+                category = self.v.id(f"items[{i}].category", category)
+            rows.append({
+                "item_id": item_id,
+                "category": category,
+                "price": price,
+                "available": it.available if it.HasField("available") else True,
+                "title": it.title if it.HasField("title") else None,
+            })
+        deadline_check(context)("upsert")
+        n = self.engine.catalog.upsert(rows)
+        return pb.UpsertItemsResponse(upserted=n)
+
+
+def _ts(iso: str | None) -> Timestamp | None:
+    if not iso:
+        return None
+    t = Timestamp()
+    t.FromDatetime(datetime.fromisoformat(iso))
+    return t
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, engine: Recommender, state: OnlineState, ingest: Any,
+                 metrics: Metrics, validator: Validator,
+                 reload: Callable[[str | None], dict[str, Any]]) -> None:
+        self.engine = engine
+        self.state = state
+        self.ingest = ingest
+        self.metrics = metrics
+        self.v = validator
+        self._reload = reload
+
+    def ReloadModel(self, request: admin_pb2.ReloadModelRequest,  # noqa: N802
+                    context: grpc.ServicerContext) -> admin_pb2.ReloadModelResponse:
+        version = None
+        if request.HasField("version"):
+            version = self.v.id("version", request.version)
+            if "/" in version or "\\" in version or version.startswith("."):
+                raise InvalidArgument("version", f"{version!r} is not a bundle directory name")
+        out = self._reload(version)
+        return admin_pb2.ReloadModelResponse(
+            model_version=out["version"], previous_version=out["previous"] or "",
+            changed=out["changed"], refolded_users=out["refolded_users"],
+            load_seconds=out["load_seconds"],
+        )
+
+    def ModelInfo(self, request: admin_pb2.ModelInfoRequest,  # noqa: N802
+                  context: grpc.ServicerContext) -> admin_pb2.ModelInfoResponse:
+        model = self.engine.manager.current
+        if model is None:
+            return admin_pb2.ModelInfoResponse(online_users=len(self.state))
+        info = model.info()
+        return admin_pb2.ModelInfoResponse(
+            model_version=info["version"], backend=info["backend"], dim=info["dim"],
+            n_users=info["n_users"], n_items=info["n_items"],
+            online_items=info["online_items"], online_users=len(self.state),
+            index_type=info["index_type"], created_at=_ts(info["created_at"]),
+            loaded_at=_ts(info["loaded_at"]),
+            metrics_json=json.dumps(info["metrics"], sort_keys=True, default=str),
+            params_json=json.dumps(info["params"], sort_keys=True, default=str),
+        )
+
+    def ForgetUser(self, request: admin_pb2.ForgetUserRequest,  # noqa: N802
+                   context: grpc.ServicerContext) -> admin_pb2.ForgetUserResponse:
+        user_id = self.v.id("user_id", request.user_id)
+        model = self.engine.manager.current
+        if model is not None:
+            model.forgotten.add(user_id)  # stop serving their batch vector until retrain
+        removed = self.state.forget(user_id)
+        lake = self.ingest.forget_user(user_id)
+        log.info("user forgotten", extra={"user_id": user_id, "lake": lake})
+        return admin_pb2.ForgetUserResponse(user_id=user_id, online_state_removed=removed,
+                                            lake_json=json.dumps(lake, sort_keys=True,
+                                                                 default=str))
+
+
+def service_names() -> Sequence[str]:
+    return (pb.DESCRIPTOR.services_by_name["Recommender"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name)

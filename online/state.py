@@ -1,0 +1,335 @@
+"""Per-user online state: recent events, the folded-in vector, and real-time popularity.
+
+A user's vector is `fold_in(item_factors, item_gram, batch history U recent events)`
+(`lake.foldin`, the same solve the trainer uses). It is recomputed when an event arrives
+(read-your-writes) and cached per (model generation, user state version), so a request
+for a user with no new events does no linear algebra. Items the model does not know are
+remembered per user; once enough users with vectors touched one, the item gets its own
+vector by the symmetric fold-in (against user vectors and XtX) and joins the index.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
+from typing import Any
+
+import numpy as np
+
+from lake.config import Settings
+from lake.foldin import fold_in
+from online.model import LoadedModel
+
+MAX_ONLINE_USERS = 1_000_000
+"""Least-recently-active users beyond this are dropped from memory (their events are safe
+in the WAL / lake and reach them again through the next batch model)."""
+_STRIPES = 64
+
+
+@dataclass(slots=True)
+class RecentEvent:
+    item_id: str
+    event_type: str
+    ts: datetime
+    weight: float
+
+
+@dataclass
+class UserState:
+    events: deque[RecentEvent]
+    version: int = 0
+    cache: tuple[int, int, np.ndarray | None, np.ndarray, np.ndarray] | None = None
+    """(model generation, state version, vector, rows, values) of the last fold-in."""
+    seen: set[str] = field(default_factory=set)
+
+
+@dataclass
+class UserProfile:
+    """What a request needs about a user, resolved against one model."""
+
+    vector: np.ndarray | None
+    rows: np.ndarray
+    """Item rows of the user's interactions (batch and real time), for seen/explanations."""
+    values: np.ndarray
+    seen_ids: set[str]
+    """Real-time seen items by id (includes items the model does not know yet)."""
+
+
+class Popularity:
+    """Exponentially decayed event counts per item (weight x 0.5 ** (age / half_life))."""
+
+    def __init__(self, half_life_days: float) -> None:
+        self._rate = math.log(2) / (half_life_days * 86400.0)
+        self._t0 = time.time()
+        self._scores: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._version = 0
+        self._cache: tuple[int, dict[str, float]] = (0, {})
+
+    def add(self, item_id: str, weight: float, ts: datetime) -> None:
+        # Stored relative to a fixed epoch, so adding never touches the other items.
+        exponent = (ts.timestamp() - self._t0) * self._rate
+        v = weight * math.exp(min(exponent, 700.0))
+        with self._lock:
+            self._scores[item_id] = self._scores.get(item_id, 0.0) + v
+            self._version += 1
+
+    @property
+    def version(self) -> int:
+        """Bumped by every `add`; lets callers cache what they derive from the scores."""
+        return self._version
+
+    def normalised(self) -> dict[str, float]:
+        """Scores scaled so the most popular item is 1.0 (empty when nothing was ingested).
+
+        Cached until the next event; the returned dict is shared: do not modify it.
+        """
+        cached = self._cache
+        if cached[0] == self._version:
+            return cached[1]
+        with self._lock:
+            version = self._version
+            snapshot = dict(self._scores)
+        top = max(snapshot.values(), default=0.0)
+        out = {k: v / top for k, v in snapshot.items()} if top > 0 else {}
+        self._cache = (version, out)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+
+class OnlineState:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        srv = settings.server
+        self.weights = {t: float(w) for t, w in settings.interactions.weights.items()}
+        self.half_life_days = settings.interactions.half_life_days
+        self.max_confidence = settings.interactions.max_confidence
+        self.recent_cap = srv.recent_events_per_user
+        self.seen_types = set(srv.seen_event_types)
+        self.new_item_min = srv.new_item_min_interactions
+        self.popularity = Popularity(srv.popularity_half_life_days)
+        self._users: OrderedDict[str, UserState] = OrderedDict()
+        self._users_lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        # Items unknown to the serving model: item -> {user -> summed weight}.
+        self._pending: dict[str, dict[str, float]] = {}
+        self._pending_lock = threading.Lock()
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def _stripe(self, user_id: str) -> threading.Lock:
+        return self._stripes[hash(user_id) % _STRIPES]
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def users(self) -> list[str]:
+        with self._users_lock:
+            return list(self._users)
+
+    def get(self, user_id: str) -> UserState | None:
+        return self._users.get(user_id)
+
+    def _get_or_create(self, user_id: str) -> UserState:
+        with self._users_lock:
+            st = self._users.get(user_id)
+            if st is None:
+                st = UserState(events=deque(maxlen=self.recent_cap))
+                self._users[user_id] = st
+                while len(self._users) > MAX_ONLINE_USERS:
+                    self._users.popitem(last=False)
+            else:
+                self._users.move_to_end(user_id)
+            return st
+
+    def forget(self, user_id: str) -> bool:
+        with self._users_lock:
+            existed = self._users.pop(user_id, None) is not None
+        with self._pending_lock:
+            for users in self._pending.values():
+                users.pop(user_id, None)
+        return existed
+
+    # -- events ------------------------------------------------------------------------
+    def apply(
+        self, model: LoadedModel | None, events: Iterable[Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """Fold accepted (normalised) events into user state; returns what changed.
+
+        Returns {"users": [...touched], "new_items": [...added to the index], "lags": [...]}.
+        """
+        touched: dict[str, None] = {}
+        unknown_items: dict[str, None] = {}
+        lags: list[float] = []
+        now = datetime.now(UTC)
+        for e in events:
+            user_id, item_id, etype = e["user_id"], e["item_id"], e["event_type"]
+            ts: datetime = e["ts"]
+            w = self.weights.get(etype, 0.0)
+            lags.append(max(0.0, (now - ts).total_seconds()))
+            st = self._get_or_create(user_id)
+            with self._stripe(user_id):
+                st.events.append(RecentEvent(item_id, etype, ts, w))
+                if etype in self.seen_types:
+                    st.seen.add(item_id)
+                st.version += 1
+            touched[user_id] = None
+            if w > 0:
+                self.popularity.add(item_id, w, ts)
+                if model is None or item_id not in model.item_row:
+                    with self._pending_lock:
+                        users = self._pending.setdefault(item_id, {})
+                        users[user_id] = users.get(user_id, 0.0) + w
+                    unknown_items[item_id] = None
+        new_items: list[str] = []
+        if model is not None:
+            for user_id in touched:  # read-your-writes: fold now, not at the next request
+                self.profile(model, user_id)
+            new_items = self.fold_new_items(model, list(unknown_items))
+        return {"users": list(touched), "new_items": new_items, "lags": lags}
+
+    def _aggregate(self, st: UserState, model: LoadedModel, now: datetime) -> dict[int, float]:
+        """Recent events as {item row: decayed summed weight} for items the model knows."""
+        out: dict[int, float] = {}
+        hl = self.half_life_days
+        for ev in list(st.events):
+            row = model.item_row.get(ev.item_id)
+            if row is None or ev.weight <= 0:
+                continue
+            age_days = max(0.0, (now - ev.ts).total_seconds() / 86400.0)
+            out[row] = out.get(row, 0.0) + ev.weight * 0.5 ** (age_days / hl)
+        return out
+
+    def profile(
+        self,
+        model: LoadedModel,
+        user_id: str,
+        context_rows: Mapping[int, float] | None = None,
+    ) -> UserProfile:
+        """The user's vector and interactions on `model` (context folded in, not stored)."""
+        st = self._users.get(user_id)
+        b_rows, b_vals = model.user_history(user_id)
+        if st is None and not context_rows:
+            return UserProfile(model.batch_user_vector(user_id), b_rows, b_vals, set())
+        version = st.version if st is not None else -1
+        if (st is not None and not context_rows and st.cache is not None
+                and st.cache[0] == model.generation and st.cache[1] == version):
+            _, _, cached_vec, rows, vals = st.cache
+            return UserProfile(cached_vec, rows, vals, set(st.seen))
+        recent = self._aggregate(st, model, datetime.now(UTC)) if st is not None else {}
+        if context_rows:
+            for r, w in context_rows.items():
+                recent[r] = recent.get(r, 0.0) + w
+        rows, vals = self._merge(b_rows, b_vals, recent)
+        if not recent:
+            vec = model.batch_user_vector(user_id)
+            if vec is None and rows.size:
+                vec = fold_in(model.item_factors, model.bundle.item_gram, rows, vals, model.foldin)
+        elif rows.size:
+            vec = fold_in(model.item_factors, model.bundle.item_gram, rows, vals, model.foldin)
+        else:
+            vec = None
+        if st is not None and not context_rows:
+            with self._stripe(user_id):
+                if st.version == version:
+                    st.cache = (model.generation, version, vec, rows, vals)
+        return UserProfile(vec, rows, vals, set(st.seen) if st is not None else set())
+
+    def _merge(self, b_rows: np.ndarray, b_vals: np.ndarray,
+               recent: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray]:
+        if not recent:
+            return b_rows, b_vals
+        merged = dict(zip(b_rows.tolist(), b_vals.tolist(), strict=True))
+        for r, w in recent.items():
+            merged[r] = min(self.max_confidence, merged.get(r, 0.0) + w)
+        rows = np.fromiter(merged.keys(), dtype=np.int64, count=len(merged))
+        vals = np.fromiter(merged.values(), dtype=np.float64, count=len(merged))
+        return rows, vals
+
+    # -- new items ---------------------------------------------------------------------
+    def fold_new_items(self, model: LoadedModel, item_ids: list[str]) -> list[str]:
+        """Give unknown items with enough interactions a vector and add them to the index."""
+        ready_ids: list[str] = []
+        ready_vecs: list[np.ndarray] = []
+        for item_id in item_ids:
+            if item_id in model.item_row:
+                continue
+            with self._pending_lock:
+                users = dict(self._pending.get(item_id, {}))
+            if len(users) < self.new_item_min:
+                continue
+            vecs, strengths = [], []
+            for uid, w in users.items():
+                v = self.profile(model, uid).vector
+                if v is not None and np.any(v):
+                    vecs.append(v)
+                    strengths.append(w)
+            if len(vecs) < self.new_item_min:
+                continue
+            u = np.vstack(vecs).astype(np.float32)
+            vec = fold_in(u, model.bundle.user_gram, np.arange(len(vecs)),
+                          np.minimum(np.asarray(strengths), self.max_confidence), model.foldin)
+            if np.all(np.isfinite(vec)) and np.any(vec):
+                ready_ids.append(item_id)
+                ready_vecs.append(vec)
+        if not ready_ids:
+            return []
+        model.add_items(ready_ids, np.vstack(ready_vecs))
+        # Users who touched the new items now get them in their fold-in.
+        for item_id in ready_ids:
+            with self._pending_lock:
+                fans = list(self._pending.get(item_id, {}))
+            for uid in fans:
+                st = self._users.get(uid)
+                if st is not None:
+                    with self._stripe(uid):
+                        st.version += 1
+        return ready_ids
+
+    # -- model swap --------------------------------------------------------------------
+    def refold(self, model: LoadedModel) -> int:
+        """Prepare `model` before it is swapped in: drop events the batch already learned
+        from, fold new items it lacks, and fold every online user onto its factors."""
+        cutoff = batch_cutoff(model.bundle.manifest)
+        users = self.users()
+        if cutoff is not None:
+            for uid in users:
+                st = self._users.get(uid)
+                if st is None:
+                    continue
+                with self._stripe(uid):
+                    kept = [ev for ev in st.events if ev.ts >= cutoff]
+                    if len(kept) != len(st.events):
+                        st.events = deque(kept, maxlen=self.recent_cap)
+                        st.version += 1
+        with self._pending_lock:
+            for item_id in [i for i in self._pending if i in model.item_row]:
+                del self._pending[item_id]
+            pending = list(self._pending)
+        for uid in users:
+            self.profile(model, uid)
+        self.fold_new_items(model, pending)
+        for uid in users:  # users whose new items just got vectors
+            self.profile(model, uid)
+        return len(users)
+
+
+def batch_cutoff(manifest: Mapping[str, Any]) -> datetime | None:
+    """Events before this instant are in the bundle's training data (None: unknown)."""
+    for key in ("events_until", "data_until"):
+        v = manifest.get(key)
+        if v:
+            ts = datetime.fromisoformat(str(v).replace("Z", "+00:00"))
+            return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    as_of = manifest.get("as_of")
+    if as_of:
+        d = date.fromisoformat(str(as_of)[:10])
+        return datetime.combine(d + timedelta(days=1), dtime.min, tzinfo=UTC)
+    return None

@@ -1,0 +1,143 @@
+"""Batch job: train ALS on one as-of partition of gold interactions and stage the model.
+
+    python -m spark_jobs.train --as-of 2024-01-31 --version v20240131 [--backend mllib]
+        [--factors 64] [--regularization 0.05] [--iterations 15] [--alpha 2.0]
+
+extract: the gold partition `as_of` (one pinned Delta version) — read through delta-rs in
+Arrow batches into the dense id maps + CSR (`spark_jobs.matrix`); the MLlib backend trains
+from a Spark DataFrame of the same snapshot (`lake.spark_bridge.read_table`), joined to the
+id maps by broadcast, so interactions never pass through the driver there.
+transform: `make_trainer(settings.train, spark).fit(...)`.
+load: `save_staged(settings.model.dir, TrainedModel(...))` -> `<models>/staging/<version>/`
+(a rerun of the same version overwrites it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+from lake.config import Settings
+from lake.tables import Lake
+from spark_jobs.als import MLlibTrainer, make_trainer
+from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
+from spark_jobs.matrix import GOLD, InteractionMatrix, read_gold
+from spark_jobs.staging import TrainedModel, save_staged
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+
+def train_model(
+    settings: Settings,
+    matrix: InteractionMatrix,
+    *,
+    version: str,
+    as_of: date | None,
+    spark: SparkSession | None = None,
+    lake: Lake | None = None,
+    gold_version: int | None = None,
+) -> TrainedModel:
+    """Fit `settings.train` on `matrix` and wrap the result as a `TrainedModel`.
+
+    With the MLlib backend and a `lake`, training reads gold through Spark (job path);
+    otherwise the in-memory matrix is used.
+    """
+    trainer = make_trainer(settings.train, spark)
+    if isinstance(trainer, MLlibTrainer) and lake is not None and as_of is not None:
+        from pyspark.sql import functions as F
+
+        from lake.spark_bridge import read_table
+
+        df = read_table(trainer.spark, lake, GOLD, gold_version,
+                        partition_filter=f"as_of = '{as_of.isoformat()}'")
+        df = df.where(F.col("as_of") == F.lit(as_of.isoformat()).cast("date"))
+        result = trainer.fit_dataframe(df, matrix.user_ids, matrix.item_ids)
+    else:
+        result = trainer.fit(matrix)
+    info = dict(result.info)
+    if gold_version is not None:
+        info["gold_version"] = gold_version
+    info.update(n_users=matrix.shape[0], n_items=matrix.shape[1], nnz=matrix.nnz)
+    return TrainedModel(
+        version=version,
+        backend=trainer.backend,
+        as_of=as_of,
+        params=result.params,
+        foldin=result.foldin,
+        user_ids=matrix.user_ids,
+        item_ids=matrix.item_ids,
+        user_factors=result.user_factors,
+        item_factors=result.item_factors,
+        user_items=matrix.csr,
+        item_popularity=matrix.item_popularity(),
+        info=info,
+    )
+
+
+def run(
+    settings: Settings, *, as_of: date, version: str, spark: SparkSession | None = None
+) -> dict[str, Any]:
+    """Train on all gold interactions of `as_of` and stage the model as `version`.
+
+    Returns:
+        `{"job", "version", "backend", "as_of", "users", "items", "nnz", "factors",
+        "fit_seconds", "device", "gold_version", "staged", "seconds"}`.
+    """
+    t0 = time.perf_counter()
+    lake = Lake.from_settings(settings.lake)
+    if not lake.exists(GOLD):
+        raise JobError(f"gold_interactions does not exist under {lake.root}; run interactions")
+    gold_version = lake.version(GOLD)
+    matrix = read_gold(lake, as_of, version=gold_version)
+    if matrix.nnz == 0:
+        raise JobError(f"gold_interactions has no rows for as_of={as_of}")
+    model = train_model(settings, matrix, version=version, as_of=as_of, spark=spark, lake=lake,
+                        gold_version=gold_version)
+    path = save_staged(settings.model.dir, model)
+    return {
+        "job": "train",
+        "version": version,
+        "backend": model.backend,
+        "as_of": as_of,
+        "users": matrix.shape[0],
+        "items": matrix.shape[1],
+        "nnz": matrix.nnz,
+        "factors": model.factors,
+        "fit_seconds": model.info.get("fit_seconds"),
+        "device": model.info.get("device"),
+        "gold_version": gold_version,
+        "staged": str(path),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = job_parser("spark_jobs.train", "Train ALS on gold interactions and stage the model.")
+    p.add_argument("--as-of", dest="as_of", type=parse_date, required=True)
+    p.add_argument("--version", required=True, help="model version name to stage")
+    p.add_argument("--backend", choices=["implicit", "mllib"], default=None)
+    p.add_argument("--factors", type=int, default=None)
+    p.add_argument("--regularization", type=float, default=None)
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--alpha", type=float, default=None)
+
+    def body(args: Any) -> dict[str, Any]:
+        train = {k: getattr(args, k) for k in
+                 ("backend", "factors", "regularization", "iterations", "alpha")
+                 if getattr(args, k) is not None}
+        settings = settings_from_args(args, train=train)
+        spark = None
+        if settings.train.backend == "mllib":
+            from lake.spark_session import get_spark
+
+            spark = get_spark(settings.spark)
+        return run(settings, as_of=args.as_of, version=args.version, spark=spark)
+
+    return run_main(p, argv, body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Compaction bronze -> silver: validation, first-arrival de-duplication, idempotent reruns."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+import pyarrow as pa
+import pytest
+from pyspark.sql.types import (
+    DoubleType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from lake.config import load_settings
+from lake.tables import Lake
+from spark_jobs import compact
+from spark_jobs.compact import compact_events
+
+T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+
+# Nullable on purpose: the transform must cope with whatever bronze holds.
+RAW = StructType([
+    StructField("event_id", StringType()),
+    StructField("user_id", StringType()),
+    StructField("item_id", StringType()),
+    StructField("event_type", StringType()),
+    StructField("value", DoubleType()),
+    StructField("ts", TimestampType()),
+    StructField("received_at", TimestampType()),
+    StructField("session_id", StringType()),
+    StructField("properties", StringType()),
+])
+
+
+def ev(event_id, user="u1", item="i1", etype="view", value=None, ts=T0, received=None,
+       session=None):
+    return (event_id, user, item, etype, value, ts,
+            received if received is not None else ts + timedelta(seconds=1), session, None)
+
+
+def rows_by_id(df):
+    return {r["event_id"]: r.asDict() for r in df.collect()}
+
+
+def test_invalid_rows_are_dropped(spark):
+    rows = [
+        ev("ok-view"),
+        ev("ok-purchase", etype=" Purchase ", value=19.5),  # normalised to "purchase"
+        ev("null-user", user=None),
+        ev("blank-item", item="  "),
+        ev("unknown-type", etype="like"),
+        ev("nan-value", etype="rating", value=float("nan")),
+        ev("inf-value", etype="add_to_cart", value=float("inf")),
+        ev("neg-inf-value", etype="add_to_cart", value=float("-inf")),
+        ev("null-ts", ts=None, received=T0),
+        (None, "u1", "i1", "view", None, T0, T0, None, None),  # null event_id
+        ("null-received", "u1", "i1", "view", None, T0, None, None, None),
+    ]
+    out = rows_by_id(compact_events(spark.createDataFrame(rows, RAW)))
+    assert set(out) == {"ok-view", "ok-purchase"}
+    assert out["ok-purchase"]["event_type"] == "purchase"
+    assert out["ok-purchase"]["value"] == 19.5
+    assert out["ok-view"]["value"] is None
+    assert out["ok-view"]["event_date"] == date(2026, 3, 10)
+
+
+def test_first_arrival_wins_and_is_order_independent(spark):
+    rows = [
+        ev("e1", session="third", received=T0 + timedelta(seconds=5)),
+        ev("e1", session="first", received=T0 + timedelta(seconds=1)),
+        ev("e1", session="second", received=T0 + timedelta(seconds=3)),
+        # exact tie on received_at and ts: the smaller user_id wins, whatever the order
+        ev("e2", user="u9", received=T0 + timedelta(seconds=2)),
+        ev("e2", user="u2", received=T0 + timedelta(seconds=2)),
+        ev("e3", item="i3"),
+    ]
+    for order in (rows, list(reversed(rows))):
+        out = rows_by_id(compact_events(spark.createDataFrame(order, RAW)))
+        assert sorted(out) == ["e1", "e2", "e3"]
+        assert out["e1"]["session_id"] == "first"
+        # collect() gives naive local datetimes; compare instants
+        assert out["e1"]["received_at"].timestamp() == (T0 + timedelta(seconds=1)).timestamp()
+        assert out["e2"]["user_id"] == "u2"
+
+
+def test_late_events_are_kept_in_their_event_date(spark):
+    late_ts = datetime(2026, 1, 2, 23, 30, tzinfo=UTC)
+    rows = [ev("late", ts=late_ts, received=late_ts + timedelta(days=60))]
+    out = rows_by_id(compact_events(spark.createDataFrame(rows, RAW)))
+    assert out["late"]["event_date"] == date(2026, 1, 2)
+
+
+def test_output_has_the_silver_columns(spark):
+    from lake.schemas import SILVER_EVENTS
+
+    df = compact_events(spark.createDataFrame([ev("x")], RAW))
+    assert df.columns == SILVER_EVENTS.schema.names
+
+
+# -- the job -----------------------------------------------------------------------------
+D1, D2, D3 = date(2026, 3, 1), date(2026, 3, 2), date(2026, 3, 3)
+
+
+def _at(d: date, hour: int, minute: int = 0) -> datetime:
+    return datetime(d.year, d.month, d.day, hour, minute, tzinfo=UTC)
+
+
+def bronze_rows() -> list[dict]:
+    rows = []
+    for d in (D1, D2, D3):
+        for n in range(3):
+            ts = _at(d, 10 + n)
+            rows.append(dict(event_id=f"{d}-{n}", user_id=f"u{n}", item_id=f"i{n}",
+                             event_type="view", value=None, ts=ts,
+                             received_at=ts + timedelta(seconds=1)))
+    # a retried delivery of one event (a later copy) and a late event for D1
+    dup = dict(rows[0])
+    dup["received_at"] = dup["received_at"] + timedelta(hours=2)
+    dup["user_id"] = "u-retry"
+    rows.append(dup)
+    rows.append(dict(event_id="late-1", user_id="u5", item_id="i5", event_type="purchase",
+                     value=9.0, ts=_at(D1, 23, 50), received_at=_at(D3, 9)))
+    return rows
+
+
+def silver_contents(lake: Lake) -> list[dict]:
+    t = lake.read("silver_events")
+    return sorted(t.to_pylist(), key=lambda r: r["event_id"])
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    return load_settings(env={}, overrides={"lake": {"root": str(tmp_path / "lake")},
+                                            "model": {"dir": str(tmp_path / "models")}})
+
+
+def test_compact_job_rerun_is_identical_and_empty_dates_are_cleared(spark, settings):
+    lake = Lake.from_settings(settings.lake)
+    lake.append("bronze_events", pa.Table.from_pylist(bronze_rows()))
+
+    first = compact.run(settings, start=D1, end=D3, spark=spark)
+    assert first["bronze_rows"] == 11
+    assert first["silver_rows"] == 10  # the duplicate is gone, the late event is kept
+    rows = silver_contents(lake)
+    assert len(rows) == 10
+    assert len({r["event_id"] for r in rows}) == 10
+    by_id = {r["event_id"]: r for r in rows}
+    assert by_id[f"{D1}-0"]["user_id"] == "u0"  # first arrival, not the retry
+    assert by_id["late-1"]["event_date"] == D1
+
+    again = compact.run(settings, start=D1, end=D3, spark=spark)
+    assert again["silver_rows"] == 10
+    assert silver_contents(lake) == rows
+
+    # D2's bronze events are erased: recompacting D2 alone empties exactly that partition
+    lake.delete("bronze_events", "event_date = '2026-03-02'")
+    compact.run(settings, start=D2, end=D2, spark=spark)
+    after = silver_contents(lake)
+    assert [r for r in after if r["event_date"] == D2] == []
+    assert after == [r for r in rows if r["event_date"] != D2]
+
+
+def test_compact_cli_prints_one_json_line(spark, settings, tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("LAMBDAREC__LAKE__ROOT", str(tmp_path / "lake"))
+    lake = Lake.from_settings(settings.lake)
+    lake.append("bronze_events", pa.Table.from_pylist(bronze_rows()))
+    rc = compact.main(["--start", str(D1), "--end", str(D1)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(out) == 1
+    result = json.loads(out[0])
+    assert result["job"] == "compact" and result["silver_rows"] == 4
+
+    rc = compact.main(["--start", str(D3), "--end", str(D1)])
+    assert rc == 2
+    assert "before start date" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""Settings: YAML < environment < explicit overrides; unknown keys are errors naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lake.config import PROJECT_ROOT, ConfigError, load_settings
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "lambdarec.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_without_file() -> None:
+    s = load_settings(path=None, env={})
+    # no LAMBDAREC_CONFIG: the repo's infra/lambdarec.yaml (or pure defaults) applies
+    assert s.server.host == "127.0.0.1"
+    assert s.lake.root.is_absolute()
+
+
+def test_yaml_then_env_then_overrides(tmp_path: Path) -> None:
+    cfg = _yaml(tmp_path, """
+server:
+  port: 6000
+  workers: 3
+spark:
+  master: "local[2]"
+  conf:
+    spark.sql.adaptive.enabled: "false"
+lake:
+  root: data/lake
+""")
+    env = {
+        "LAMBDAREC__SERVER__PORT": "7000",
+        "LAMBDAREC__TRAIN__FACTORS": "32",
+        "LAMBDAREC__TRAIN__USE_GPU": "false",
+        "UNRELATED": "x",
+    }
+    s = load_settings(cfg, env=env)
+    assert s.server.port == 7000  # env beats YAML
+    assert s.server.workers == 3  # YAML beats default
+    assert s.server.admin_port == 50052  # default
+    assert s.train.factors == 32 and s.train.use_gpu is False  # env values typed as YAML scalars
+    assert s.spark.master == "local[2]"
+    assert s.spark.conf == {"spark.sql.adaptive.enabled": "false"}
+    assert s.lake.root == PROJECT_ROOT / "data" / "lake"  # relative paths anchored at the repo
+
+    s2 = load_settings(cfg, env=env, overrides={"server": {"port": 7100}})
+    assert s2.server.port == 7100  # explicit overrides beat env
+    assert s2.server.workers == 3
+
+
+def test_config_file_from_env_variable(tmp_path: Path) -> None:
+    cfg = _yaml(tmp_path, "server:\n  port: 6111\n")
+    assert load_settings(env={"LAMBDAREC_CONFIG": str(cfg)}).server.port == 6111
+
+
+def test_unknown_yaml_key_names_file_and_key(tmp_path: Path) -> None:
+    cfg = _yaml(tmp_path, "server:\n  prot: 6000\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, env={})
+    msg = str(err.value)
+    assert str(cfg) in msg
+    assert "server.prot" in msg
+
+
+def test_unknown_section_and_env_key_rejected(tmp_path: Path) -> None:
+    cfg = _yaml(tmp_path, "servre:\n  port: 1\n")
+    with pytest.raises(ConfigError, match="servre"):
+        load_settings(cfg, env={})
+    with pytest.raises(ConfigError, match=r"train\.factorz"):
+        load_settings(_yaml(tmp_path, "{}\n"), env={"LAMBDAREC__TRAIN__FACTORZ": "8"})
+
+
+def test_invalid_values_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"server\.port"):
+        load_settings(_yaml(tmp_path, "server:\n  port: 70000\n"), env={})
+    with pytest.raises(ConfigError, match="teleport"):
+        load_settings(_yaml(tmp_path, "interactions:\n  weights:\n    teleport: 1.0\n"), env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.yaml", env={})
+    with pytest.raises(ConfigError, match="mapping"):
+        load_settings(_yaml(tmp_path, "- a\n- b\n"), env={})

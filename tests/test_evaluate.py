@@ -1,0 +1,230 @@
+"""Splits, baselines, staging and the train/evaluate jobs on a tiny lake."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import scipy.sparse as sp
+
+from lake.config import load_settings
+from lake.foldin import FoldInParams
+from spark_jobs import evaluate, train
+from spark_jobs.baselines import ease_weights, popularity
+from spark_jobs.matrix import build_matrix, read_gold
+from spark_jobs.splits import random_split
+from spark_jobs.staging import (
+    StagingError,
+    TrainedModel,
+    load_metrics,
+    load_staged,
+    save_staged,
+)
+
+AS_OF = date(2024, 3, 31)
+
+
+# -- matrix ----------------------------------------------------------------------------
+def test_build_matrix_sorted_maps_and_summed_duplicates():
+    b1 = pa.record_batch({"user_id": ["b", "a", "b"], "item_id": ["y", "x", "y"],
+                          "confidence": [1.0, 2.0, 3.0]})
+    b2 = pa.table({"user_id": ["a", "c", None], "item_id": ["z", "x", "x"],
+                   "confidence": [0.5, 0.0, 1.0]})  # zero strength and null id dropped
+    m = build_matrix([b1, b2])
+    assert m.user_ids.tolist() == ["a", "b"]
+    assert m.item_ids.tolist() == ["x", "y", "z"]
+    assert m.csr.toarray().tolist() == [[2.0, 0.0, 0.5], [0.0, 4.0, 0.0]]
+    assert m.user_index(["b", "nope"]).tolist() == [1, -1]
+    assert m.item_popularity().tolist() == [2.0, 4.0, 0.5]
+
+
+# -- splits ----------------------------------------------------------------------------
+def test_random_split_per_user_fraction_disjoint_and_seeded():
+    x = sp.csr_matrix(np.ones((5, 20)))
+    x[4, 1:] = 0  # a one-item user stays in train
+    x.eliminate_zeros()
+    s = random_split(x, 0.1, seed=1)
+    assert (s.train + s.test - x).nnz == 0
+    assert s.train.multiply(s.test).nnz == 0
+    assert np.diff(s.test.indptr).tolist() == [2, 2, 2, 2, 0]
+    again = random_split(x, 0.1, seed=1)
+    assert (again.test != s.test).nnz == 0
+    assert (random_split(x, 0.1, seed=2).test != s.test).nnz > 0
+
+
+def _ts(day: int, hour: int = 12) -> datetime:
+    return datetime(2024, 3, day, hour, tzinfo=UTC)
+
+
+def test_time_split_known_answer_without_and_with_prior():
+    cut = evaluate.cutoff_for(AS_OF, 7)
+    assert cut == datetime(2024, 3, 25, tzinfo=UTC)
+    cur = pa.table({
+        "user_id": ["u1", "u1", "u1", "u2", "u2", "u3"],
+        "item_id": ["a", "b", "c", "a", "d", "b"],
+        "confidence": [1.0, 2.0, 3.0, 1.0, 1.0, 1.0],
+        "last_ts": [_ts(1), _ts(24, 23), _ts(27), _ts(2), _ts(30), _ts(29)],
+    })
+    d = evaluate.split_time(cur, cut)
+    # train: (u1,a) (u1,b) (u2,a); test: (u1,c) cold item, (u2,d) cold item, (u3,b) cold user
+    assert d.train.user_ids.tolist() == ["u1", "u2"]
+    assert d.train.item_ids.tolist() == ["a", "b"]
+    assert d.test.nnz == 0
+    assert d.info["test_pairs_cold_user"] == 1 and d.info["test_pairs_cold_item"] == 2
+    assert d.info["exact"] is False
+
+    # with the snapshot at the cut-off: (u1, b) was known before, c is new for u1 and u2
+    # knew item c at the cut-off (so it is no test item for u2)
+    prior = pa.table({"user_id": ["u1", "u1", "u2", "u2"], "item_id": ["a", "b", "a", "c"],
+                      "confidence": [1.0, 2.0, 1.0, 1.0]})
+    cur2 = pa.concat_tables([cur, pa.table({
+        "user_id": ["u1", "u2"], "item_id": ["x", "c"], "confidence": [1.0, 1.0],
+        "last_ts": [_ts(20), _ts(28)]})])
+    d = evaluate.split_time(cur2, cut, prior)
+    assert d.info["exact"] is True
+    assert d.train.item_ids.tolist() == ["a", "b", "c"]
+    test = {(d.train.user_ids[u], d.train.item_ids[i]) for u, i in zip(*d.test.nonzero(),
+                                                                        strict=True)}
+    assert test == {("u1", "c")}
+
+
+# -- baselines ---------------------------------------------------------------------------
+def test_ease_closed_form_known_answer():
+    # X = [[1,1],[1,0]], lambda = 1: P = inv([[3,1],[1,2]]) = [[2,-1],[-1,3]] / 5
+    # B_ij = -P_ij / P_jj: B_01 = 1/3, B_10 = 1/2, diag 0
+    b = ease_weights(sp.csr_matrix(np.array([[1.0, 1.0], [1.0, 0.0]])), 1.0)
+    np.testing.assert_allclose(b, [[0.0, 1 / 3], [1 / 2, 0.0]], rtol=1e-6)
+
+
+def test_popularity_counts_users():
+    x = sp.csr_matrix(np.array([[5.0, 0, 1], [1, 0, 0], [2, 0, 0]]))
+    assert popularity(x).tolist() == [3.0, 0.0, 1.0]
+
+
+# -- staging ---------------------------------------------------------------------------
+def test_staging_round_trip_and_overwrite(tmp_path):
+    ui = sp.csr_matrix(np.array([[1.0, 0, 2.5], [0, 3.0, 0]]))
+    m = TrainedModel("v1", "implicit", AS_OF, {"factors": 2},
+                     FoldInParams.for_backend("implicit", alpha=2.0, regularization=0.5),
+                     np.array(["u1", "u2"]), np.array(["a", "b", "c"]),
+                     np.ones((2, 2)), np.arange(6.0).reshape(3, 2), ui, np.array([1.0, 3, 2.5]))
+    path = save_staged(tmp_path, m)
+    assert path == tmp_path / "staging" / "v1"
+    m.item_factors[:] = 7.0
+    save_staged(tmp_path, m)
+    got = load_staged(tmp_path, "v1")
+    assert got.as_of == AS_OF and got.foldin == m.foldin and got.params == {"factors": 2}
+    assert got.user_ids.tolist() == ["u1", "u2"] and got.item_factors.dtype == np.float32
+    assert (got.item_factors == 7.0).all()
+    assert (got.user_items != ui).nnz == 0
+    with pytest.raises(StagingError, match="no staged model"):
+        load_staged(tmp_path, "nope")
+    with pytest.raises(StagingError, match="shape"):
+        TrainedModel("v2", "implicit", None, {}, m.foldin, m.user_ids, m.item_ids,
+                     np.ones((3, 2)), m.item_factors, ui, m.item_popularity)
+
+
+# -- jobs on a tiny lake -------------------------------------------------------------------
+def block_gold(as_of: date, seed: int = 0) -> pa.Table:
+    """4 taste blocks of 25 users x 15 items; each user touched ~70% of their block, one
+    item per day over the last 40 days (so both split protocols have data)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    end = datetime(as_of.year, as_of.month, as_of.day, 20, tzinfo=UTC)
+    for u in range(100):
+        block = u // 25
+        items = [i for i in range(block * 15, block * 15 + 15) if rng.random() < 0.7]
+        for n, i in enumerate(rng.permutation(items)):
+            rows.append((f"user{u:03d}", f"item{i:03d}", float(rng.integers(1, 5)), 1,
+                         end - timedelta(days=int(n) * 3)))
+    u, i, c, n, ts = zip(*rows, strict=True)
+    return pa.table({"user_id": u, "item_id": i, "confidence": c, "n_events": n,
+                     "last_ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
+                     "as_of": [as_of] * len(u)})
+
+
+@pytest.fixture
+def settings(tmp_path, lake):
+    lake.overwrite("gold_interactions", block_gold(AS_OF), partitions=[{"as_of": AS_OF}])
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps({
+        "lake": {"root": str(lake.root)},
+        "model": {"dir": str(tmp_path / "models")},
+        "train": {"factors": 8, "regularization": 0.5, "iterations": 10, "alpha": 2.0},
+        "evaluate": {"k": [5, 10], "holdout_days": 10, "test_fraction": 0.2},
+    }))
+    return cfg
+
+
+def test_read_gold_partition(settings, lake):
+    other = date(2024, 3, 1)
+    lake.overwrite("gold_interactions", block_gold(other, seed=5).slice(0, 10),
+                   partitions=[{"as_of": other}])
+    assert read_gold(lake, other).nnz == 10
+    assert read_gold(lake, AS_OF).nnz == block_gold(AS_OF).num_rows
+
+
+@pytest.mark.parametrize("split", ["random", "time"])
+def test_train_then_evaluate_jobs(settings, tmp_path, capsys, split):
+    assert train.main(["--config", str(settings), "--as-of", "2024-03-31", "--version", "v1",
+                       "--factors", "6"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["version"] == "v1" and out["users"] == 100 and out["factors"] == 6
+    staged = load_staged(tmp_path / "models", "v1")
+    assert staged.params["factors"] == 6 and staged.backend == "implicit"
+
+    assert evaluate.main(["--config", str(settings), "--as-of", "2024-03-31", "--version",
+                          "v1", "--split", split]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = load_metrics(tmp_path / "models", "v1")
+    assert metrics["split"] == split and metrics["k"] == [5, 10]
+    assert set(metrics["models"]) == {"als", "popularity", "ease"}
+    assert metrics["n_test_users"] == out["n_test_users"] > 50
+    for name in ("als", "popularity", "ease"):
+        for key in ("ndcg@10", "recall@10", "map@10", "coverage@10", "ndcg@5"):
+            assert 0.0 <= metrics["models"][name][key] <= 1.0
+    # block structure: ALS must clearly beat popularity (which ignores the blocks)
+    als, pop = metrics["models"]["als"]["ndcg@10"], metrics["models"]["popularity"]["ndcg@10"]
+    assert als > 1.5 * pop
+    report = tmp_path / "models" / "reports" / "v1"
+    assert metrics["report"] == str(report / "report.md")
+    text = (report / "report.md").read_text()
+    assert "| als |" in text and "| ease |" in text
+    assert (report / "metrics_vs_k.png").stat().st_size > 1000
+    assert (report / "popularity_deciles.png").stat().st_size > 1000
+
+
+def test_evaluate_unknown_version_is_a_user_error(settings, capsys):
+    assert evaluate.main(["--config", str(settings), "--as-of", "2024-03-31",
+                          "--version", "nope"]) == 2
+    assert "no staged model" in capsys.readouterr().err
+
+
+def test_train_without_gold_rows_for_the_date(settings, capsys):
+    assert train.main(["--config", str(settings), "--as-of", "2020-01-01",
+                       "--version", "v0"]) == 2
+    assert "no rows" in capsys.readouterr().err
+
+
+def test_ease_skipped_above_max_items(settings, tmp_path):
+    s = load_settings(settings, overrides={"evaluate": {"ease_max_items": 10,
+                                                        "split": "random"}})
+    train.run(s, as_of=AS_OF, version="v2")
+    res = evaluate.run(s, as_of=AS_OF, version="v2")
+    metrics = load_metrics(s.model.dir, "v2")
+    assert "ease" not in metrics["models"] and "ease" not in res["ndcg@10"]
+    assert "ease_skipped" in metrics["facts"]
+
+
+@pytest.mark.slow
+def test_train_job_with_mllib_reads_gold_through_spark(settings, tmp_path, spark):
+    s = load_settings(settings, overrides={"train": {"backend": "mllib", "iterations": 4}})
+    out = train.run(s, as_of=AS_OF, version="vm", spark=spark)
+    assert out["backend"] == "mllib" and out["users"] == 100
+    m = load_staged(s.model.dir, "vm")
+    assert m.foldin.scale_reg_by_count and m.foldin.confidence_offset == 1.0
+    assert np.abs(m.user_factors).sum(axis=1).min() > 0  # every user got a trained vector
+    assert np.abs(m.item_factors).sum(axis=1).min() > 0

@@ -1,0 +1,122 @@
+"""Gold interactions: hand-computed confidences, windows, caps, idempotent partition rewrite."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+import pyarrow as pa
+import pytest
+from pyspark.sql.types import StringType, StructField, StructType, TimestampType
+
+from lake.config import load_settings
+from lake.tables import Lake
+from spark_jobs import interactions
+from spark_jobs.interactions import build_interactions
+
+AS_OF = date(2026, 1, 31)
+END = datetime(2026, 2, 1, tzinfo=UTC)  # the end of the as-of day
+WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "rating": 0.0}
+
+EVENTS = StructType([
+    StructField("user_id", StringType()),
+    StructField("item_id", StringType()),
+    StructField("event_type", StringType()),
+    StructField("ts", TimestampType()),
+])
+
+
+def build(spark, rows, **kw):
+    params = dict(weights=WEIGHTS, half_life_days=30.0, as_of=AS_OF, max_confidence=100.0,
+                  lookback_days=90)
+    params.update(kw)
+    df = build_interactions(spark.createDataFrame(rows, EVENTS), **params)
+    return {(r["user_id"], r["item_id"]): r.asDict() for r in df.collect()}
+
+
+def test_confidence_known_values(spark):
+    rows = [
+        # one purchase two half-lives old: 8 x 0.25 = 2.0
+        ("u1", "i1", "purchase", END - timedelta(days=60)),
+        # a view one half-life old (1 x 0.5) + a click half a half-life old (2 x 2**-0.5)
+        ("u1", "i2", "view", END - timedelta(days=30)),
+        ("u1", "i2", "click", END - timedelta(days=15)),
+        # at the very end of the as-of day: excluded; one half-life old purchase: 4.0
+        ("u2", "i1", "add_to_cart", END),
+        ("u2", "i1", "purchase", END - timedelta(days=30)),
+        # older than the 90-day lookback: excluded, so no pair at all
+        ("u2", "i3", "view", END - timedelta(days=91)),
+        # weight 0 (rating): ignored, no pair
+        ("u3", "i1", "rating", END - timedelta(days=1)),
+        # 20 fresh purchases: ~160 before the cap of 100
+        *[("u3", "i2", "purchase", END - timedelta(hours=1))] * 20,
+        # exactly at the lookback boundary: included, 3 half-lives old -> 1 x 0.125
+        ("u4", "i4", "view", END - timedelta(days=90)),
+    ]
+    out = build(spark, rows)
+    assert set(out) == {("u1", "i1"), ("u1", "i2"), ("u2", "i1"), ("u3", "i2"), ("u4", "i4")}
+    assert out[("u1", "i1")]["confidence"] == pytest.approx(2.0, abs=1e-12)
+    assert out[("u1", "i1")]["n_events"] == 1
+    assert out[("u1", "i2")]["confidence"] == pytest.approx(0.5 + 2 * 2 ** -0.5, abs=1e-12)
+    assert out[("u1", "i2")]["n_events"] == 2
+    assert out[("u1", "i2")]["last_ts"].timestamp() == (END - timedelta(days=15)).timestamp()
+    assert out[("u2", "i1")]["confidence"] == pytest.approx(4.0, abs=1e-12)
+    assert out[("u2", "i1")]["n_events"] == 1
+    assert out[("u3", "i2")]["confidence"] == 100.0
+    assert out[("u3", "i2")]["n_events"] == 20
+    assert out[("u4", "i4")]["confidence"] == pytest.approx(0.125, abs=1e-12)
+    assert {r["as_of"] for r in out.values()} == {AS_OF}
+
+
+def test_half_life_and_weights_are_parameters(spark):
+    rows = [("u1", "i1", "view", END - timedelta(days=10))]
+    out = build(spark, rows, half_life_days=10.0, weights={"view": 3.0})
+    assert out[("u1", "i1")]["confidence"] == pytest.approx(1.5, abs=1e-12)
+
+
+def test_all_zero_weights_is_an_error(spark):
+    from spark_jobs.cli import JobError
+
+    with pytest.raises(JobError, match="weight 0"):
+        build(spark, [], weights={"view": 0.0})
+
+
+# -- the job -----------------------------------------------------------------------------
+def silver_rows() -> list[dict]:
+    base = [
+        ("e1", "u1", "i1", "purchase", END - timedelta(days=60)),
+        ("e2", "u1", "i2", "view", END - timedelta(days=30)),
+        ("e3", "u2", "i1", "view", END - timedelta(days=2)),
+        ("e4", "u2", "i2", "click", END + timedelta(hours=5)),  # after AS_OF: next day only
+    ]
+    return [dict(event_id=e, user_id=u, item_id=i, event_type=t, value=None, ts=ts,
+                 received_at=ts + timedelta(seconds=1)) for e, u, i, t, ts in base]
+
+
+def gold(lake: Lake, as_of: date | None = None) -> list[dict]:
+    rows = lake.read("gold_interactions").to_pylist()
+    if as_of is not None:
+        rows = [r for r in rows if r["as_of"] == as_of]
+    return sorted(rows, key=lambda r: (r["as_of"], r["user_id"], r["item_id"]))
+
+
+def test_interactions_job_rewrites_only_its_partition(spark, tmp_path):
+    settings = load_settings(env={}, overrides={"lake": {"root": str(tmp_path / "lake")}})
+    lake = Lake.from_settings(settings.lake)
+    lake.append("silver_events", pa.Table.from_pylist(silver_rows()))
+
+    res = interactions.run(settings, as_of=AS_OF, spark=spark)
+    assert res["pairs"] == 3 and res["events"] == 3
+    first = gold(lake)
+    conf = {(r["user_id"], r["item_id"]): r["confidence"] for r in first}
+    assert conf[("u1", "i1")] == pytest.approx(2.0, abs=1e-12)
+    assert conf[("u1", "i2")] == pytest.approx(0.5, abs=1e-12)
+    assert conf[("u2", "i1")] == pytest.approx(2 ** (-2 / 30), abs=1e-12)
+
+    next_day = AS_OF + timedelta(days=1)
+    interactions.run(settings, as_of=next_day, spark=spark)
+    both = gold(lake)
+    assert len(gold(lake, next_day)) == 4
+    assert gold(lake, AS_OF) == first
+
+    interactions.run(settings, as_of=AS_OF, spark=spark)  # rerun: same rows, nothing added
+    assert gold(lake) == both
