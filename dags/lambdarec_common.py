@@ -228,7 +228,7 @@ class LambdarecSparkSubmitOperator(SparkSubmitOperator):
         hook._process_spark_submit_log = capture  # type: ignore[method-assign]
         return hook
 
-    def execute(self, context: Any) -> dict[str, Any] | None:
+    def execute(self, context: Any) -> dict[str, Any] | None:  # type: ignore[override]
         if self._spark_binary is None:
             self._spark_binary = spark_submit_binary()
         self.conf = {**spark_job_conf(), **(self.conf or {})}
@@ -249,7 +249,7 @@ class LambdarecSparkSubmitOperator(SparkSubmitOperator):
 class EvaluateSparkSubmitOperator(LambdarecSparkSubmitOperator):
     """The evaluate job, plus a link to its report: logged and pushed as XCom `report`."""
 
-    def execute(self, context: Any) -> dict[str, Any] | None:
+    def execute(self, context: Any) -> dict[str, Any] | None:  # type: ignore[override]
         result = super().execute(context)
         report = (result or {}).get("report")
         if not report:
@@ -265,39 +265,50 @@ class EvaluateSparkSubmitOperator(LambdarecSparkSubmitOperator):
 # --------------------------------------------------------------------------- online reload
 
 
+UNREACHABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+"""gRPC status codes that mean "no server answered": a warning, not a failure."""
+
+
 def notify_reload(
-    targets: Sequence[str], token: str, version: str | None, *, timeout_s: float = 10.0
+    targets: Sequence[str], token: str, version: str | None, *, timeout_s: float = 60.0
 ) -> dict[str, Any]:
-    """Ask each admin endpoint to reload the model; failures are logged, not raised.
+    """Ask each admin endpoint (`host:port`) to reload `version` (`Admin.ReloadModel`).
+
+    A server that does not answer (UNAVAILABLE, DEADLINE_EXCEEDED) is logged as a warning:
+    servers also load CURRENT when they start and when they poll. A server that answers
+    with an error (bad token, bundle it refuses) raises, so the task fails visibly.
 
     Returns `{"targets": {target: "ok: ..." | "unreachable: ..." | "skipped: ..."}}`.
     """
     outcome: dict[str, str] = {}
     try:
-        from online import client as online_client  # heavy (grpc): import at run time only
-    except Exception as exc:  # noqa: BLE001 - the client is optional; say why it is missing
+        from online.client import Client, to_dict  # grpc + generated code: run time only
+    except ImportError as exc:
         log.warning("online.client not importable (%s): servers will pick the model up "
-                    "from CURRENT on their next reload", exc)
+                    "from CURRENT on their next start or poll", exc)
         return {"targets": {t: f"skipped: online.client not importable: {exc}" for t in targets}}
+    import grpc
 
+    failures = []
     for target in targets:
         try:
-            reply = _call_reload(online_client, target, token, version, timeout_s)
-        except Exception as exc:  # noqa: BLE001 - an unreachable server must not fail the run
-            log.warning("reload on %s failed: %s: %s", target, type(exc).__name__, exc)
-            outcome[target] = f"unreachable: {type(exc).__name__}: {exc}"
+            with Client(target, admin_target=target, token=token, timeout=timeout_s) as c:
+                reply = to_dict(c.reload(version, timeout=timeout_s))
+        except grpc.RpcError as exc:
+            code = exc.code().name if exc.code() is not None else "UNKNOWN"
+            detail = f"{code}: {exc.details()}"
+            if code in UNREACHABLE_CODES:
+                log.warning("reload on %s: server unreachable (%s); it will load CURRENT "
+                            "when it starts or polls", target, detail)
+                outcome[target] = f"unreachable: {detail}"
+            else:
+                log.error("reload on %s failed: %s", target, detail)
+                outcome[target] = f"error: {detail}"
+                failures.append(f"{target}: {detail}")
         else:
             log.info("reload on %s: %s", target, reply)
-            outcome[target] = f"ok: {reply}"
+            outcome[target] = f"ok: {json.dumps(reply, sort_keys=True, default=str)}"
+    if failures:
+        raise RuntimeError(f"ReloadModel refused by {len(failures)} server(s): "
+                           + "; ".join(failures))
     return {"targets": outcome}
-
-
-def _call_reload(module: Any, target: str, token: str, version: str | None,
-                 timeout_s: float) -> Any:
-    """Call ReloadModel through `online.client`, whichever entry point it offers."""
-    if hasattr(module, "reload_model"):
-        return module.reload_model(target, token=token, version=version, timeout=timeout_s)
-    if hasattr(module, "AdminClient"):
-        with module.AdminClient(target, token=token) as admin:
-            return admin.reload_model(version=version, timeout=timeout_s)
-    raise RuntimeError("online.client has neither reload_model() nor AdminClient")

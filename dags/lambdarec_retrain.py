@@ -33,15 +33,18 @@ DOC = f"""
 Batch layer of the Lambda architecture: rebuilds the ALS model from the Delta lake and,
 if it passes the gate, makes it the model the online servers serve.
 
-| task | what it does | re-runnable because |
+| task | what it does | a rerun ... |
 |---|---|---|
-| `plan` | as-of date, compaction window, **model version** of this run | pure function of the run |
-| `compact` | Spark: bronze → silver for `[as_of - lookback_days + 1, as_of]` (late events land in old dates) | rewrites exactly those silver partitions |
+| `plan` | as-of date, compaction window, **model version** | is a pure function of the run |
+| `compact` | Spark: bronze → silver, `lookback_days` dates to as-of | rewrites those dates |
 | `interactions` | Spark: silver → gold partition `as_of` | rewrites that partition |
-| `train` | Spark: ALS (`backend` implicit / mllib) → staged model `version` | overwrites its staging dir |
-| `evaluate` | Spark: metrics vs popularity / EASE / current model, report | overwrites `reports/<version>/` |
-| `publish` | gate + bundle + `model_runs` + CURRENT (never fails on a rejection) | keeps its recorded decision |
-| `notify_reload` | `ReloadModel` on `{', '.join(_S.airflow.reload_targets)}` | reload is idempotent |
+| `train` | Spark: ALS (`backend` implicit/mllib) → staged `version` | overwrites its staging |
+| `evaluate` | Spark: metrics vs popularity/EASE/current + report | overwrites the report |
+| `publish` | gate, bundle, `model_runs`, CURRENT; rejection ≠ failure | keeps the decision |
+| `notify_reload` | `ReloadModel` on {', '.join(_S.airflow.reload_targets)} | is idempotent |
+
+Late events land in the silver partitions of their event dates; recompacting a window of
+dates ending at as-of picks them up.
 
 **Dates.** Scheduled daily with data intervals: the run for logical date D starts after D
 ends and processes as-of D. A manual trigger without a logical date processes yesterday
@@ -61,7 +64,7 @@ cluster).
 """
 
 
-@task(task_id="plan")
+@task(task_id="plan", multiple_outputs=False)
 def plan() -> dict[str, Any]:
     """Compute **as_of**, the compaction window and the **model version** of this run.
 
@@ -82,7 +85,7 @@ def plan() -> dict[str, Any]:
     return result
 
 
-@task(task_id="publish")
+@task(task_id="publish", multiple_outputs=False)
 def publish(plan_result: dict[str, Any]) -> dict[str, Any]:
     """Gate the evaluated model and publish it (bundle, factor tables, CURRENT).
 
@@ -106,7 +109,7 @@ def publish(plan_result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-@task(task_id="notify_reload")
+@task(task_id="notify_reload", multiple_outputs=False)
 def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
     """Ask the online servers (`airflow.reload_targets`) to hot-reload the new model.
 
@@ -138,14 +141,16 @@ def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
                          description="ALS trainer: implicit (fast, CPU/GPU) or Spark MLlib"),
         "factors": Param(_S.train.factors, type="integer", minimum=1, maximum=1024,
                          description="latent dimension"),
-        "regularization": Param(_S.train.regularization, type="number", minimum=0),
+        "regularization": Param(_S.train.regularization, type=["null", "number"], minimum=0,
+                                description="lambda; empty = the backend's default "
+                                            "(implicit 100 unscaled, MLlib 0.1 x interactions)"),
         "iterations": Param(_S.train.iterations, type="integer", minimum=1, maximum=200),
         "alpha": Param(_S.train.alpha, type="number", exclusiveMinimum=0,
                        description="confidence scaling of implicit feedback"),
         "lookback_days": Param(3, type="integer", minimum=1, maximum=3660,
                                description="silver dates recompacted, ending at as_of "
                                            "(late events land in earlier dates)"),
-        "gate_margin": Param(_S.gate.min_lift_over_popularity, type="number",
+        "gate_margin": Param(_S.gate.min_lift_over_popularity, type="number", minimum=-1,
                              description="required relative lift of "
                                          f"{_S.gate.metric} over popularity"),
         "force_publish": Param(False, type="boolean",
@@ -185,7 +190,8 @@ def lambdarec_retrain() -> None:
             "--version", _PLAN % "version",
             "--backend", "{{ params.backend }}",
             "--factors", "{{ params.factors }}",
-            "--regularization", "{{ params.regularization }}",
+            "--regularization",
+            "{{ 'auto' if params.regularization is none else params.regularization }}",
             "--iterations", "{{ params.iterations }}",
             "--alpha", "{{ params.alpha }}",
         ],
@@ -204,9 +210,9 @@ def lambdarec_retrain() -> None:
                "the current model. **Report:** XCom `report` of this task, i.e. "
                "`<models dir>/reports/<version>/report.md` (path also in the log).",
     )
-    published = publish(planned)
+    published = publish(planned)  # type: ignore[arg-type]
     planned >> compact >> interactions >> train >> evaluate >> published
-    notify(published)
+    notify(published)  # type: ignore[arg-type]
 
 
 lambdarec_retrain()

@@ -29,7 +29,7 @@ model_runs ORDER BY created_at DESC"`.
 """
 
 
-@task(task_id="rollback")
+@task(task_id="rollback", multiple_outputs=False)
 def rollback() -> dict[str, Any]:
     """Point CURRENT at the `version` param (or the previous published version)."""
     from spark_jobs import rollback as rollback_job  # run-time import (lake, numpy)
@@ -40,7 +40,7 @@ def rollback() -> dict[str, Any]:
     return result
 
 
-@task(task_id="notify_reload")
+@task(task_id="notify_reload", multiple_outputs=False)
 def notify(rollback_result: dict[str, Any]) -> dict[str, Any]:
     """Ask the online servers to hot-reload the model now named by CURRENT."""
     cfg = settings()
@@ -67,7 +67,7 @@ def notify(rollback_result: dict[str, Any]) -> dict[str, Any]:
     },
 )
 def lambdarec_rollback() -> None:
-    notify(rollback())
+    notify(rollback())  # type: ignore[arg-type]
 
 
 lambdarec_rollback()

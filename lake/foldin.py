@@ -4,7 +4,8 @@ The batch trainers and the online server share this module, so a user folded in 
 gets exactly the vector the trainer would have given them. Both ALS backends minimise the
 Hu-Koren-Volinsky implicit objective, but parameterise it differently:
 
-* implicit 0.7 (`implicit/cpu/als.py`): confidence c_i = alpha * r_i, lambda unscaled
+* implicit 0.7 (`implicit/cpu/als.py`): confidence c_i = alpha * v_i for matrix value v_i,
+  lambda unscaled; our ImplicitTrainer feeds v_i = r_i + 1/alpha, so c_i = 1 + alpha * r_i:
       (YtY + sum_i (c_i - 1) y_i y_i^T + lambda I) x = sum_i c_i y_i
 * Spark MLlib (`ALS.computeFactors`, implicitPrefs): c_i = 1 + alpha * r_i and the
   regulariser is scaled by the user's interaction count n_u
@@ -28,14 +29,15 @@ class FoldInParams:
     alpha: float
     regularization: float
     confidence_offset: float
-    """0 for implicit (c = alpha r), 1 for MLlib (c = 1 + alpha r)."""
+    """c = offset + alpha r: 1 for both our backends (0 = implicit fed raw values)."""
     scale_reg_by_count: bool
     """True for MLlib (lambda * n_u)."""
 
     @classmethod
     def for_backend(cls, backend: str, *, alpha: float, regularization: float) -> FoldInParams:
         if backend == "implicit":
-            return cls(alpha, regularization, 0.0, False)
+            # ImplicitTrainer feeds implicit r + 1/alpha, so its c = alpha * value = 1 + alpha r
+            return cls(alpha, regularization, 1.0, False)
         if backend == "mllib":
             return cls(alpha, regularization, 1.0, True)
         raise ValueError(f"unknown ALS backend {backend!r}; expected 'implicit' or 'mllib'")

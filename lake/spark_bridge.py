@@ -144,6 +144,18 @@ def _local_path(root: Path, log_path: str) -> str:
     return p if p.startswith("/") else str(root / p)
 
 
+def _decoded(path: str) -> str:
+    """`path` percent-decoded until stable: a comparison key, never a path to open."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    for _ in range(5):
+        nxt = unquote(path)
+        if nxt == path:
+            break
+        path = nxt
+    return path.strip("/")
+
+
 def _hive_consistent(rel_paths: Sequence[str], parts: Sequence[dict[str, str | None]],
                      cols: Sequence[str]) -> bool:
     """True when each file sits in `<col>=<value>/...` dirs that equal its log partition values."""
@@ -200,9 +212,10 @@ def read_table(
             keep = set(dt.file_uris(file_pruning_predicate=partition_filter))
         except Exception as exc:
             raise LakeError(f"{name}: bad partition_filter {partition_filter!r}: {exc}") from exc
-        keep_local = {_local_path(root, u) for u in keep}
-        paths_all = [_local_path(root, p) for p in actions.column("path").to_pylist()]
-        mask = pa.array([p in keep_local for p in paths_all])
+        # file_uris() and the log encode paths differently: match on fully decoded suffixes
+        kept = {"/".join(parts[-k:]) for u in keep
+                for parts in [_decoded(u).split("/")] for k in range(1, len(parts) + 1)}
+        mask = pa.array([_decoded(p) in kept for p in actions.column("path").to_pylist()])
         actions = actions.filter(mask)
     if actions.num_rows == 0:
         return spark.createDataFrame([], full)

@@ -54,7 +54,9 @@ def conform(table: pa.Table, s: TableSpec) -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
             raise LakeError(f"{s.name}.{f.name}: expected {f.type}, got {col.type}: {exc}") from exc
         if not f.nullable and col.null_count:
-            raise LakeError(f"{s.name}.{f.name}: {col.null_count} null value(s) in a required column")
+            raise LakeError(
+                f"{s.name}.{f.name}: {col.null_count} null value(s) in a required column"
+            )
         cols.append(col)
     return pa.table(cols, schema=s.schema)
 
@@ -70,7 +72,7 @@ def sql_literal(v: Any) -> str:
 
 
 def partition_predicate(partitions: Sequence[Mapping[str, Any]]) -> str:
-    """`[{'event_date': d1}, {'event_date': d2}]` -> "(event_date = 'd1') OR (event_date = 'd2')"."""
+    """`[{'event_date': d1}, {'event_date': d2}]` -> "(event_date = 'd1') OR (...d2...)"."""
     if not partitions:
         raise LakeError("no partitions given")
     clauses = [
@@ -283,7 +285,8 @@ class Lake:
         p = str(self.path(name))
         return DeltaTable(p).update(
             predicate=predicate,
-            new_values={k: sql_literal(v) if v is not None else "NULL" for k, v in new_values.items()},
+            new_values={k: sql_literal(v) if v is not None else "NULL"
+                        for k, v in new_values.items()},
             commit_properties=self._props(),
         )
 
@@ -302,7 +305,8 @@ class Lake:
             if self.exists(name):
                 dt = self.delta(name)
                 out.append({"table": name, "version": dt.version(), "rows": int(dt.count()),
-                            "files": len(dt.file_uris()), "partitioned_by": ",".join(s.partition_by)})
+                            "files": len(dt.file_uris()),
+                            "partitioned_by": ",".join(s.partition_by)})
             else:
                 out.append({"table": name, "version": None, "rows": 0, "files": 0,
                             "partitioned_by": ",".join(s.partition_by)})

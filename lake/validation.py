@@ -93,7 +93,9 @@ def validate_event(
     value = event.get("value")
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise EventValidationError(row, "value", f"must be a number, got {type(value).__name__}")
+            raise EventValidationError(
+                row, "value", f"must be a number, got {type(value).__name__}"
+            )
         if not math.isfinite(value):
             raise EventValidationError(row, "value", f"must be finite, got {value}")
         value = float(value)
@@ -177,13 +179,14 @@ def validate_events_table(table: pa.Table, *, now: datetime | None = None) -> pa
         bad = pc.or_(pc.equal(lens, 0), pc.greater(lens, MAX_ID_LENGTH))
         if pc.any(bad).as_py():
             i = _first(bad)
-            raise EventValidationError(i, name, "must be 1..%d characters" % MAX_ID_LENGTH)
+            raise EventValidationError(i, name, f"must be 1..{MAX_ID_LENGTH} characters")
     bad_type = pc.invert(pc.is_in(cols["event_type"], value_set=pa.array(EVENT_TYPES)))
     if pc.any(bad_type).as_py():
         i = _first(bad_type)
         raise EventValidationError(
             i, "event_type",
-            f"unknown event type {cols['event_type'][i].as_py()!r}; expected one of {list(EVENT_TYPES)}",
+            f"unknown event type {cols['event_type'][i].as_py()!r}; "
+            f"expected one of {list(EVENT_TYPES)}",
         )
     value = cols["value"]
     bad_value = pc.fill_null(pc.invert(pc.is_finite(value)), False)

@@ -257,9 +257,12 @@ class IngestPipeline:
             for user in dict.fromkeys(tombstones):
                 self._delete_user_rows(user)
             self.flush()
-        except BaseException:
+        except BaseException:  # leave nothing half-loaded: start() may be retried
             wal.close()
             self._wal = None
+            self._pending.clear()
+            self._pending_events = 0
+            self._seen = _SeenSet(self._seen.max_ids, self._seen.ttl_s)
             raise
         if self.replayed_events:
             log.info("WAL replay: %d event(s) committed to bronze", self.replayed_events)

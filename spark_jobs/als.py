@@ -72,7 +72,7 @@ def train_params(settings: TrainSettings) -> dict[str, Any]:
     return {
         "backend": settings.backend,
         "factors": settings.factors,
-        "regularization": settings.regularization,
+        "regularization": settings.effective_regularization,
         "iterations": settings.iterations,
         "alpha": settings.alpha,
         "seed": settings.seed,
@@ -109,12 +109,16 @@ class ImplicitTrainer:
 
         s = self.settings
         gpu = self.use_gpu()
-        cui = sp.csr_matrix(matrix.csr, dtype=np.float32)
+        cui = sp.csr_matrix(matrix.csr, dtype=np.float32, copy=True)
+        # implicit's confidence is alpha * value; feeding r + 1/alpha makes it 1 + alpha * r,
+        # so an observed item never weighs less than an unobserved one (c >= 1), whatever the
+        # decay did to r. lake.foldin solves the same objective (confidence_offset=1).
+        cui.data += np.float32(1.0 / s.alpha)
         t0 = time.perf_counter()
         with threadpool_limits(1, "blas"):
             model = AlternatingLeastSquares(
                 factors=s.factors,
-                regularization=s.regularization,
+                regularization=s.effective_regularization,
                 alpha=s.alpha,
                 iterations=s.iterations,
                 random_state=s.seed,
@@ -135,7 +139,7 @@ class ImplicitTrainer:
             user_factors=np.ascontiguousarray(users, dtype=np.float32),
             item_factors=np.ascontiguousarray(model.item_factors, dtype=np.float32),
             foldin=FoldInParams.for_backend("implicit", alpha=s.alpha,
-                                            regularization=s.regularization),
+                                            regularization=s.effective_regularization),
             params=train_params(s) | {"backend": "implicit"},
             info={"device": "gpu" if gpu else "cpu", "fit_seconds": round(fit_s, 3),
                   "total_seconds": round(total_s, 3),
@@ -167,7 +171,7 @@ class MLlibTrainer:
         return ALS(
             rank=s.factors,
             maxIter=s.iterations,
-            regParam=s.regularization,
+            regParam=s.effective_regularization,
             alpha=s.alpha,
             implicitPrefs=True,
             nonnegative=False,
@@ -245,7 +249,7 @@ class MLlibTrainer:
             user_factors=users,
             item_factors=items,
             foldin=FoldInParams.for_backend("mllib", alpha=s.alpha,
-                                            regularization=s.regularization),
+                                            regularization=s.effective_regularization),
             params=train_params(s) | {"backend": "mllib"},
             info={"device": "spark", "fit_seconds": round(fit_s, 3),
                   "total_seconds": round(fit_s, 3), "spark_master": spark.sparkContext.master},

@@ -24,6 +24,8 @@ from spark_jobs.cli import date_range, job_parser, parse_date, run_main, setting
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
+    from lake.tables import Lake
+
 REQUIRED = ("event_id", "user_id", "item_id", "event_type", "ts", "received_at")
 ID_COLUMNS = ("event_id", "user_id", "item_id")
 OUTPUT_COLUMNS = (
@@ -84,6 +86,28 @@ def compact_events(bronze: DataFrame) -> DataFrame:
     )
 
 
+def logged_rows(lake: Lake, name: str, start: date, end: date) -> int | None:
+    """Rows in `event_date` partitions `start..end` from the Delta log's file statistics.
+
+    None when some file in range carries no record count (then Spark has to count).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not lake.exists(name):
+        return 0
+    actions = pa.table(lake.delta(name).get_add_actions(flatten=True))
+    if actions.num_rows == 0:
+        return 0
+    d = actions.column("partition.event_date")
+    mask = pc.and_(pc.greater_equal(d, pa.scalar(start, d.type)),
+                   pc.less_equal(d, pa.scalar(end, d.type)))
+    counts = actions.filter(mask).column("num_records")
+    if counts.null_count:
+        return None
+    return int(pc.sum(counts).as_py() or 0)
+
+
 def run(
     settings: Settings,
     *,
@@ -112,23 +136,22 @@ def run(
     in_range = (F.col("event_date") >= F.lit(start)) & (F.col("event_date") <= F.lit(end))
     bronze = read_table(
         spark, lake, "bronze_events",
-        partition_filter=f"event_date >= '{start.isoformat()}' AND event_date <= '{end.isoformat()}'",
+        partition_filter=f"event_date >= '{start.isoformat()}' AND "
+                         f"event_date <= '{end.isoformat()}'",
     ).where(in_range)
     # event_date is recomputed from ts: keep only rows that belong to the rewritten range.
-    silver = compact_events(bronze).where(in_range).cache()
-    try:
+    silver = compact_events(bronze).where(in_range)
+    # one file per event date (not one per date and shuffle partition), rows in a stable order
+    out = silver.repartition("event_date").sortWithinPartitions("event_date", "ts", "event_id")
+    version = write_table(out, lake, "silver_events", mode="overwrite",
+                          partitions=[{"event_date": d} for d in dates])
+    # Row counts from the Delta log (file statistics): no second pass over the data.
+    n_bronze = logged_rows(lake, "bronze_events", start, end)
+    if n_bronze is None:
         n_bronze = bronze.count()
-        n_silver = silver.count()
-        # one file per event date (not one per date and shuffle partition), rows in a
-        # stable order
-        out = silver.repartition("event_date").sortWithinPartitions("event_date", "ts",
-                                                                    "event_id")
-        version = write_table(
-            out, lake, "silver_events", mode="overwrite",
-            partitions=[{"event_date": d} for d in dates],
-        )
-    finally:
-        silver.unpersist()
+    n_silver = logged_rows(lake, "silver_events", start, end)
+    if n_silver is None:
+        n_silver = read_table(spark, lake, "silver_events", version).where(in_range).count()
     return {
         "job": "compact",
         "start": start,

@@ -106,5 +106,6 @@ def decide(
     """
     d = _evaluate(new_metrics, popularity_metrics, current_metrics, gate)
     if force:
-        return Decision(True, f"forced ({'would pass' if d.accepted else 'would fail'}: {d.reason})")
+        verdict = "would pass" if d.accepted else "would fail"
+        return Decision(True, f"forced ({verdict}: {d.reason})")
     return d

@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, date, datetime, time as dtime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
 from typing import TYPE_CHECKING, Any
 
 from lake.config import Settings
@@ -83,8 +84,8 @@ def build_interactions(
             "user_id",
             "item_id",
             "ts",
-            (weight[F.col("event_type")] * F.pow(F.lit(0.5), age_days / F.lit(float(half_life_days))))
-            .alias("score"),
+            (weight[F.col("event_type")]
+             * F.pow(F.lit(0.5), age_days / F.lit(float(half_life_days)))).alias("score"),
         )
     )
     return (
@@ -127,7 +128,8 @@ def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None) -
     # Partition pruning by event_date (= UTC date of ts); exact bounds are applied on ts.
     events = read_table(
         spark, lake, "silver_events",
-        partition_filter=f"event_date >= '{first.isoformat()}' AND event_date <= '{as_of.isoformat()}'",
+        partition_filter=f"event_date >= '{first.isoformat()}' AND "
+                         f"event_date <= '{as_of.isoformat()}'",
     )
     gold = build_interactions(
         events,
@@ -144,6 +146,8 @@ def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None) -
             F.countDistinct("user_id").alias("users"),
             F.countDistinct("item_id").alias("items"),
         ).first()
+        if stats is None:  # an aggregate without grouping always has one row
+            raise RuntimeError("aggregate returned no row")
         # gold is one partition: a few files rather than one per shuffle partition
         files = max(1, min(settings.spark.shuffle_partitions, int(stats["pairs"]) // 1_000_000 + 1))
         out = gold.coalesce(files).sortWithinPartitions("user_id", "item_id")

@@ -12,8 +12,8 @@ the gate decision and the metrics of the model and of each baseline.
 configured explicitly (YAML or environment), they become `var/datasets/<name>/lake` and
 `var/datasets/<name>/models`. MovieLens is always evaluated with the random per-user split,
 and without time decay (its ratings span years; a 30-day half-life would erase them) unless
-`interactions.half_life_days` is set to something other than its default. The as-of date defaults to the last event
-date in the data.
+`interactions.half_life_days` is set to something other than its default. The as-of date
+defaults to the last event date in the data.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
-from lake.config import PROJECT_ROOT, InteractionSettings, Settings
+from lake.config import PROJECT_ROOT, InteractionSettings, Settings, TrainSettings
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
 
 if TYPE_CHECKING:
@@ -34,6 +34,8 @@ DATA_SOURCES = ("synthetic", "ml-100k", "ml-1m")
 DEFAULT_LAKE_ROOT = PROJECT_ROOT / "var" / "lake"
 DEFAULT_MODELS_DIR = PROJECT_ROOT / "var" / "models"
 NO_DECAY_HALF_LIFE_DAYS = 1e9
+MOVIELENS_REGULARIZATION = 30.0
+MOVIELENS_ALPHA = 1.0
 """Half-life used for MovieLens: 0.5 ** (age / 1e9) is 1 for any realistic age."""
 
 
@@ -56,6 +58,12 @@ def dataset_settings(settings: Settings, data: str | None) -> Settings:
         tree["evaluate"]["split"] = "random"
         if settings.interactions.half_life_days == InteractionSettings().half_life_days:
             tree["interactions"]["half_life_days"] = NO_DECAY_HALF_LIFE_DAYS
+        train = settings.train
+        if (train.backend == "implicit" and train.regularization is None
+                and train.alpha == TrainSettings().alpha):
+            # binary MovieLens pairs: tuned on ML-1M (random 90/10): NDCG@10 0.320 vs EASE 0.332
+            tree["train"]["regularization"] = MOVIELENS_REGULARIZATION
+            tree["train"]["alpha"] = MOVIELENS_ALPHA
     return Settings.model_validate(tree)
 
 

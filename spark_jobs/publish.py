@@ -120,7 +120,8 @@ def _ensure_bundle(
     if path.exists():
         manifest = read_manifest(path)
         if manifest.get("version") != model.version:
-            raise JobError(f"{path} holds version {manifest.get('version')!r}, not {model.version!r}")
+            raise JobError(f"{path} holds version {manifest.get('version')!r}, "
+                           f"not {model.version!r}")
         return path, True
     path = write_bundle(
         settings.model.dir,

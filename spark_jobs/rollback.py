@@ -17,8 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lake.bundle import BundleError, current_version, list_versions, read_manifest, set_current
-from lake.bundle import verify_checksums
+from lake.bundle import (
+    BundleError,
+    current_version,
+    list_versions,
+    read_manifest,
+    set_current,
+    verify_checksums,
+)
 from lake.config import Settings
 from lake.tables import Lake
 from spark_jobs.cli import JobError, job_parser, run_main, settings_from_args

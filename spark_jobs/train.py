@@ -1,7 +1,7 @@
 """Batch job: train ALS on one as-of partition of gold interactions and stage the model.
 
     python -m spark_jobs.train --as-of 2024-01-31 --version v20240131 [--backend mllib]
-        [--factors 64] [--regularization 0.05] [--iterations 15] [--alpha 2.0]
+        [--factors 64] [--regularization X|auto] [--iterations 15] [--alpha 6.0]
 
 extract: the gold partition `as_of` (one pinned Delta version) — read through delta-rs in
 Arrow batches into the dense id maps + CSR (`spark_jobs.matrix`); the MLlib backend trains
@@ -114,13 +114,18 @@ def run(
     }
 
 
+def _regularization(text: str) -> float | None:
+    return None if text.strip().lower() in ("auto", "none", "") else float(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = job_parser("spark_jobs.train", "Train ALS on gold interactions and stage the model.")
     p.add_argument("--as-of", dest="as_of", type=parse_date, required=True)
     p.add_argument("--version", required=True, help="model version name to stage")
     p.add_argument("--backend", choices=["implicit", "mllib"], default=None)
     p.add_argument("--factors", type=int, default=None)
-    p.add_argument("--regularization", type=float, default=None)
+    p.add_argument("--regularization", type=_regularization, default=None,
+                   help="lambda, or 'auto' for the backend's default")
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--alpha", type=float, default=None)
 

@@ -1,4 +1,4 @@
-"""Settings: YAML < environment < explicit overrides; unknown keys are errors naming file and key."""
+"""Settings: YAML < environment < overrides; unknown keys are errors naming file and key."""
 
 from __future__ import annotations
 

@@ -242,36 +242,82 @@ def test_notify_reload_never_raises_for_an_unreachable_server() -> None:
     assert out["targets"]["127.0.0.1:1"].split(":")[0] in ("unreachable", "skipped")
 
 
+def test_a_rejected_model_skips_the_reload_instead_of_failing(dagbag: Any) -> None:
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    notify = dagbag.dags["lambdarec_retrain"].get_task("notify_reload").python_callable
+    with pytest.raises(AirflowSkipException, match="ndcg@10 below popularity"):
+        notify({"accepted": False, "version": "v1", "reason": "ndcg@10 below popularity"})
+
+
+def test_notify_reload_makes_a_running_server_serve_the_new_version(tmp_path: Path) -> None:
+    """A real online server (port 0): the DAG's notify step swaps its model; a wrong token
+    is an error (fails the task), a dead server only a warning."""
+    import online_bundles as kb
+
+    from dags.lambdarec_common import notify_reload
+    from lake.config import load_settings
+    from online.server import create_server
+
+    token = "dag-test-token"
+    settings = load_settings(env={}, overrides={
+        "lake": {"root": str(tmp_path / "lake")},
+        "model": {"dir": str(tmp_path / "models")},
+        "server": {"host": "127.0.0.1", "port": 0, "admin_port": 0, "metrics_port": 0,
+                   "admin_token": token, "wal_dir": str(tmp_path / "wal")},
+    })
+    kb.build(Path(settings.model.dir), "v1")
+    server, ports = create_server(settings, metrics=False)
+    server.start()
+    try:
+        assert server.manager.current.version == "v1"
+        kb.build(Path(settings.model.dir), "v2")  # what publish does: bundle + CURRENT
+        admin = f"127.0.0.1:{ports['admin']}"
+        out = notify_reload([admin, "127.0.0.1:1"], token, "v2", timeout_s=10)
+        assert out["targets"][admin].startswith("ok"), out
+        assert out["targets"]["127.0.0.1:1"].startswith("unreachable"), out
+        assert server.manager.current.version == "v2"
+        with pytest.raises(RuntimeError, match="UNAUTHENTICATED"):
+            notify_reload([admin], "wrong-token", "v2", timeout_s=10)
+    finally:
+        server.stop(grace=1)
+
+
 # --------------------------------------------------------------------------- end to end
 
 E2E_SCRIPT = r"""
 import json, sys, time
-from datetime import datetime, timezone
+from datetime import datetime
 from airflow.dag_processing.dagbag import DagBag
+from airflow.models.taskinstance import TaskInstance
+from airflow.models.xcom import XComModel
+from airflow.utils.session import create_session
 
 logical_date = datetime.fromisoformat(sys.argv[1])
 conf = json.loads(sys.argv[2])
 bag = DagBag(dag_folder=sys.argv[3])
 assert not bag.import_errors, bag.import_errors
-dag = bag.dags["lambdarec_retrain"]
-t0 = time.perf_counter()
-dr = dag.test(logical_date=logical_date, run_conf=conf)
-seconds = time.perf_counter() - t0
 
-from airflow.models.taskinstance import TaskInstance
-from airflow.models.xcom import XComModel
-from airflow.utils.session import create_session
-with create_session() as s:
-    tis = s.query(TaskInstance).filter(TaskInstance.dag_id == dag.dag_id,
-                                       TaskInstance.run_id == dr.run_id).all()
-    states = {ti.task_id: str(ti.state) for ti in tis}
-    xcoms = {}
-    for x in s.query(XComModel).filter(XComModel.dag_id == dag.dag_id,
-                                       XComModel.run_id == dr.run_id).all():
-        xcoms[f"{x.task_id}.{x.key}"] = x.value
-print("E2E-RESULT " + json.dumps({"state": str(dr.state), "run_id": dr.run_id,
-                                  "states": states, "xcoms": xcoms, "seconds": seconds},
-                                 default=str))
+
+def run(dag_id, **kwargs):
+    dag = bag.dags[dag_id]
+    t0 = time.perf_counter()
+    dr = dag.test(**kwargs)
+    seconds = time.perf_counter() - t0
+    with create_session() as s:
+        tis = s.query(TaskInstance).filter(TaskInstance.dag_id == dag_id,
+                                           TaskInstance.run_id == dr.run_id).all()
+        states = {ti.task_id: str(ti.state) for ti in tis}
+        xcoms = {f"{x.task_id}.{x.key}": x.value for x in s.query(XComModel).filter(
+            XComModel.dag_id == dag_id, XComModel.run_id == dr.run_id).all()}
+    return {"state": str(dr.state), "run_id": dr.run_id, "states": states, "xcoms": xcoms,
+            "seconds": seconds}
+
+
+first = run("lambdarec_retrain", logical_date=logical_date, run_conf=conf)
+version = first["xcoms"].get("plan.return_value", {}).get("version")
+rollback = run("lambdarec_rollback", logical_date=None, run_conf={"version": version})
+print("E2E-RESULT " + json.dumps({"first": first, "rollback": rollback}, default=str))
 """
 
 
@@ -326,7 +372,8 @@ def test_retrain_dag_end_to_end_publishes_a_model(tmp_path: Path) -> None:
     )
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("E2E-RESULT ")]
     assert out.returncode == 0 and lines, (out.stdout[-6000:] + out.stderr[-6000:])
-    result = json.loads(lines[-1][len("E2E-RESULT "):])
+    results = json.loads(lines[-1][len("E2E-RESULT "):])
+    result = results["first"]
     log_tail = out.stdout[-8000:] + out.stderr[-4000:]
     assert result["states"] == {
         "plan": "success", "compact": "success", "interactions": "success",
@@ -346,6 +393,13 @@ def test_retrain_dag_end_to_end_publishes_a_model(tmp_path: Path) -> None:
     report = Path(result["xcoms"]["evaluate.report"])
     assert report == models / "reports" / version / "report.md"
     assert report.exists() and report.stat().st_size > 0
+    assert result["xcoms"]["train.return_value"]["version"] == version
     reload = result["xcoms"]["notify_reload.return_value"]["targets"]["127.0.0.1:1"]
     assert reload.startswith(("unreachable", "skipped")), reload
-    print(f"dag.test() end to end: {result['seconds']:.1f} s, version {version}")
+
+    rollback = results["rollback"]
+    assert rollback["states"] == {"rollback": "success", "notify_reload": "success"}, \
+        log_tail
+    assert rollback["xcoms"]["rollback.return_value"]["version"] == version
+    print(f"dag.test() end to end: retrain {result['seconds']:.1f} s, rollback "
+          f"{rollback['seconds']:.1f} s, version {version}")

@@ -73,16 +73,18 @@ def test_mllib_batch_vectors_equal_fold_in(spark):
 
 
 def test_fold_in_of_an_unknown_pattern_solves_the_normal_equations():
-    """Known answer independent of any trainer: with implicit's objective and one item,
-    (YtY + (c-1) y y^T + lam I) x = c y."""
+    """Known answer independent of any trainer. Both backends use c = 1 + alpha r; implicit's
+    lambda is unscaled, MLlib's is multiplied by the number of interactions n_u."""
     from lake.foldin import FoldInParams
 
     y = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    both, ones = np.array([0, 1]), np.array([1.0, 1.0])
     p = FoldInParams.for_backend("implicit", alpha=3.0, regularization=1.0)
-    x = fold_in(y, gramian(y), np.array([0]), np.array([1.0]), p)
-    # YtY = diag(1, 4); c = 3: A = diag(1 + 2 + 1, 4 + 1) = diag(4, 5); b = (3, 0)
-    np.testing.assert_allclose(x, [0.75, 0.0], rtol=1e-6)
+    x = fold_in(y, gramian(y), both, ones, p)
+    # YtY = diag(1, 4); c = 4 for both items: A = diag(1 + 3*1 + 1, 4 + 3*4 + 1) = diag(5, 17);
+    # b = 4*(1, 0) + 4*(0, 2) = (4, 8)
+    np.testing.assert_allclose(x, [4 / 5, 8 / 17], rtol=1e-6)
     q = FoldInParams.for_backend("mllib", alpha=3.0, regularization=1.0)
-    x = fold_in(y, gramian(y), np.array([0]), np.array([1.0]), q)
-    # MLlib: c = 1 + 3 = 4; A = diag(1 + 3 + 1*1, 4 + 1*1) = diag(5, 5); b = (4, 0)
-    np.testing.assert_allclose(x, [0.8, 0.0], rtol=1e-6)
+    x = fold_in(y, gramian(y), both, ones, q)
+    # MLlib: lambda * n_u = 2: A = diag(1 + 3 + 2, 4 + 12 + 2) = diag(6, 18); b = (4, 8)
+    np.testing.assert_allclose(x, [4 / 6, 8 / 18], rtol=1e-6)

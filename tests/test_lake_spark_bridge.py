@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lake.spark_bridge import SchemaMismatchError, read_table, spark_schema, write_table
 from lake.schemas import BRONZE_EVENTS, MODEL_RUNS
+from lake.spark_bridge import SchemaMismatchError, read_table, spark_schema, write_table
 from lake.tables import Lake, LakeError
 from lake.validation import events_to_table
 
@@ -228,6 +228,8 @@ def test_factor_table_round_trip_with_escaped_partition_values(spark, lake: Lake
         "user_id": ["u4"], "factors": pa.array([[3.0, 4.0]], pa.list_(pa.float32())),
         "model_version": ["v a:b"]}))
     assert read_table(spark, lake, "user_factors").filter("model_version = 'v a:b'").count() == 1
+    pruned = read_table(spark, lake, "user_factors", partition_filter=f"model_version = '{odd}'")
+    assert sorted(r.user_id for r in pruned.collect()) == ["u1", "u2"]
     # unpartitioned table
     runs = spark.createDataFrame(
         [("m1", datetime(2024, 3, 1, 1, tzinfo=UTC), D1, "implicit", "{}", None, "published",

@@ -32,7 +32,7 @@ def _spark_class(*args: str, log: Path) -> subprocess.Popen:
 
     home = Path(pyspark.__file__).parent
     env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1",
-           "PYSPARK_PYTHON": sys.executable,
+           "PYSPARK_PYTHON": sys.executable, "SPARK_WORKER_DIR": str(log.parent / "work"),
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     return subprocess.Popen([str(home / "bin" / "spark-class"), *args], env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -90,12 +90,13 @@ JOB = textwrap.dedent("""
     spark = get_spark(SparkSettings(master=master, driver_memory="1g", executor_memory="1g",
                                     shuffle_partitions=2))
     sc = spark.sparkContext
-    df = read_table(spark, lake, "bronze_events")
-    # a Python UDF forces the executors to run this interpreter
-    df = df.withColumn("user_id", F.udf(lambda s: s.upper())("user_id"))
+    # Python on the executors runs this interpreter (PYSPARK_PYTHON from get_spark)
+    pythons = sc.parallelize(range(4), 2).map(lambda _: __import__("sys").executable)
+    pythons = sorted(set(pythons.collect()))
+    df = read_table(spark, lake, "bronze_events").withColumn("user_id", F.upper("user_id"))
     v = write_table(df, lake, "silver_events", mode="append")
     out = read_table(spark, lake, "silver_events").groupBy("event_date").count().collect()
-    print(json.dumps({"master": sc.master, "version": v,
+    print(json.dumps({"master": sc.master, "version": v, "pythons": pythons,
                       "counts": sorted((str(r[0]), r[1]) for r in out),
                       "users": sorted(set(lake.read("silver_events").column("user_id")
                                           .to_pylist()))}))
@@ -109,6 +110,7 @@ def test_bridge_on_standalone_cluster(cluster: str, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["master"] == cluster
+    assert res["pythons"] == [sys.executable]
     assert res["version"] == 1
     assert res["counts"] == [["2024-01-01", 3], ["2024-01-02", 3]]
     assert res["users"] == ["U0", "U1"]

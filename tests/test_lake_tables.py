@@ -144,21 +144,22 @@ def test_time_travel_and_partition_overwrite(lake: Lake) -> None:
     assert lake.read("user_factors").schema == TABLES["user_factors"].schema  # missing: empty
 
 
+@pytest.mark.slow
 def test_summary_and_old_version_read_exit_cleanly(tmp_path: Path) -> None:
     """Regression: append, overwrite a partition, summary(), read(version=1) aborted at exit
     with "terminate called without an active exception" (exit 134)."""
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         from datetime import UTC, date, datetime
         from lake.tables import Lake
         from lake.validation import events_to_table
         def ev(i, d):
-            return {{"event_id": f"e{{i}}", "user_id": "u", "item_id": "i", "event_type": "view",
-                    "ts": datetime(2024, 1, d, 12, tzinfo=UTC)}}
+            return {"event_id": f"e{i}", "user_id": "u", "item_id": "i", "event_type": "view",
+                    "ts": datetime(2024, 1, d, 12, tzinfo=UTC)}
         import sys
         lake = Lake(sys.argv[1])
         lake.append("bronze_events", events_to_table([ev(i, 1 + i % 2) for i in range(4)]))
         lake.overwrite("bronze_events", events_to_table([ev(9, 1)]),
-                       partitions=[{{"event_date": date(2024, 1, 1)}}])
+                       partitions=[{"event_date": date(2024, 1, 1)}])
         print(lake.summary()[0]["rows"], lake.read("bronze_events", version=1).num_rows,
               lake.read("bronze_events").num_rows)
     """)
