@@ -1,1 +1,1 @@
-"""Benchmarks (`make bench`): every figure is printed next to a reference measured in the same run."""
+"""Benchmarks (`make bench`): each figure is printed next to a reference from the same run."""

@@ -20,11 +20,12 @@ class Figure:
     unit: str
     reference_name: str
     reference_value: float
-    ratio: float = field(init=False)
+    ratio: float | None = field(init=False)
     """value / reference_value: what the figure is worth against the same-run reference."""
 
     def __post_init__(self) -> None:
-        self.ratio = round(self.value / self.reference_value, 4) if self.reference_value else float("nan")
+        ref = self.reference_value
+        self.ratio = round(self.value / ref, 4) if ref else None  # None: JSON has no NaN
 
 
 class Report:
@@ -75,7 +76,7 @@ class Report:
         ]
         for f in self.figures:
             lines.append(f"| {f.name} | {f.value:.4g} | {f.unit} | {f.reference_name} | "
-                         f"{f.reference_value:.4g} | {f.ratio:.3g} |")
+                         f"{f.reference_value:.4g} | {'-' if f.ratio is None else format(f.ratio, '.3g')} |")
         for title, md in self.sections:
             lines += ["", f"## {title}", "", md]
         for filename, caption in self.plots:

@@ -83,7 +83,9 @@ def fold_in(
     idx = np.asarray(indices, dtype=np.int64)
     r = np.asarray(values, dtype=np.float64)
     if idx.shape != r.shape or idx.ndim != 1:
-        raise ValueError(f"indices and values must be 1-D of equal length, got {idx.shape} and {r.shape}")
+        raise ValueError(
+            f"indices and values must be 1-D of equal length, got {idx.shape} and {r.shape}"
+        )
     k = gram.shape[0]
     if idx.size == 0:
         return np.zeros(k, dtype=np.float32)

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from lake.config import EVENT_TYPES
-
 TS = pa.timestamp("us", tz="UTC")
 
 

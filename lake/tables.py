@@ -281,15 +281,6 @@ class Lake:
         p = str(self.path(name))
         return DeltaTable(p).delete(predicate, commit_properties=self._props())
 
-    def update(self, name: str, predicate: str, new_values: Mapping[str, Any]) -> dict[str, Any]:
-        p = str(self.path(name))
-        return DeltaTable(p).update(
-            predicate=predicate,
-            new_values={k: sql_literal(v) if v is not None else "NULL"
-                        for k, v in new_values.items()},
-            commit_properties=self._props(),
-        )
-
     def _prepare(self, s: TableSpec, data: pa.Table) -> pa.Table:
         if isinstance(data, pa.RecordBatch):
             data = pa.Table.from_batches([data])

@@ -205,17 +205,20 @@ def validate_events_table(table: pa.Table, *, now: datetime | None = None) -> pa
             )
     props = cols["properties"]
     if props.null_count < n:
-        for i, p in enumerate(props.to_pylist()):
-            if p is None:
-                continue
-            try:
-                ok = isinstance(json.loads(p), dict)
-            except json.JSONDecodeError:
-                ok = False
-            if not ok:
-                raise EventValidationError(i, "properties", "must be a JSON object")
+        # Parse each distinct text once: bulk loads repeat a handful of property objects.
+        bad = [p for p in pc.unique(props).to_pylist() if p is not None and not _json_object(p)]
+        if bad:
+            i = _first(pc.is_in(props, value_set=pa.array(bad, pa.string())))
+            raise EventValidationError(i, "properties", "must be a JSON object")
     cols["event_date"] = pc.cast(cols["ts"], pa.date32())  # UTC date: ts is tz=UTC
     return pa.table([cols[f.name] for f in schema], schema=schema)
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _first(mask: pa.ChunkedArray | pa.Array) -> int:

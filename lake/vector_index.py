@@ -137,6 +137,7 @@ def build_faiss_index(vectors: np.ndarray, settings: IndexSettings) -> FaissInde
 
     v = np.ascontiguousarray(vectors, dtype=np.float32)
     d = v.shape[1]
+    index: Any
     if v.shape[0] <= settings.exact_max_items:
         index = faiss.IndexFlatIP(d)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def spark() -> Iterator:
     )
     yield session
     session.stop()
+    # py4j logs from __del__ at interpreter exit, after pytest closed the capture streams
+    logging.getLogger("py4j").setLevel(logging.WARNING)
 
 
 @pytest.fixture
