@@ -75,8 +75,9 @@ class Report:
             "|---|---:|---|---|---:|---:|",
         ]
         for f in self.figures:
+            ratio = "-" if f.ratio is None else format(f.ratio, ".3g")
             lines.append(f"| {f.name} | {f.value:.4g} | {f.unit} | {f.reference_name} | "
-                         f"{f.reference_value:.4g} | {'-' if f.ratio is None else format(f.ratio, '.3g')} |")
+                         f"{f.reference_value:.4g} | {ratio} |")
         for title, md in self.sections:
             lines += ["", f"## {title}", "", md]
         for filename, caption in self.plots:
