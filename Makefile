@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) protos ## Create the venv and install everything (idempotent)
 
-java: ## Check for Java >= 17 (installs openjdk-17-jre-headless via apt when root)
-	@bash infra/scripts/ensure_java.sh
+java: ## Check system packages: Java >= 17, OpenMP, native BLAS (apt-installs them when root)
+	@bash infra/scripts/ensure_system.sh
 
 protos: $(STAMP) ## Generate gRPC code + .pyi stubs from protos/ into online/generated/
 	@if [ -d protos/lambdarec ] && ls protos/lambdarec/v1/*.proto >/dev/null 2>&1; then \
