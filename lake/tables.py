@@ -208,9 +208,12 @@ class Lake:
             )
 
         def go() -> int:
-            write_deltalake(p, table, mode="append", partition_by=list(s.partition_by) or None,
+            # Write through a DeltaTable object: afterwards it stands at *our* commit, where
+            # re-opening the path could see a concurrent writer's later version.
+            dt = DeltaTable(p)
+            write_deltalake(dt, table, mode="append", partition_by=list(s.partition_by) or None,
                             commit_properties=props)
-            return DeltaTable(p).version()
+            return dt.version()
 
         return self._commit(go)
 
@@ -241,10 +244,11 @@ class Lake:
         p = str(self.path(name))
 
         def go() -> int:
-            write_deltalake(p, table, mode="overwrite", predicate=predicate,
+            dt = DeltaTable(p)  # see append(): the object ends at our own commit
+            write_deltalake(dt, table, mode="overwrite", predicate=predicate,
                             partition_by=list(s.partition_by) or None,
                             commit_properties=self._props())
-            return DeltaTable(p).version()
+            return dt.version()
 
         return self._commit(go)
 
@@ -262,15 +266,15 @@ class Lake:
         pred = " AND ".join(f"t.{k} = s.{k}" for k in s.key)
 
         def go() -> int:
+            dt = DeltaTable(p)
             (
-                DeltaTable(p)
-                .merge(table, pred, source_alias="s", target_alias="t",
-                       commit_properties=self._props())
+                dt.merge(table, pred, source_alias="s", target_alias="t",
+                         commit_properties=self._props())
                 .when_matched_update_all()
                 .when_not_matched_insert_all()
                 .execute()
             )
-            return DeltaTable(p).version()
+            return dt.version()
 
         return self._commit(go)
 
