@@ -3,22 +3,34 @@
 Loaded from the lake's `items` table at start-up and kept current by UpsertItems, which
 writes the lake first (so a restart sees the same catalogue) and then swaps the entries
 in memory. Items the catalogue does not know are treated as available, uncategorised.
+
+Besides the dict by id, the catalogue keeps per-model *row views* (`Catalog.rows(model)`):
+numpy arrays aligned with the model's item rows (availability, category code), so a
+request filters FAISS candidates with a few vector operations instead of one dict lookup
+per candidate. A view is built once per model (at the swap, or on first use), grows when
+items are added to the model online, and UpsertItems updates every live view in place.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
 
 from lake.tables import Lake
 
 log = logging.getLogger(__name__)
+
+NO_CATEGORY = 0
+"""Category code of items without a category (real categories are coded from 1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,11 +45,62 @@ class ItemInfo:
 UNKNOWN = ItemInfo(item_id="")
 
 
+class RowModel(Protocol):
+    """What a row view needs from a model: its item ids by row and rows by id."""
+
+    item_ids: list[str]
+    item_row: dict[str, int]
+
+
+class RowView:
+    """Catalogue attributes of one model's item rows.
+
+    `available[r]` and `category[r]` (a code from `Catalog.category_code`) describe row r.
+    Rows at or beyond `len(view)` (items the model got after the view last grew) are
+    unknown to the view: callers treat them like items missing from the catalogue.
+    Readers take `available` / `category` once per request; writers (upsert, growth) hold
+    the catalogue's lock and either assign elements or replace both arrays, and bump
+    `version`. `derived` is a small bounded cache (oldest out) for what callers compute
+    from the whole view (search-time filters): entries are (version, value) and stale
+    once `version` moved, so every upsert costs each filter in use one recomputation.
+    """
+
+    __slots__ = ("available", "category", "version", "derived", "__weakref__")
+    MAX_DERIVED = 128
+
+    def __init__(self, available: np.ndarray, category: np.ndarray) -> None:
+        self.available = available
+        self.category = category
+        self.version = 0
+        self.derived: OrderedDict[Any, tuple[int, Any]] = OrderedDict()
+
+    def get_derived(self, key: Any) -> tuple[bool, Any]:
+        """(found, value) of `key` if it was computed at the current version."""
+        hit = self.derived.get(key)
+        if hit is None or hit[0] != self.version:
+            return False, None
+        return True, hit[1]
+
+    def put_derived(self, key: Any, version: int, value: Any) -> None:
+        """Remember `value`, computed from the view as of `version`."""
+        self.derived[key] = (version, value)
+        while len(self.derived) > self.MAX_DERIVED:
+            try:
+                self.derived.popitem(last=False)
+            except KeyError:  # another thread emptied it first
+                break
+
+    def __len__(self) -> int:
+        return int(self.category.shape[0])
+
+
 class Catalog:
     def __init__(self, lake: Lake | None = None) -> None:
         self._lake = lake
         self._items: dict[str, ItemInfo] = {}
         self._write_lock = threading.Lock()
+        self._codes: dict[str, int] = {}
+        self._views: weakref.WeakKeyDictionary[Any, RowView] = weakref.WeakKeyDictionary()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -45,6 +108,69 @@ class Catalog:
     def get(self, item_id: str) -> ItemInfo:
         return self._items.get(item_id, UNKNOWN)
 
+    # -- category codes ----------------------------------------------------------------
+    def category_code(self, category: str | None) -> int | None:
+        """The code of a category; NO_CATEGORY for None; None for a category no item has."""
+        if category is None:
+            return NO_CATEGORY
+        return self._codes.get(category)
+
+    @property
+    def n_codes(self) -> int:
+        """How many category codes exist (codes run from 1 to n_codes)."""
+        return len(self._codes)
+
+    def category_codes(self, categories: Iterable[str]) -> list[int]:
+        """Codes of the categories some item has (unknown categories are left out)."""
+        codes = self._codes
+        return [codes[c] for c in categories if c in codes]
+
+    def _code(self, category: str | None) -> int:
+        """Code of `category`, assigning a new one (caller holds the write lock)."""
+        if category is None:
+            return NO_CATEGORY
+        code = self._codes.get(category)
+        if code is None:
+            code = len(self._codes) + 1
+            self._codes[category] = code
+        return code
+
+    # -- row views ---------------------------------------------------------------------
+    def rows(self, model: RowModel) -> RowView:
+        """The row view of `model`, built on first use and grown to its current items."""
+        view = self._views.get(model)
+        n = len(model.item_ids)
+        if view is not None and len(view) >= n:
+            return view
+        with self._write_lock:
+            view = self._views.get(model)
+            if view is None:
+                view = RowView(np.ones(0, dtype=bool), np.zeros(0, dtype=np.int32))
+                self._views[model] = view
+            self._grow(view, model.item_ids)
+            return view
+
+    def _grow(self, view: RowView, item_ids: Sequence[str]) -> None:
+        """Extend `view` to len(item_ids) rows (caller holds the write lock)."""
+        start, n = len(view), len(item_ids)
+        if n <= start:
+            return
+        avail = np.ones(n, dtype=bool)
+        cat = np.zeros(n, dtype=np.int32)
+        avail[:start] = view.available
+        cat[:start] = view.category
+        items = self._items
+        for r in range(start, n):
+            info = items.get(item_ids[r])
+            if info is not None:
+                avail[r] = info.available
+                cat[r] = self._code(info.category)
+        # Category first: a reader that sees the longer `available` also has the codes.
+        view.category = cat
+        view.available = avail
+        view.version += 1
+
+    # -- loading and upserts -----------------------------------------------------------
     def load(self) -> int:
         """(Re)load the whole catalogue from the lake; returns the number of items."""
         if self._lake is None or not self._lake.exists("items"):
@@ -56,7 +182,11 @@ class Catalog:
                                    bool(r["available"]), r["title"])
             for r in table.to_pylist()
         }
-        self._items = items
+        with self._write_lock:
+            for info in items.values():
+                self._code(info.category)
+            self._items = items
+            self._views = weakref.WeakKeyDictionary()  # rebuilt from the new dict on use
         log.info("catalog loaded", extra={"items": len(items)})
         return len(items)
 
@@ -79,5 +209,14 @@ class Catalog:
                 })
                 self._lake.upsert("items", table)
             for x in infos:  # each assignment is atomic; readers only ever call get()
+                self._code(x.category)
                 self._items[x.item_id] = x
+            for model, view in list(self._views.items()):
+                n = len(view)
+                for x in infos:
+                    r = model.item_row.get(x.item_id)
+                    if r is not None and r < n:
+                        view.available[r] = x.available
+                        view.category[r] = self._code(x.category)
+                view.version += 1
         return len(infos)

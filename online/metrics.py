@@ -50,6 +50,17 @@ class Metrics:
                                       registry=r)
         self._version: str | None = None
         self._http: Any = None
+        # Label children by label values: `labels()` takes a lock and builds a key per
+        # call, which on the request path costs more than the increment itself.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached (the children of a metric never change)."""
+        key = (id(metric), *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
 
     def watch_ingest(self, stats: Any) -> None:
         """Read the ingest pipeline's `stats()` at scrape time."""
@@ -57,8 +68,8 @@ class Metrics:
         self.ingest_flush_lag.set_function(lambda: float(stats().get("ingest_lag_s", 0.0)))
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.latency.labels(method).observe(seconds)
+        self.child(self.requests, method, code).inc()
+        self.child(self.latency, method).observe(seconds)
 
     def set_model(self, version: str) -> None:
         if self._version is not None:

@@ -73,6 +73,27 @@ class RWLock:
                 self._cond.notify_all()
 
 
+class RowSelector:
+    """A FAISS search-time filter over item rows (IDSelectorBitmap + search parameters).
+
+    Rows at or beyond `n` (items added after it was built) are outside the selector.
+    Holds the bitmap: FAISS keeps only a pointer to it.
+    """
+
+    __slots__ = ("n", "bitmap", "selector", "params")
+
+    def __init__(self, mask: np.ndarray, ef_search: int | None) -> None:
+        import faiss
+
+        self.n = int(mask.shape[0])
+        self.bitmap = np.packbits(np.asarray(mask, dtype=bool), bitorder="little")
+        self.selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(self.bitmap))
+        if ef_search is not None:  # HNSW: parameters replace the index's efSearch
+            self.params = faiss.SearchParametersHNSW(sel=self.selector, efSearch=ef_search)
+        else:
+            self.params = faiss.SearchParameters(sel=self.selector)
+
+
 class LoadedModel:
     """One bundle ready to serve. Immutable except for items added online."""
 
@@ -133,11 +154,32 @@ class LoadedModel:
         return self.bundle.user_factors[row]
 
     # -- index ------------------------------------------------------------------------
-    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query: np.ndarray, k: int,
+               selector: RowSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows by inner product; with `selector`, only rows it admits."""
         k = max(1, min(k, self.n_items))
+        q = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
         with self._lock.read():
-            scores, rows = self.index.search(query.reshape(1, -1), k)
+            if selector is None:
+                scores, rows = self.index.search(q, k)
+            else:
+                scores, rows = self.index.faiss_index.search(q, k, params=selector.params)
         return scores[0], rows[0]
+
+    def selector(self, mask: np.ndarray) -> RowSelector | None:
+        """A search-time filter admitting the rows where `mask` is True; None when the
+        index cannot filter while searching (then callers filter the results)."""
+        import faiss
+
+        index = getattr(self.index, "faiss_index", None)
+        if index is None or "Gpu" in type(index).__name__:
+            return None
+        index = faiss.downcast_index(index)
+        if isinstance(index, faiss.IndexHNSW):
+            return RowSelector(mask, int(index.hnsw.efSearch))
+        if isinstance(index, faiss.IndexFlat):
+            return RowSelector(mask, None)
+        return None
 
     def add_items(self, item_ids: list[str], vectors: np.ndarray) -> list[int]:
         """Append new items to the index and id maps; returns their rows.

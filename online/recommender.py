@@ -16,9 +16,9 @@ import numpy as np
 
 from lake.config import Settings
 from lake.foldin import contributions
-from online.catalog import Catalog
+from online.catalog import Catalog, RowView
 from online.errors import NoModel, NotFound
-from online.model import LoadedModel, ModelManager
+from online.model import LoadedModel, ModelManager, RowSelector
 from online.state import OnlineState
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,48 @@ class FilterSpec:
     include_categories: frozenset[str] = frozenset()
     exclude_categories: frozenset[str] = frozenset()
     only_available: bool = True
+
+
+class RowFilter:
+    """The catalogue filters of one request as lookups over a model's item rows.
+
+    `mask(rows)` says which FAISS candidates pass: available (when asked) and in / not in
+    the requested categories. `include` / `exclude` are tables by category code with one
+    extra False slot at the end, which codes assigned after the table was built (new
+    categories from a concurrent upsert: in no filter) are clipped to.
+    """
+
+    __slots__ = ("available", "category", "include", "exclude", "n", "key")
+
+    def __init__(self, view: RowView, only_available: bool, include: np.ndarray | None,
+                 exclude: np.ndarray | None, key: tuple[Any, ...]) -> None:
+        avail = view.available  # before `category`: see RowView on the order of updates
+        self.category = view.category
+        self.available = avail if only_available else None
+        self.include = include
+        self.exclude = exclude
+        self.n = min(len(avail), len(self.category))
+        self.key = key
+        """What the filter depends on: (only_available, include codes, exclude codes)."""
+
+    @property
+    def empty(self) -> bool:
+        """True when the filter admits every row."""
+        return self.available is None and self.include is None and self.exclude is None
+
+    def mask(self, rows: np.ndarray) -> np.ndarray:
+        """Boolean mask over `rows` (FAISS ids; -1 = no result; all < self.n otherwise)."""
+        keep = rows >= 0
+        r = np.where(keep, rows, 0)
+        if self.available is not None:
+            keep &= self.available[r]
+        if self.include is not None or self.exclude is not None:
+            codes = self.category[r]
+            if self.include is not None:
+                keep &= self.include[np.minimum(codes, len(self.include) - 1)]
+            if self.exclude is not None:
+                keep &= ~self.exclude[np.minimum(codes, len(self.exclude) - 1)]
+        return keep
 
 
 @dataclass
@@ -79,24 +121,80 @@ class Recommender:
                 return False
         return True
 
+    def _row_filter(self, model: LoadedModel, f: FilterSpec) -> RowFilter:
+        """The catalogue part of `f` as arrays over `model`'s rows (see `RowFilter`)."""
+        view = self.catalog.rows(model)
+        include = exclude = None
+        inc_codes = exc_codes = ()
+        if f.include_categories:
+            inc_codes = tuple(sorted(self.catalog.category_codes(f.include_categories)))
+            include = self._code_table(inc_codes)
+        if f.exclude_categories:
+            exc_codes = tuple(sorted(self.catalog.category_codes(f.exclude_categories)))
+            exclude = self._code_table(exc_codes)
+        key = (f.only_available, inc_codes if f.include_categories else None, exc_codes)
+        return RowFilter(view, f.only_available, include, exclude, key)
+
+    def _code_table(self, codes: Sequence[int]) -> np.ndarray:
+        """True at `codes`, plus a False slot for codes made later."""
+        table = np.zeros(self.catalog.n_codes + 2, dtype=bool)
+        table[list(codes)] = True
+        return table
+
+    def _selector(self, model: LoadedModel, rf: RowFilter) -> tuple[RowSelector | None, int]:
+        """The search-time form of `rf` and how many rows pass it, cached on the row view
+        until the view changes. With it FAISS returns only rows that pass, so a selective
+        filter (a small category) costs one search instead of rounds of ever larger
+        over-fetches. (None, n) when the filter admits every row or the index cannot
+        filter while searching."""
+        if rf.empty:
+            return None, model.n_items
+        view = self.catalog.rows(model)
+        found, hit = view.get_derived(rf.key)
+        if found:
+            return hit  # type: ignore[no-any-return]
+        version = view.version  # before reading the arrays: a later change recomputes
+        fresh = RowFilter(view, rf.available is not None, rf.include, rf.exclude, rf.key)
+        keep = fresh.mask(np.arange(fresh.n, dtype=np.int64))
+        n_pass = int(np.count_nonzero(keep))
+        out = (None if n_pass == keep.size else model.selector(keep), n_pass)
+        view.put_derived(rf.key, version, out)
+        return out
+
     def _search(
         self, model: LoadedModel, query: np.ndarray, k: int, f: FilterSpec,
-        skip_rows: set[int], skip_ids: set[str], check: DeadlineCheck,
+        skip_rows: set[int], check: DeadlineCheck,
     ) -> list[tuple[int, float]]:
-        """Top-k rows by inner product that pass the filters; over-fetches, then grows."""
+        """Top-k rows by inner product that pass the filters; over-fetches, then grows.
+
+        `skip_rows` are rows never to return (seen items, excluded ids, the query item);
+        the catalogue filters run as array operations over each batch of candidates.
+        """
         total = model.n_items
-        fetch = min(total, k * self.overfetch + len(skip_rows))
+        rf = self._row_filter(model, f)
+        sel, n_pass = self._selector(model, rf)
+        if n_pass == 0 and rf.n >= total:
+            return []  # nothing in the catalogue passes (e.g. an unknown category)
+        if sel is not None:
+            # FAISS filters by itself: only the rows to skip can still drop out, and no
+            # search needs more than every passing row (+ items added since).
+            total = min(total, n_pass + total - sel.n)
+            fetch = min(total, k + len(skip_rows))
+        else:
+            fetch = min(total, k * self.overfetch + len(skip_rows))
         while True:
             check("vector search")
-            scores, rows = model.search(query, fetch)
+            scores, rows = model.search(query, fetch, sel)
+            if model.n_items > rf.n and rows.size and int(rows.max()) >= rf.n:
+                # items added to the model since the view last grew
+                rf = self._row_filter(model, f)
+            keep = rf.mask(rows)  # the catalogue as of now (the selector may be older)
             out: list[tuple[int, float]] = []
-            for s, r in zip(scores.tolist(), rows.tolist(), strict=True):
-                if r < 0 or r in skip_rows:
+            for i in np.flatnonzero(keep).tolist():
+                r = int(rows[i])
+                if r in skip_rows:
                     continue
-                iid = model.item_ids[r]
-                if iid in skip_ids or not self._passes(iid, f):
-                    continue
-                out.append((r, s))
+                out.append((r, float(scores[i])))
                 if len(out) == k:
                     return out
             if fetch >= total:
@@ -125,11 +223,16 @@ class Recommender:
         check("fold-in")
         prof = self.state.profile(model, user_id, context_rows or None)
         seen_ids = prof.seen_ids | set(context_item_ids) if f.exclude_seen else set()
-        if prof.vector is None or not np.any(prof.vector):
+        if prof.vector is None or not prof.vector.any():
             return self._fallback(model, k, f, seen_ids, user_id, check)
         # Seen = the batch history + real-time events of `seen_event_types` (by id) + context.
-        skip_rows = set(model.user_history(user_id)[0].tolist()) if f.exclude_seen else set()
-        hits = self._search(model, prof.vector, k, f, skip_rows, seen_ids, check)
+        skip_rows = set(prof.batch_rows.tolist()) if f.exclude_seen else set()
+        item_row = model.item_row
+        for iid in (*seen_ids, *f.exclude_item_ids):
+            r = item_row.get(iid)
+            if r is not None:
+                skip_rows.add(r)
+        hits = self._search(model, prof.vector, k, f, skip_rows, check)
         items = []
         for r, s in hits:
             because: list[str] = []
@@ -225,7 +328,12 @@ class Recommender:
         if row is None:
             raise NotFound(f"item_id: {item_id!r} is not in model {model.version}")
         query = model.item_factors[row]
-        hits = self._search(model, query, k, f, {row}, set(), check)
+        skip_rows = {row}
+        for iid in f.exclude_item_ids:
+            r = model.item_row.get(iid)
+            if r is not None:
+                skip_rows.add(r)
+        hits = self._search(model, query, k, f, skip_rows, check)
         return Result([(model.item_ids[r], float(s), []) for r, s in hits], model.version,
                       PERSONALISED)
 

@@ -208,6 +208,7 @@ def create_server(
     catalog.load()
 
     def refold(new: LoadedModel, old: LoadedModel | None) -> int:
+        catalog.rows(new)  # the filters' row arrays, built before the model serves
         return state.refold(new)
 
     def swapped(new: LoadedModel) -> None:

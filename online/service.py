@@ -42,19 +42,23 @@ UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 # -- the one place exceptions become status codes --------------------------------------
 class ServiceInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions to status codes, records metrics, and optionally requires a token."""
+    """Maps exceptions to status codes, records metrics, and optionally requires a token.
+
+    gRPC runs `intercept_service` for every call; the wrapped handler of each method is
+    built once and reused (the token, when required, is checked inside it against the
+    call's metadata), so a call costs one dict lookup here on top of the handler.
+    """
 
     def __init__(self, metrics: Metrics, *, admin_token: str | None = None) -> None:
         self.metrics = metrics
         self._token = f"Bearer {admin_token}".encode() if admin_token is not None else None
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
-    def _authorised(self, details: grpc.HandlerCallDetails) -> bool:
-        if self._token is None or details.method.startswith(UNAUTHENTICATED_PREFIXES):
-            return True
-        for key, value in details.invocation_metadata or ():
+    def _authorised(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
+        for key, value in metadata or ():
             if key == "authorization":
                 got = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(got, self._token)
+                return hmac.compare_digest(got, self._token or b"")
         return False
 
     def intercept_service(self, continuation: Callable[..., Any],
@@ -62,27 +66,40 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler  # streaming RPCs (reflection, health Watch) pass through
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: Any, full_method: str) -> Any:
         inner = handler.unary_unary
-        method = details.method.rsplit("/", 1)[-1]
-        authorised = self._authorised(details)
+        method = full_method.rsplit("/", 1)[-1]
+        needs_token = self._token is not None and \
+            not full_method.startswith(UNAUTHENTICATED_PREFIXES)
         metrics = self.metrics
+        ok = metrics.child(metrics.requests, method, grpc.StatusCode.OK.name)
+        latency = metrics.child(metrics.latency, method)
+        clock = time.perf_counter
 
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
-            t0 = time.perf_counter()
-            code = grpc.StatusCode.OK
+            t0 = clock()
             try:
-                if not authorised:
+                if needs_token and not self._authorised(context.invocation_metadata()):
                     raise Unauthenticated("missing or invalid 'authorization: Bearer <token>'")
-                return inner(request, context)
+                out = inner(request, context)
             except Exception as exc:  # noqa: BLE001 - this IS the single mapping point
                 code, message = status_of(exc)
                 if code == grpc.StatusCode.INTERNAL:
-                    log.exception("rpc failed", extra={"method": details.method})
+                    log.exception("rpc failed", extra={"method": full_method})
                 elif not isinstance(exc, ServiceError | ValueError):
-                    log.warning("rpc error", extra={"method": details.method, "error": message})
+                    log.warning("rpc error", extra={"method": full_method, "error": message})
+                metrics.observe_rpc(method, code.name, clock() - t0)
                 context.abort(code, message)
-            finally:
-                metrics.observe_rpc(method, code.name, time.perf_counter() - t0)
+            ok.inc()
+            latency.observe(clock() - t0)
+            return out
 
         return grpc.unary_unary_rpc_method_handler(
             wrapper,
@@ -132,20 +149,30 @@ class Validator:
             raise InvalidArgument(field, f"at most {self.max_batch} entries, got {n}")
 
     def filters(self, f: pb.Filters, *, prefix: str = "filters") -> FilterSpec:
+        empty: frozenset[str] = frozenset()
         return FilterSpec(
             exclude_seen=f.exclude_seen if f.HasField("exclude_seen") else True,
             exclude_item_ids=frozenset(self.ids(f"{prefix}.exclude_item_ids",
-                                                f.exclude_item_ids)),
+                                                f.exclude_item_ids))
+            if f.exclude_item_ids else empty,
             include_categories=frozenset(self.ids(f"{prefix}.include_categories",
-                                                  f.include_categories)),
+                                                  f.include_categories))
+            if f.include_categories else empty,
             exclude_categories=frozenset(self.ids(f"{prefix}.exclude_categories",
-                                                  f.exclude_categories)),
+                                                  f.exclude_categories))
+            if f.exclude_categories else empty,
             only_available=f.only_available if f.HasField("only_available") else True,
         )
 
 
-def _to_pb_items(result: Result) -> list[pb.ScoredItem]:
-    return [pb.ScoredItem(item_id=i, score=s, because=b) for i, s, b in result.items]
+def _add_items(items: Any, result: Result) -> None:
+    """Append `result`'s items to a repeated ScoredItem field (`add` is about twice as
+    fast as constructing ScoredItem messages and a list of them)."""
+    add = items.add
+    for i, s, b in result.items:
+        item = add(item_id=i, score=s)
+        if b:
+            item.because.extend(b)
 
 
 def event_to_dict(e: pb.Event) -> dict[str, Any]:
@@ -189,12 +216,14 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         check("recommend")
         result = self.engine.recommend(user_id, k, filters, context_item_ids=ctx_items,
                                        explain=request.explain, check=check)
-        self.metrics.strategy.labels(result.strategy).inc()
-        return pb.RecommendResponse(
-            items=_to_pb_items(result), model_version=result.model_version,
+        self.metrics.child(self.metrics.strategy, result.strategy).inc()
+        resp = pb.RecommendResponse(
+            model_version=result.model_version,
             strategy=pb.STRATEGY_FALLBACK if result.strategy == FALLBACK
             else pb.STRATEGY_PERSONALISED,
         )
+        _add_items(resp.items, result)
+        return resp
 
     def SimilarItems(self, request: pb.SimilarItemsRequest,  # noqa: N802
                      context: grpc.ServicerContext) -> pb.SimilarItemsResponse:
@@ -204,8 +233,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         check = deadline_check(context)
         check("similar items")
         result = self.engine.similar(item_id, k, filters, check=check)
-        return pb.SimilarItemsResponse(items=_to_pb_items(result),
-                                       model_version=result.model_version)
+        resp = pb.SimilarItemsResponse(model_version=result.model_version)
+        _add_items(resp.items, result)
+        return resp
 
     def IngestEvents(self, request: pb.IngestEventsRequest,  # noqa: N802
                      context: grpc.ServicerContext) -> pb.IngestEventsResponse:
@@ -222,9 +252,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             i, reason = result.rejected[0]
             raise InvalidArgument(f"events[{i}]", reason)
         changed = self.engine.apply_events(result.accepted)
-        self.metrics.events.labels("accepted").inc(len(result.accepted))
-        self.metrics.events.labels("duplicate").inc(result.duplicates)
-        self.metrics.events.labels("rejected").inc(len(result.rejected))
+        events_total = self.metrics.events
+        self.metrics.child(events_total, "accepted").inc(len(result.accepted))
+        self.metrics.child(events_total, "duplicate").inc(result.duplicates)
+        self.metrics.child(events_total, "rejected").inc(len(result.rejected))
         for lag in changed["lags"]:
             self.metrics.ingest_lag.observe(lag)
         if changed["new_items"]:

@@ -1,11 +1,14 @@
 """Per-user online state: recent events, the folded-in vector, and real-time popularity.
 
 A user's vector is `fold_in(item_factors, item_gram, batch history U recent events)`
-(`lake.foldin`, the same solve the trainer uses). It is recomputed when an event arrives
-(read-your-writes) and cached per (model generation, user state version), so a request
-for a user with no new events does no linear algebra. Items the model does not know are
-remembered per user; once enough users with vectors touched one, the item gets its own
-vector by the symmetric fold-in (against user vectors and XtX) and joins the index.
+(`lake.foldin`, the same solve the trainer uses). Folding is lazy: an event only bumps the
+user's state version, and the next request that needs the vector computes it (so that
+request already reflects the event: read-your-writes) and caches it per (model
+generation, user state version); a request for a user with no new events does no linear
+algebra, and a burst of events costs one fold-in, not one per ingest call. Items the
+model does not know are remembered per user; once enough users with vectors touched one,
+the item gets its own vector by the symmetric fold-in (against user vectors and XtX) and
+joins the index.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class UserProfile:
     values: np.ndarray
     seen_ids: set[str]
     """Real-time seen items by id (includes items the model does not know yet)."""
+    batch_rows: np.ndarray
+    """Item rows of the user's batch history only (what the trainer saw)."""
 
 
 class Popularity:
@@ -189,9 +194,7 @@ class OnlineState:
                         users[user_id] = users.get(user_id, 0.0) + w
                     unknown_items[item_id] = None
         new_items: list[str] = []
-        if model is not None:
-            for user_id in touched:  # read-your-writes: fold now, not at the next request
-                self.profile(model, user_id)
+        if model is not None:  # touched users fold in lazily, at their next request
             new_items = self.fold_new_items(model, list(unknown_items))
         return {"users": list(touched), "new_items": new_items, "lags": lags}
 
@@ -217,12 +220,12 @@ class OnlineState:
         st = self._users.get(user_id)
         b_rows, b_vals = model.user_history(user_id)
         if st is None and not context_rows:
-            return UserProfile(model.batch_user_vector(user_id), b_rows, b_vals, set())
+            return UserProfile(model.batch_user_vector(user_id), b_rows, b_vals, set(), b_rows)
         version = st.version if st is not None else -1
         if (st is not None and not context_rows and st.cache is not None
                 and st.cache[0] == model.generation and st.cache[1] == version):
             _, _, cached_vec, rows, vals = st.cache
-            return UserProfile(cached_vec, rows, vals, set(st.seen))
+            return UserProfile(cached_vec, rows, vals, set(st.seen), b_rows)
         recent = self._aggregate(st, model, datetime.now(UTC)) if st is not None else {}
         if context_rows:
             for r, w in context_rows.items():
@@ -240,7 +243,7 @@ class OnlineState:
             with self._stripe(user_id):
                 if st.version == version:
                     st.cache = (model.generation, version, vec, rows, vals)
-        return UserProfile(vec, rows, vals, set(st.seen) if st is not None else set())
+        return UserProfile(vec, rows, vals, set(st.seen) if st is not None else set(), b_rows)
 
     def _merge(self, b_rows: np.ndarray, b_vals: np.ndarray,
                recent: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray]:

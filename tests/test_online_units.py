@@ -129,3 +129,128 @@ def test_rwlock_excludes_writer_from_readers() -> None:
         log.append("w")
     t.join()
     assert log == ["r+", "r-", "w"]
+
+
+def test_ingest_marks_users_stale_and_the_next_request_folds_once(
+    engine: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from online import state as state_mod
+
+    calls: list[int] = []
+    real = state_mod.fold_in
+
+    def counting(*args: object, **kwargs: object) -> np.ndarray:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(state_mod, "fold_in", counting)
+    for _ in range(5):  # five ingest calls: no linear algebra yet
+        engine.apply_events([ev("lazy-user", "C3", "purchase")])
+    assert calls == []
+    out = engine.recommend("lazy-user", 2, FilterSpec())
+    assert len(calls) == 1  # one fold-in for the whole burst...
+    assert out.strategy == "personalised"
+    assert [i for i, _, _ in out.items] == ["C0", "C1"]  # ...reflecting it (C3 is seen)
+    engine.recommend("lazy-user", 2, FilterSpec())
+    assert len(calls) == 1  # cached until the next event
+    engine.apply_events([ev("lazy-user", "C0", "purchase")])
+    assert [i for i, _, _ in engine.recommend("lazy-user", 2, FilterSpec()).items] == \
+        ["C1", "C2"]
+    assert len(calls) == 2
+
+
+class _RowModel:
+    def __init__(self, item_ids: list[str]) -> None:
+        self.item_ids = list(item_ids)
+        self.item_row = {iid: i for i, iid in enumerate(self.item_ids)}
+
+    def add(self, iid: str) -> None:
+        self.item_row[iid] = len(self.item_ids)
+        self.item_ids.append(iid)
+
+
+def test_catalog_row_view_follows_upserts_and_new_items() -> None:
+    cat = Catalog(None)
+    cat.upsert([{"item_id": "x1", "category": "shoes", "available": False},
+                {"item_id": "x2", "category": "hats"},
+                {"item_id": "later", "category": "hats", "available": False}])
+    shoes, hats = cat.category_code("shoes"), cat.category_code("hats")
+    assert {shoes, hats} == {1, 2} and cat.category_code(None) == 0
+    assert cat.category_code("never") is None and cat.category_codes(["hats", "never"]) == [hats]
+    model = _RowModel(["x0", "x1", "x2"])
+    view = cat.rows(model)
+    assert view.available.tolist() == [True, False, True]  # x0 unknown: available
+    assert view.category.tolist() == [0, shoes, hats]
+    cat.upsert([{"item_id": "x0", "category": "socks"}, {"item_id": "x1", "category": None}])
+    assert view.available.tolist() == [True, True, True]
+    assert view.category.tolist() == [cat.category_code("socks"), 0, hats]
+    model.add("later")  # added to the model online after its catalogue entry was written
+    assert cat.rows(model) is view and len(view) == 4
+    assert view.available.tolist()[3] is False and view.category.tolist()[3] == hats
+
+
+def test_row_filters_match_the_catalogue(engine: Recommender) -> None:
+    engine.catalog.upsert([{"item_id": "C2", "category": "red"},
+                           {"item_id": "C3", "category": "red", "available": False},
+                           {"item_id": "C4", "category": "blue"}])
+    top = [i for i, _, _ in engine.recommend("uC0", 3, FilterSpec()).items]
+    assert top == ["C2", "C4", "C5"]  # C0, C1 seen; C3 unavailable
+    red = FilterSpec(include_categories=frozenset({"red", "unknown-category"}))
+    assert [i for i, _, _ in engine.recommend("uC0", 3, red).items] == ["C2"]
+    red_any = FilterSpec(include_categories=frozenset({"red"}), only_available=False)
+    assert [i for i, _, _ in engine.recommend("uC0", 3, red_any).items] == ["C2", "C3"]
+    no_red = FilterSpec(exclude_categories=frozenset({"red"}),
+                        exclude_item_ids=frozenset({"C5"}))
+    assert [i for i, _, _ in engine.recommend("uC0", 3, no_red).items] == ["C4", "C6", "C7"]
+    assert [i for i, _, _ in engine.similar("C2", 2, FilterSpec(
+        exclude_item_ids=frozenset({"C0"}))).items] == ["C1", "C4"]
+
+
+def test_interceptor_wraps_each_method_once_and_counts_calls() -> None:
+    from online.metrics import Metrics
+    from online.service import ServiceInterceptor
+
+    m = Metrics()
+    icpt = ServiceInterceptor(m)
+    handler = grpc.unary_unary_rpc_method_handler(lambda req, ctx: req * 2)
+
+    class Details:
+        method = "/pkg.Svc/Double"
+        invocation_metadata = ()
+
+    first = icpt.intercept_service(lambda d: handler, Details())
+    assert icpt.intercept_service(lambda d: handler, Details()) is first
+    assert first.unary_unary(21, None) == 42 and first.unary_unary(1, None) == 2
+    assert m.registry.get_sample_value(
+        "lambdarec_rpc_requests_total", {"method": "Double", "code": "OK"}) == 2.0
+    assert m.registry.get_sample_value(
+        "lambdarec_rpc_latency_seconds_count", {"method": "Double"}) == 2.0
+
+
+def test_selective_filters_search_once_and_follow_upserts(
+    engine: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from online.model import LoadedModel
+
+    fetched: list[int] = []
+    real = LoadedModel.search
+
+    def counting(self: LoadedModel, query: np.ndarray, k: int, selector: object = None) -> tuple:
+        fetched.append(k)
+        return real(self, query, k, selector)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LoadedModel, "search", counting)
+    engine.catalog.upsert([{"item_id": "A5", "category": "tiny"},
+                           {"item_id": "B5", "category": "tiny", "available": False}])
+    tiny = FilterSpec(include_categories=frozenset({"tiny"}))
+    # uC0's vector is orthogonal to A5: plain over-fetching would need rounds to reach it
+    assert [i for i, _, _ in engine.recommend("uC0", 3, tiny).items] == ["A5"]
+    assert len(fetched) == 1
+    fetched.clear()
+    nothing = FilterSpec(include_categories=frozenset({"no-such-category"}))
+    assert engine.recommend("uC0", 3, nothing).items == [] and fetched == []
+    engine.catalog.upsert([{"item_id": "A5", "category": "tiny", "available": False},
+                           {"item_id": "B5", "category": "tiny", "available": True}])
+    assert [i for i, _, _ in engine.recommend("uC0", 3, tiny).items] == ["B5"]
+    any_tiny = FilterSpec(include_categories=frozenset({"tiny"}), only_available=False)
+    assert sorted(i for i, _, _ in engine.recommend("uC0", 3, any_tiny).items) == ["A5", "B5"]
