@@ -38,7 +38,7 @@ if it passes the gate, makes it the model the online servers serve.
 | `plan` | as-of date, compaction window, **model version** | is a pure function of the run |
 | `compact` | Spark: bronze → silver, `lookback_days` dates to as-of | rewrites those dates |
 | `interactions` | Spark: silver → gold partition `as_of` | rewrites that partition |
-| `train` | Spark: ALS (`backend` implicit/mllib) → staged `version` | overwrites its staging |
+| `train` | Spark: ALS (`backend` implicit/mllib/ials) → staged `version` | overwrites its staging |
 | `evaluate` | Spark: metrics vs popularity/EASE/current + report | overwrites the report |
 | `publish` | gate, bundle, `model_runs`, CURRENT; rejection ≠ failure | keeps the decision |
 | `notify_reload` | `ReloadModel` on {', '.join(_S.airflow.reload_targets)} | is idempotent |
@@ -137,13 +137,15 @@ def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
     tags=TAGS,
     doc_md=DOC,
     params={
-        "backend": Param(_S.train.backend, enum=["implicit", "mllib"],
-                         description="ALS trainer: implicit (fast, CPU/GPU) or Spark MLlib"),
+        "backend": Param(_S.train.backend, enum=["implicit", "mllib", "ials"],
+                         description="ALS trainer: implicit (fast, CPU/GPU), Spark MLlib, "
+                                     "or ials (NumPy, MLlib's count-scaled objective)"),
         "factors": Param(_S.train.factors, type="integer", minimum=1, maximum=1024,
                          description="latent dimension"),
         "regularization": Param(_S.train.regularization, type=["null", "number"], minimum=0,
                                 description="lambda; empty = the backend's default "
-                                            "(implicit 100 unscaled, MLlib 0.1 x interactions)"),
+                                            "(implicit 100 unscaled, MLlib/ials 0.1 x "
+                                            "interactions)"),
         "iterations": Param(_S.train.iterations, type="integer", minimum=1, maximum=200),
         "alpha": Param(_S.train.alpha, type="number", exclusiveMinimum=0,
                        description="confidence scaling of implicit feedback"),

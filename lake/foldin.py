@@ -11,6 +11,7 @@ Hu-Koren-Volinsky implicit objective, but parameterise it differently:
   regulariser is scaled by the user's interaction count n_u
       (YtY + sum_i alpha r_i y_i y_i^T + lambda n_u I) x = sum_i (1 + alpha r_i) y_i
 
+The "ials" backend (NumPy, single node) solves MLlib's objective.
 `FoldInParams` captures both with `confidence_offset` (0 or 1) and `scale_reg_by_count`.
 Items fold in symmetrically: swap the roles of users and items (Y -> X, YtY -> XtX).
 """
@@ -38,9 +39,12 @@ class FoldInParams:
         if backend == "implicit":
             # ImplicitTrainer feeds implicit r + 1/alpha, so its c = alpha * value = 1 + alpha r
             return cls(alpha, regularization, 1.0, False)
-        if backend == "mllib":
+        if backend in ("mllib", "ials"):
+            # ials (spark_jobs.als.ScaledALSTrainer) solves MLlib's objective in NumPy
             return cls(alpha, regularization, 1.0, True)
-        raise ValueError(f"unknown ALS backend {backend!r}; expected 'implicit' or 'mllib'")
+        raise ValueError(
+            f"unknown ALS backend {backend!r}; expected 'implicit', 'mllib' or 'ials'"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

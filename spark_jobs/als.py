@@ -1,4 +1,4 @@
-"""ALS training behind one small interface, with two backends.
+"""ALS training behind one small interface, with three backends.
 
     trainer = make_trainer(settings.train, spark=None)
     result = trainer.fit(matrix)          # InteractionMatrix -> ALSFactors
@@ -20,7 +20,14 @@
   are collected. MLlib's last half-step updates users against the final item factors
   with an exact Cholesky solve, so fold-in reproduces its user vectors as is.
 
-Both return `ALSFactors` with the `FoldInParams` of the objective they solved.
+* `ScaledALSTrainer` ("ials") — NumPy/SciPy ALS on MLlib's objective (c = 1 + alpha r,
+  lambda scaled by each row's interaction count, as in Rendle et al. 2022, "Revisiting the
+  Performance of iALS"), single node. Every half-step solves each row's normal equations
+  exactly (float64, batched over rows of similar length); the last half-step is the user
+  solve, so fold-in reproduces its user vectors exactly. Frequency-scaled lambda tolerates
+  more factors than implicit's unscaled one (see bench/ and /work/shared/STACK.md).
+
+All return `ALSFactors` with the `FoldInParams` of the objective they solved.
 """
 
 from __future__ import annotations
@@ -256,6 +263,87 @@ class MLlibTrainer:
         )
 
 
+def scaled_half_step(
+    r: sp.csr_matrix, other: np.ndarray, alpha: float, regularization: float,
+    *, budget: int = 400_000,
+) -> np.ndarray:
+    """Solve every row x of `r` (n x m, values r_i >= 0) against `other` (m x k):
+
+        (YtY + sum_i alpha r_i y_i y_i^T + lambda n_row I) x = sum_i (1 + alpha r_i) y_i
+
+    i.e. `lake.foldin.fold_in` with scale_reg_by_count for every row at once. Rows are
+    sorted by interaction count and solved in padded batches (at most `budget` padded
+    entries each): one batched matmul builds the k x k systems, one batched solve
+    (float64) answers them. Rows without interactions get 0.
+    """
+    y = np.asarray(other, dtype=np.float64)
+    n, k = r.shape[0], y.shape[1]
+    gram = y.T @ y
+    yz = np.vstack([y, np.zeros((1, k))])  # padding row
+    out = np.zeros((n, k))
+    ip, ind, dat = r.indptr, r.indices, r.data
+    cnt = np.diff(ip)
+    order = np.argsort(cnt, kind="stable")
+    order = order[cnt[order] > 0]
+    diag = np.arange(k)
+    s = 0
+    while s < len(order):
+        e = s + 1
+        while e < len(order) and (e - s + 1) * cnt[order[e]] <= budget and e - s < 2048:
+            e += 1
+        rows = order[s:e]
+        c = cnt[rows]
+        pos = np.arange(c.max())[None, :]
+        mask = pos < c[:, None]
+        src = np.where(mask, ip[rows][:, None] + pos, 0)
+        yp = yz[np.where(mask, ind[src], y.shape[0])]  # (b, L, k)
+        val = np.where(mask, dat[src], 0.0)
+        yw = yp * np.sqrt(alpha * val)[..., None]
+        a = np.matmul(yw.transpose(0, 2, 1), yw)
+        a += gram
+        a[:, diag, diag] += regularization * c[:, None]
+        b = np.einsum("bl,blk->bk", np.where(mask, 1.0 + alpha * val, 0.0), yp)
+        out[rows] = np.linalg.solve(a, b[..., None])[..., 0]
+        s = e
+    return out
+
+
+class ScaledALSTrainer:
+    """ALS on MLlib's count-scaled objective, in NumPy (single node, CPU)."""
+
+    backend = "ials"
+
+    def __init__(self, settings: TrainSettings, *, init_std: float = 0.01) -> None:
+        self.settings = settings
+        self.init_std = init_std
+
+    def fit(self, matrix: InteractionMatrix) -> ALSFactors:
+        _check_matrix(matrix)
+        s = self.settings
+        lam = s.effective_regularization
+        r = sp.csr_matrix(matrix.csr, dtype=np.float64, copy=True)
+        r.eliminate_zeros()
+        if r.data.size and (np.any(r.data < 0) or not np.all(np.isfinite(r.data))):
+            raise TrainError("interaction values must be finite and >= 0")
+        rt = sp.csr_matrix(r.T)
+        rng = np.random.default_rng(s.seed)
+        users = rng.normal(0.0, self.init_std, (r.shape[0], s.factors))
+        items = rng.normal(0.0, self.init_std, (r.shape[1], s.factors))
+        t0 = time.perf_counter()
+        for _ in range(s.iterations):
+            items = scaled_half_step(rt, users, s.alpha, lam)
+            users = scaled_half_step(r, items, s.alpha, lam)  # last: users, exact fold-in
+        fit_s = time.perf_counter() - t0
+        return ALSFactors(
+            user_factors=np.ascontiguousarray(users, dtype=np.float32),
+            item_factors=np.ascontiguousarray(items, dtype=np.float32),
+            foldin=FoldInParams.for_backend("ials", alpha=s.alpha, regularization=lam),
+            params=train_params(s) | {"backend": "ials"},
+            info={"device": "cpu", "fit_seconds": round(fit_s, 3),
+                  "total_seconds": round(fit_s, 3)},
+        )
+
+
 def _collect_factors(df: DataFrame, n: int, k: int) -> np.ndarray:
     """MLlib's (id, features) factor DataFrame -> dense (n, k) float32 (missing ids: 0)."""
     table = df.select("id", "features").toArrow()
@@ -275,4 +363,8 @@ def make_trainer(settings: TrainSettings, spark: SparkSession | None = None) -> 
         return ImplicitTrainer(settings)
     if settings.backend == "mllib":
         return MLlibTrainer(settings, spark)
-    raise TrainError(f"unknown ALS backend {settings.backend!r}; expected 'implicit' or 'mllib'")
+    if settings.backend == "ials":
+        return ScaledALSTrainer(settings)
+    raise TrainError(
+        f"unknown ALS backend {settings.backend!r}; expected 'implicit', 'mllib' or 'ials'"
+    )

@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = job_parser("spark_jobs.train", "Train ALS on gold interactions and stage the model.")
     p.add_argument("--as-of", dest="as_of", type=parse_date, required=True)
     p.add_argument("--version", required=True, help="model version name to stage")
-    p.add_argument("--backend", choices=["implicit", "mllib"], default=None)
+    p.add_argument("--backend", choices=["implicit", "mllib", "ials"], default=None)
     p.add_argument("--factors", type=int, default=None)
     p.add_argument("--regularization", type=_regularization, default=None,
                    help="lambda, or 'auto' for the backend's default")

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from lake.config import TrainSettings
 from lake.foldin import fold_in, gramian
-from spark_jobs.als import ALSFactors, ImplicitTrainer, MLlibTrainer
+from spark_jobs.als import ALSFactors, ImplicitTrainer, MLlibTrainer, ScaledALSTrainer
 from spark_jobs.matrix import InteractionMatrix
 
 
@@ -61,6 +61,16 @@ def test_implicit_without_final_user_step_is_only_approximate():
                           final_user_step=False).fit(m)
     cos = foldin_cosines(m, res)
     assert cos.min() < 0.9999
+
+
+def test_ials_batch_vectors_equal_fold_in():
+    """ScaledALSTrainer ends with an exact user solve of MLlib's objective: fold-in is exact."""
+    m = synthetic_matrix()
+    res = ScaledALSTrainer(TrainSettings(backend="ials", **SETTINGS)).fit(m)
+    assert res.foldin.scale_reg_by_count and res.foldin.confidence_offset == 1.0
+    cos = foldin_cosines(m, res)
+    assert np.mean(cos >= 0.99) >= 0.99, np.quantile(cos, [0, 0.01, 0.5])
+    assert cos.min() > 0.9999
 
 
 @pytest.mark.slow
