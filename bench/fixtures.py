@@ -27,25 +27,13 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from bench.vectors import clustered_vectors
 from lake.config import PROJECT_ROOT, IndexSettings
 
 CACHE_DIR = PROJECT_ROOT / "var" / "bench"
 N_CLUSTERS = 200
 N_CATEGORIES = 50
 BUNDLE_VERSION = "vbench"
-
-
-def clustered_vectors(n: int, dim: int, *, clusters: int = N_CLUSTERS,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`bench.vectors.als_like_vectors` (same draws) plus each row's cluster."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(clusters, dim)).astype(np.float32)
-    sizes = rng.zipf(1.5, size=clusters).astype(np.float64)
-    assign = rng.choice(clusters, size=n, p=sizes / sizes.sum())
-    v = centers[assign] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
-    norms = rng.lognormal(mean=0.0, sigma=0.5, size=(n, 1)).astype(np.float32)
-    v *= norms / np.linalg.norm(v, axis=1, keepdims=True)
-    return np.ascontiguousarray(v, dtype=np.float32), assign.astype(np.int32)
 
 
 def category_of_cluster(c: int | np.ndarray) -> np.ndarray | str:

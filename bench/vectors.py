@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def als_like_vectors(n: int, dim: int = 64, *, clusters: int = 200, seed: int = 0) -> np.ndarray:
+def clustered_vectors(n: int, dim: int = 64, *, clusters: int = 200,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """ALS-like item vectors and each row's cluster (Zipf-sized clusters, log-normal norms)."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(clusters, dim)).astype(np.float32)
     sizes = rng.zipf(1.5, size=clusters).astype(np.float64)
@@ -18,7 +20,11 @@ def als_like_vectors(n: int, dim: int = 64, *, clusters: int = 200, seed: int = 
     v = centers[assign] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
     norms = rng.lognormal(mean=0.0, sigma=0.5, size=(n, 1)).astype(np.float32)
     v *= norms / np.linalg.norm(v, axis=1, keepdims=True)
-    return np.ascontiguousarray(v, dtype=np.float32)
+    return np.ascontiguousarray(v, dtype=np.float32), assign.astype(np.int32)
+
+
+def als_like_vectors(n: int, dim: int = 64, *, clusters: int = 200, seed: int = 0) -> np.ndarray:
+    return clustered_vectors(n, dim, clusters=clusters, seed=seed)[0]
 
 
 def user_like_queries(items: np.ndarray, n: int, *, seed: int = 1) -> np.ndarray:
