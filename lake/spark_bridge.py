@@ -215,7 +215,8 @@ def read_table(
         # file_uris() and the log encode paths differently: match on fully decoded suffixes
         kept = {"/".join(parts[-k:]) for u in keep
                 for parts in [_decoded(u).split("/")] for k in range(1, len(parts) + 1)}
-        mask = pa.array([_decoded(p) in kept for p in actions.column("path").to_pylist()])
+        mask = pa.array([_decoded(p) in kept for p in actions.column("path").to_pylist()],
+                        type=pa.bool_())  # typed: an empty log gives an empty mask
         actions = actions.filter(mask)
     if actions.num_rows == 0:
         return spark.createDataFrame([], full)

@@ -90,6 +90,11 @@ def test_read_table_restores_partitions_and_timestamps(spark, lake: Lake) -> Non
     # a missing table reads as empty with the catalog schema
     empty = read_table(spark, lake, "gold_interactions")
     assert empty.count() == 0 and empty.columns[-1] == "as_of"
+    # an existing table with no files yet, read with a partition filter (compaction of a
+    # fresh lake does exactly this)
+    lake.ensure("silver_events")
+    assert read_table(spark, lake, "silver_events",
+                      partition_filter="event_date >= '2024-03-01'").count() == 0
 
 
 def test_read_table_time_travel(spark, lake: Lake) -> None:
