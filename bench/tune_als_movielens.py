@@ -4,7 +4,7 @@ Standalone (reads the CSV directly, no lake/Spark): popularity and EASE baseline
 of implicit ALS settings, evaluated with spark_jobs.metrics on the same split. One JSON line
 per model on stdout.
 
-    .venv/bin/python bench/tune_als_ml1m.py [--grid quick|full] [--csv PATH]
+    .venv/bin/python bench/tune_als_movielens.py [--grid quick|full] [--csv PATH]
 """
 
 from __future__ import annotations
