@@ -24,6 +24,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from tiny_pipeline import tiny_pipeline_env  # noqa: E402
+
 from infra import airflow_standalone as sa  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -103,19 +105,7 @@ def test_standalone_runs_the_retrain_dag_from_the_rest_api(tmp_path: Path) -> No
     port = _free_port()
     models = tmp_path / "models"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LAMBDAREC__"))}
-    env.update({
-        "LAMBDAREC__LAKE__ROOT": str(tmp_path / "lake"),
-        "LAMBDAREC__MODEL__DIR": str(models),
-        "LAMBDAREC__SERVER__WAL_DIR": str(tmp_path / "wal"),
-        "LAMBDAREC__DATA__SOURCE": "synthetic",
-        "LAMBDAREC__DATA__SYNTHETIC_EVENTS": "20000",
-        "LAMBDAREC__DATA__SYNTHETIC_USERS": "800",
-        "LAMBDAREC__DATA__SYNTHETIC_ITEMS": "300",
-        "LAMBDAREC__SPARK__DRIVER_MEMORY": "1g",
-        "LAMBDAREC__SPARK__SHUFFLE_PARTITIONS": "2",
-        "LAMBDAREC__AIRFLOW__RELOAD_TARGETS": '["127.0.0.1:1"]',
-        "OPENBLAS_NUM_THREADS": "1",
-    })
+    env.update(tiny_pipeline_env(tmp_path))
     seed = subprocess.run([sys.executable, "-m", "lake.load"], env=env, cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert seed.returncode == 0, seed.stderr[-3000:]

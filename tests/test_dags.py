@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tiny_pipeline import tiny_pipeline_env
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DAGS = PROJECT_ROOT / "dags"
@@ -335,20 +336,7 @@ def test_retrain_dag_end_to_end_publishes_a_model(tmp_path: Path) -> None:
     home = tmp_path / "airflow"
     home.mkdir()
     models = tmp_path / "models"
-    lake_env = {
-        "LAMBDAREC__LAKE__ROOT": str(tmp_path / "lake"),
-        "LAMBDAREC__MODEL__DIR": str(models),
-        "LAMBDAREC__SERVER__WAL_DIR": str(tmp_path / "wal"),
-        "LAMBDAREC__DATA__SOURCE": "synthetic",
-        "LAMBDAREC__DATA__SYNTHETIC_EVENTS": "20000",
-        "LAMBDAREC__DATA__SYNTHETIC_USERS": "800",
-        "LAMBDAREC__DATA__SYNTHETIC_ITEMS": "300",
-        "LAMBDAREC__SPARK__MASTER": "local[2]",
-        "LAMBDAREC__SPARK__DRIVER_MEMORY": "1g",
-        "LAMBDAREC__SPARK__SHUFFLE_PARTITIONS": "2",
-        "LAMBDAREC__AIRFLOW__RELOAD_TARGETS": '["127.0.0.1:1"]',  # nobody listens: a warning
-        "OPENBLAS_NUM_THREADS": "1",
-    }
+    lake_env = tiny_pipeline_env(tmp_path) | {"LAMBDAREC__SPARK__MASTER": "local[2]"}
     env = _airflow_env(
         home,
         AIRFLOW_CONN_SPARK_DEFAULT=json.dumps({"conn_type": "spark", "host": "local[2]"}),
