@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable
@@ -76,6 +77,22 @@ class Bundle:
     @property
     def index_path(self) -> Path:
         return self.path / INDEX_FILE
+
+
+_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_version_name(version: str) -> str:
+    """A bundle version is a plain directory name: ASCII letters, digits, `._-`, ≤100 chars.
+
+    Checked before any path is built from it, so a request can never address a file outside
+    the models directory or hit the OS's file-name limits.
+    """
+    if not _VERSION_NAME.fullmatch(version):
+        raise BundleError(
+            f"{version[:120]!r} is not a model version name "
+            "(1-100 ASCII letters, digits, '.', '_' or '-', not starting with '.', '_' or '-')")
+    return version
 
 
 def new_version(now: datetime | None = None) -> str:
@@ -139,7 +156,7 @@ def write_bundle(
 
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
-    final = models_dir / version
+    final = models_dir / check_version_name(version)
     if final.exists():
         raise BundleError(f"bundle {final} already exists")
     tmp = models_dir / f".tmp-{version}-{secrets.token_hex(3)}"
@@ -271,6 +288,7 @@ def current_version(models_dir: Path) -> str | None:
 def set_current(models_dir: Path, version: str) -> None:
     """Point CURRENT at `version` atomically (write temp file, fsync, rename)."""
     models_dir = Path(models_dir)
+    check_version_name(version)
     read_manifest(models_dir / version)  # refuse to point at something that is not a bundle
     tmp = models_dir / f".{CURRENT}.{secrets.token_hex(3)}"
     with tmp.open("w") as f:

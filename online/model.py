@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lake.bundle import Bundle, BundleError, current_version, read_bundle
+from lake.bundle import Bundle, BundleError, check_version_name, current_version, read_bundle
 from lake.config import IndexSettings, Settings
 from lake.vector_index import FaissIndex
 from online.errors import ModelLoadError, NotFound
@@ -89,9 +89,11 @@ class RowSelector:
         self.bitmap = np.packbits(np.asarray(mask, dtype=bool), bitorder="little")
         self.selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(self.bitmap))
         if ef_search is not None:  # HNSW: parameters replace the index's efSearch
-            self.params = faiss.SearchParametersHNSW(sel=self.selector, efSearch=ef_search)
+            # faiss's SWIG stubs lack these keyword constructors
+            self.params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+                sel=self.selector, efSearch=ef_search)
         else:
-            self.params = faiss.SearchParameters(sel=self.selector)
+            self.params = faiss.SearchParameters(sel=self.selector)  # type: ignore[call-arg]
 
 
 class LoadedModel:
@@ -300,8 +302,10 @@ class ModelManager:
                 raise NotFound(f"no model version given and {self.models_dir}/CURRENT is missing")
             if version is None:
                 self.last_seen_current = pointer
-            if "/" in target or target.startswith("."):
-                raise ModelLoadError(f"version: {target!r} is not a bundle directory name")
+            try:
+                check_version_name(target)
+            except BundleError as e:
+                raise ModelLoadError(f"version: {e}") from None
             old = self._current
             if old is not None and old.version == target:
                 return {"version": target, "previous": old.version, "changed": False,

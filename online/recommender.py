@@ -125,7 +125,8 @@ class Recommender:
         """The catalogue part of `f` as arrays over `model`'s rows (see `RowFilter`)."""
         view = self.catalog.rows(model)
         include = exclude = None
-        inc_codes = exc_codes = ()
+        inc_codes: tuple[int, ...] = ()
+        exc_codes: tuple[int, ...] = ()
         if f.include_categories:
             inc_codes = tuple(sorted(self.catalog.category_codes(f.include_categories)))
             include = self._code_table(inc_codes)

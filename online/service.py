@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from lake.bundle import BundleError, check_version_name
 from lake.config import Settings
 from lake.validation import MAX_ID_LENGTH, validate_event
 from online.errors import (
@@ -318,9 +319,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     context: grpc.ServicerContext) -> admin_pb2.ReloadModelResponse:
         version = None
         if request.HasField("version"):
-            version = self.v.id("version", request.version)
-            if "/" in version or "\\" in version or version.startswith("."):
-                raise InvalidArgument("version", f"{version!r} is not a bundle directory name")
+            try:
+                version = check_version_name(request.version)
+            except BundleError as e:
+                raise InvalidArgument("version", str(e)) from None
         out = self._reload(version)
         return admin_pb2.ReloadModelResponse(
             model_version=out["version"], previous_version=out["previous"] or "",

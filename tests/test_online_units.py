@@ -11,6 +11,7 @@ import numpy as np
 import online_bundles as kb
 import pytest
 
+from lake.bundle import BundleError, check_version_name
 from lake.config import load_settings
 from online import recommender as rec_mod
 from online.catalog import Catalog
@@ -254,3 +255,15 @@ def test_selective_filters_search_once_and_follow_upserts(
     assert [i for i, _, _ in engine.recommend("uC0", 3, tiny).items] == ["B5"]
     any_tiny = FilterSpec(include_categories=frozenset({"tiny"}), only_available=False)
     assert sorted(i for i, _, _ in engine.recommend("uC0", 3, any_tiny).items) == ["A5", "B5"]
+
+
+@pytest.mark.parametrize("name", ["v1", "v20261122T181500Z-3fa9", "a" * 100, "model_2.b"])
+def test_version_names_accepted(name: str) -> None:
+    assert check_version_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".tmp-v1", "-v", "../v1", "v1/x", "é" * 10, "a" * 101,
+                                  "v 1", "v1\x00"])
+def test_version_names_refused(name: str) -> None:
+    with pytest.raises(BundleError, match="not a model version name"):
+        check_version_name(name)
