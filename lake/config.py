@@ -192,13 +192,15 @@ class ServerSettings(_Strict):
     max_k: int = Field(default=500, ge=1)
     """Largest k a request may ask for."""
     max_batch: int = Field(default=10_000, ge=1)
-    """Most events/items in one request."""
+    """Most events, items or Recommend requests in one call."""
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """gRPC max message size."""
     max_id_length: int = Field(default=256, ge=1)
     """Longest user/item/event id accepted."""
     overfetch: int = Field(default=4, ge=1)
     """ANN over-fetch factor so filters still leave k results."""
+    exact_filter_max_rows: int = Field(default=20_000, ge=0)
+    """A filter admitting at most this many items is searched exactly over its own rows."""
     recent_events_per_user: int = Field(default=200, ge=1)
     """Real-time interactions kept per user for fold-in."""
     new_item_min_interactions: int = Field(default=3, ge=1)

@@ -60,19 +60,24 @@ class RowView:
     unknown to the view: callers treat them like items missing from the catalogue.
     Readers take `available` / `category` once per request; writers (upsert, growth) hold
     the catalogue's lock and either assign elements or replace both arrays, and bump
-    `version`. `derived` is a small bounded cache (oldest out) for what callers compute
-    from the whole view (search-time filters): entries are (version, value) and stale
-    once `version` moved, so every upsert costs each filter in use one recomputation.
+    `version`. `derived` is a small bounded cache (oldest out, by count and by bytes) for
+    what callers compute from the whole view (search-time filters): entries are
+    (version, value, nbytes) and stale once `version` moved, so every upsert costs each
+    filter in use one recomputation.
     """
 
-    __slots__ = ("available", "category", "version", "derived", "__weakref__")
+    __slots__ = ("available", "category", "version", "derived", "_derived_bytes",
+                 "_derived_lock", "__weakref__")
     MAX_DERIVED = 128
+    MAX_DERIVED_BYTES = 256 * 1024 * 1024
 
     def __init__(self, available: np.ndarray, category: np.ndarray) -> None:
         self.available = available
         self.category = category
         self.version = 0
-        self.derived: OrderedDict[Any, tuple[int, Any]] = OrderedDict()
+        self.derived: OrderedDict[Any, tuple[int, Any, int]] = OrderedDict()
+        self._derived_bytes = 0
+        self._derived_lock = threading.Lock()
 
     def get_derived(self, key: Any) -> tuple[bool, Any]:
         """(found, value) of `key` if it was computed at the current version."""
@@ -81,14 +86,22 @@ class RowView:
             return False, None
         return True, hit[1]
 
-    def put_derived(self, key: Any, version: int, value: Any) -> None:
-        """Remember `value`, computed from the view as of `version`."""
-        self.derived[key] = (version, value)
-        while len(self.derived) > self.MAX_DERIVED:
-            try:
-                self.derived.popitem(last=False)
-            except KeyError:  # another thread emptied it first
-                break
+    def put_derived(self, key: Any, version: int, value: Any, nbytes: int = 0) -> None:
+        """Remember `value` (holding `nbytes` of arrays), computed as of `version`."""
+        with self._derived_lock:
+            old = self.derived.pop(key, None)
+            if old is not None:
+                self._derived_bytes -= old[2]
+            self.derived[key] = (version, value, nbytes)
+            self._derived_bytes += nbytes
+            while len(self.derived) > 1 and (len(self.derived) > self.MAX_DERIVED or
+                                             self._derived_bytes > self.MAX_DERIVED_BYTES):
+                _, dropped = self.derived.popitem(last=False)
+                self._derived_bytes -= dropped[2]
+
+    @property
+    def derived_bytes(self) -> int:
+        return self._derived_bytes
 
     def __len__(self) -> int:
         return int(self.category.shape[0])

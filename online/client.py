@@ -1,6 +1,7 @@
 """Python client for the lambdarec online API, and a CLI that prints JSON.
 
     python -m online.client recommend u1 -k 10 --explain --context i3 --category shoes
+    python -m online.client recommend-batch --file requests.jsonl   # {"user_id", "k", ...}
     python -m online.client similar i42 -k 5
     python -m online.client ingest --user u1 --item i3 --type view     # or --file events.jsonl
     python -m online.client upsert-items --item i3 --category shoes --unavailable
@@ -107,6 +108,20 @@ class Client:
                                   context_item_ids=list(context_item_ids), explain=explain)
         return self.stub.Recommend(req, timeout=timeout or self.timeout)
 
+    def recommend_batch(self, requests: Iterable[Mapping[str, Any]], *,
+                        timeout: float | None = None) -> pb.RecommendBatchResponse:
+        """Several Recommend requests in one call; each a dict of `recommend`'s arguments
+        (`user_id`, `k`, `context_item_ids`, `explain`, and the filter keywords)."""
+        reqs = []
+        for r in requests:
+            r = dict(r)
+            user_id, k = str(r.pop("user_id", "")), int(r.pop("k", 10))
+            ctx, explain = list(r.pop("context_item_ids", ())), bool(r.pop("explain", False))
+            reqs.append(pb.RecommendRequest(user_id=user_id, k=k, filters=_filters(**r),
+                                            context_item_ids=ctx, explain=explain))
+        return self.stub.RecommendBatch(pb.RecommendBatchRequest(requests=reqs),
+                                        timeout=timeout or self.timeout)
+
     def similar(self, item_id: str, k: int = 10, *, timeout: float | None = None,
                 **filters: Any) -> pb.SimilarItemsResponse:
         req = pb.SimilarItemsRequest(item_id=item_id, k=k, filters=_filters(**filters))
@@ -187,6 +202,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--context", action="append", default=[], metavar="ITEM",
                    help="session/basket item folded in for this request only")
     r.add_argument("--explain", action="store_true")
+    rb = sub.add_parser("recommend-batch",
+                        help="many Recommend requests in one call (JSON lines from --file)")
+    rb.add_argument("--file", type=Path, required=True,
+                    help="JSON lines: user_id, k, context_item_ids, explain, exclude_seen, "
+                         "exclude_item_ids, include_categories, exclude_categories, "
+                         "only_available ('-' for stdin)")
     s = sub.add_parser("similar", help="items similar to an item")
     s.add_argument("item_id")
     add_filters(s)
@@ -242,6 +263,8 @@ def run_cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                            explain=args.explain,
                                            exclude_seen=not args.include_seen, **filters))
             return to_dict(c.similar(args.item_id, args.k, **filters))
+        if cmd == "recommend-batch":
+            return to_dict(c.recommend_batch(_read_jsonl(args.file)))
         if cmd == "ingest":
             if args.file:
                 events = _read_jsonl(args.file)

@@ -18,7 +18,7 @@ from lake.config import Settings
 from lake.foldin import contributions
 from online.catalog import Catalog, RowView
 from online.errors import NoModel, NotFound
-from online.model import LoadedModel, ModelManager, RowSelector
+from online.model import LoadedModel, ModelManager, RowFilterIndex
 from online.state import OnlineState
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class Recommender:
         self.state = state
         self.catalog = catalog
         self.overfetch = settings.server.overfetch
+        self.exact_max_rows = settings.server.exact_filter_max_rows
         self.context_weight = float(settings.interactions.weights.get(CONTEXT_EVENT_TYPE, 1.0))
         self._fb_cache: tuple[tuple[int, int], tuple[list[tuple[str, float]], float, int]] | \
             None = None
@@ -142,12 +143,13 @@ class Recommender:
         table[list(codes)] = True
         return table
 
-    def _selector(self, model: LoadedModel, rf: RowFilter) -> tuple[RowSelector | None, int]:
+    def _selector(self, model: LoadedModel, rf: RowFilter) -> tuple[RowFilterIndex | None, int]:
         """The search-time form of `rf` and how many rows pass it, cached on the row view
-        until the view changes. With it FAISS returns only rows that pass, so a selective
-        filter (a small category) costs one search instead of rounds of ever larger
-        over-fetches. (None, n) when the filter admits every row or the index cannot
-        filter while searching."""
+        until the view changes. With it the search returns only rows that pass, so a
+        selective filter (a small category) costs one search instead of rounds of ever
+        larger over-fetches; one that admits few rows is searched exactly over them.
+        (None, n) when the filter admits every row or the index cannot filter while
+        searching."""
         if rf.empty:
             return None, model.n_items
         view = self.catalog.rows(model)
@@ -158,9 +160,10 @@ class Recommender:
         fresh = RowFilter(view, rf.available is not None, rf.include, rf.exclude, rf.key)
         keep = fresh.mask(np.arange(fresh.n, dtype=np.int64))
         n_pass = int(np.count_nonzero(keep))
-        out = (None if n_pass == keep.size else model.selector(keep), n_pass)
-        view.put_derived(rf.key, version, out)
-        return out
+        sel = None if n_pass == keep.size else \
+            model.selector(keep, n_pass, self.exact_max_rows)
+        view.put_derived(rf.key, version, (sel, n_pass), nbytes=getattr(sel, "nbytes", 0))
+        return sel, n_pass
 
     def _search(
         self, model: LoadedModel, query: np.ndarray, k: int, f: FilterSpec,

@@ -208,23 +208,44 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
 
     def Recommend(self, request: pb.RecommendRequest,  # noqa: N802 (gRPC names)
                   context: grpc.ServicerContext) -> pb.RecommendResponse:
-        v = self.v
-        user_id = v.id("user_id", request.user_id)
-        k = v.k("k", request.k)
-        filters = v.filters(request.filters)
-        ctx_items = v.ids("context_item_ids", request.context_item_ids)
+        call = self._recommend_call(request)
         check = deadline_check(context)
         check("recommend")
-        result = self.engine.recommend(user_id, k, filters, context_item_ids=ctx_items,
-                                       explain=request.explain, check=check)
-        self.metrics.child(self.metrics.strategy, result.strategy).inc()
-        resp = pb.RecommendResponse(
-            model_version=result.model_version,
-            strategy=pb.STRATEGY_FALLBACK if result.strategy == FALLBACK
-            else pb.STRATEGY_PERSONALISED,
-        )
-        _add_items(resp.items, result)
+        resp = pb.RecommendResponse()
+        self._answer(call, check, resp)
         return resp
+
+    def RecommendBatch(self, request: pb.RecommendBatchRequest,  # noqa: N802
+                       context: grpc.ServicerContext) -> pb.RecommendBatchResponse:
+        self.v.batch("requests", len(request.requests))
+        calls = [self._recommend_call(r, f"requests[{i}].")
+                 for i, r in enumerate(request.requests)]  # all valid before any work
+        check = deadline_check(context)
+        resp = pb.RecommendBatchResponse()
+        add = resp.responses.add
+        for call in calls:
+            check("recommend")
+            self._answer(call, check, add())
+        return resp
+
+    def _recommend_call(self, request: pb.RecommendRequest,
+                        prefix: str = "") -> tuple[str, int, FilterSpec, list[str], bool]:
+        v = self.v
+        return (v.id(f"{prefix}user_id", request.user_id), v.k(f"{prefix}k", request.k),
+                v.filters(request.filters, prefix=f"{prefix}filters"),
+                v.ids(f"{prefix}context_item_ids", request.context_item_ids),
+                request.explain)
+
+    def _answer(self, call: tuple[str, int, FilterSpec, list[str], bool],
+                check: Callable[[str], None], resp: pb.RecommendResponse) -> None:
+        user_id, k, filters, ctx_items, explain = call
+        result = self.engine.recommend(user_id, k, filters, context_item_ids=ctx_items,
+                                       explain=explain, check=check)
+        self.metrics.child(self.metrics.strategy, result.strategy).inc()
+        resp.model_version = result.model_version
+        resp.strategy = pb.STRATEGY_FALLBACK if result.strategy == FALLBACK \
+            else pb.STRATEGY_PERSONALISED
+        _add_items(resp.items, result)
 
     def SimilarItems(self, request: pb.SimilarItemsRequest,  # noqa: N802
                      context: grpc.ServicerContext) -> pb.SimilarItemsResponse:

@@ -137,6 +137,40 @@ def test_filters_categories_availability_and_excluded_ids(srv: Running) -> None:
     assert ids(srv.client.recommend("uA2", k=2, include_categories=["hats"])) == ["B4"]
 
 
+def test_recommend_batch_answers_each_request_as_recommend_does(srv: Running) -> None:
+    c = srv.client
+    out = c.recommend_batch([
+        {"user_id": "uA0", "k": 3},
+        {"user_id": "uC1", "k": 2, "explain": True},
+        {"user_id": "uA1", "k": 3, "context_item_ids": ["C0", "C1", "C2"]},
+        {"user_id": "never-seen-batch-user", "k": 2},
+        {"user_id": "uB1", "k": 2, "exclude_seen": False},
+    ])
+    got = [ids(r) for r in out.responses]
+    assert got[:3] == [["A2", "A3", "A4"], ["C2", "C3"], ["C3", "C4", "C5"]]
+    assert got[4] == ["B0", "B1"]
+    assert set(out.responses[1].items[0].because) <= {"C0", "C1"}
+    assert [r.strategy for r in out.responses] == [pb.STRATEGY_PERSONALISED] * 3 + \
+        [pb.STRATEGY_FALLBACK, pb.STRATEGY_PERSONALISED]
+    assert all(r.model_version == "v1" for r in out.responses)
+    # each answer is exactly the unary answer
+    for req, resp in ((("uA0", 3), out.responses[0]),
+                      (("never-seen-batch-user", 2), out.responses[3])):
+        single = c.recommend(*req)
+        assert [(i.item_id, i.score) for i in single.items] == \
+            [(i.item_id, i.score) for i in resp.items]
+    # one bad request fails the whole call, naming it; an empty batch is refused
+    code, msg = code_of(lambda: c.recommend_batch([{"user_id": "uA0"},
+                                                   {"user_id": "uA0", "k": 0}]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("requests[1].k"), msg
+    code, msg = code_of(lambda: c.recommend_batch([{"user_id": "uA0", "include_categories":
+                                                    [""]}]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and \
+        msg.startswith("requests[0].filters.include_categories[0]"), msg
+    code, msg = code_of(lambda: c.recommend_batch([]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("requests"), msg
+
+
 def test_explain_names_the_contributing_seen_item(srv: Running) -> None:
     resp = srv.client.recommend("uC1", k=2, explain=True)
     assert ids(resp) == ["C2", "C3"]
@@ -325,12 +359,18 @@ def test_metrics_endpoint(srv: Running) -> None:
     assert "lambdarec_ingest_pending_events" in body
 
 
-def test_client_cli_prints_json(srv: Running, capsys: pytest.CaptureFixture[str]) -> None:
+def test_client_cli_prints_json(srv: Running, capsys: pytest.CaptureFixture[str],
+                                tmp_path: Path) -> None:
     base = ["--target", srv.target, "--admin-target", srv.admin_target, "--token", TOKEN]
     assert cli_main([*base, "recommend", "uA0", "-k", "2", "--explain"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [i["item_id"] for i in out["items"]] == ["A2", "A3"]
     assert out["strategy"] == "STRATEGY_PERSONALISED" and out["items"][0]["because"]
+    batch = tmp_path / "requests.jsonl"
+    batch.write_text('{"user_id": "uA0", "k": 1}\n{"user_id": "uC1", "k": 1}\n')
+    assert cli_main([*base, "recommend-batch", "--file", str(batch)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["items"][0]["item_id"] for r in out["responses"]] == ["A2", "C2"]
     assert cli_main([*base, "similar", "C0", "-k", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["items"][0]["item_id"] == "C1"
     assert cli_main([*base, "ingest", "--user", "cli-user", "--item", "A4"]) == 0

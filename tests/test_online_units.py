@@ -22,10 +22,12 @@ from online.service import deadline_check
 from online.state import OnlineState, batch_cutoff
 
 
-@pytest.fixture
-def engine(tmp_path: Path) -> Recommender:
-    settings = load_settings(env={}, overrides={"model": {"dir": str(tmp_path / "models")},
-                                                "lake": {"root": str(tmp_path / "lake")}})
+@pytest.fixture(params=[0, 20_000], ids=["faiss-selector", "exact-subset"])
+def engine(tmp_path: Path, request: pytest.FixtureRequest) -> Recommender:
+    """The known-answer engine, once per way of searching under a selective filter."""
+    settings = load_settings(env={}, overrides={
+        "model": {"dir": str(tmp_path / "models")}, "lake": {"root": str(tmp_path / "lake")},
+        "server": {"exact_filter_max_rows": request.param}})
     kb.build(Path(settings.model.dir), "v1")
     state = OnlineState(settings)
     manager = ModelManager(settings, on_new_model=lambda new, old: state.refold(new))
@@ -267,3 +269,70 @@ def test_version_names_accepted(name: str) -> None:
 def test_version_names_refused(name: str) -> None:
     with pytest.raises(BundleError, match="not a model version name"):
         check_version_name(name)
+
+
+def test_filter_search_paths_agree_with_brute_force(tmp_path: Path) -> None:
+    """A category of 300 among 4,000 HNSW-indexed items: the exact subset (default) and the
+    FAISS selector both return the brute-force top 10 of that category."""
+    import scipy.sparse as sp
+
+    from lake.bundle import set_current, write_bundle
+    from lake.config import IndexSettings
+    from lake.foldin import FoldInParams
+    from lake.vector_index import build_and_save
+    from online.model import RowSelector, RowSubset
+
+    rng = np.random.default_rng(7)
+    n, dim = 4000, 16
+    items = rng.normal(size=(n, dim)).astype(np.float32)
+    users = rng.normal(size=(5, dim)).astype(np.float32)
+    item_ids = np.array([f"i{j}" for j in range(n)])
+    models = tmp_path / "models"
+    index_settings = {"exact_max_items": 1000, "hnsw_ef_search": 64}
+    write_bundle(models, "v1", user_ids=np.array([f"u{j}" for j in range(5)]),
+                 item_ids=item_ids, user_factors=users, item_factors=items,
+                 user_items=sp.csr_matrix((5, n)), item_popularity=np.ones(n),
+                 foldin=FoldInParams.for_backend("implicit", alpha=1.0, regularization=0.1),
+                 backend="implicit", params={}, metrics={},
+                 write_index=lambda f, p: build_and_save(f, p, IndexSettings(**index_settings)))
+    set_current(models, "v1")
+    in_cat = rng.choice(n, 300, replace=False)
+    catalog = Catalog(None)
+    catalog.upsert([{"item_id": f"i{j}", "category": "small"} for j in in_cat])
+    expected = {}
+    for u in range(5):
+        scores = items[in_cat] @ users[u]
+        expected[u] = [f"i{in_cat[j]}" for j in np.argsort(-scores)[:10]]
+    f = FilterSpec(include_categories=frozenset({"small"}))
+    for max_rows, kind in ((20_000, RowSubset), (0, RowSelector)):
+        settings = load_settings(env={}, overrides={
+            "model": {"dir": str(models)}, "lake": {"root": str(tmp_path / "lake")},
+            "index": index_settings, "server": {"exact_filter_max_rows": max_rows}})
+        manager = ModelManager(settings)
+        manager.reload()
+        assert manager.current is not None and manager.current.index_type == "IndexHNSWFlat"
+        eng = Recommender(settings, manager, OnlineState(settings), catalog)
+        got = {u: [i for i, _, _ in eng.recommend(f"u{u}", 10, f).items] for u in range(5)}
+        view = catalog.rows(manager.current)
+        assert [type(v[1][0]) for v in view.derived.values()] == [kind]
+        if kind is RowSubset:
+            assert got == expected
+        else:  # approximate search: most of the exact answer
+            hits = sum(len(set(got[u]) & set(expected[u])) for u in range(5))
+            assert hits >= 45, (hits, got, expected)
+
+
+def test_filter_cache_is_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from online.catalog import RowView
+
+    monkeypatch.setattr(RowView, "MAX_DERIVED_BYTES", 100)
+    view = RowView(np.ones(4, dtype=bool), np.zeros(4, dtype=np.int32))
+    view.put_derived("a", 0, "A", nbytes=60)
+    view.put_derived("b", 0, "B", nbytes=30)
+    assert list(view.derived) == ["a", "b"] and view.derived_bytes == 90
+    view.put_derived("c", 0, "C", nbytes=30)  # 120 > 100: the oldest goes
+    assert list(view.derived) == ["b", "c"] and view.derived_bytes == 60
+    view.put_derived("b", 0, "B2", nbytes=10)  # replacing an entry re-counts it
+    assert view.derived_bytes == 40 and view.get_derived("b") == (True, "B2")
+    view.put_derived("huge", 0, "H", nbytes=1000)  # alone over budget: still kept (newest)
+    assert list(view.derived) == ["huge"]

@@ -7,6 +7,7 @@ the deadline -- fails the property):
 RPC               allowed status codes
 ================  ================================================================
 Recommend         OK, INVALID_ARGUMENT
+RecommendBatch    OK, INVALID_ARGUMENT (always for an empty batch)
 SimilarItems      OK, INVALID_ARGUMENT, NOT_FOUND (unknown item, as the proto says)
 IngestEvents      OK, INVALID_ARGUMENT
 UpsertItems       OK, INVALID_ARGUMENT
@@ -356,6 +357,19 @@ def prop_recommend(s: Server, user_id: str, k: int, f: pb.Filters, ctx: list[str
     assert_healthy(s)
 
 
+def prop_recommend_batch(s: Server, reqs: list[pb.RecommendRequest]) -> None:
+    req = pb.RecommendBatchRequest(requests=reqs)
+    code, resp, details = s.call(s.stub.RecommendBatch, req)
+    assert_allowed(code, details, req, {OK, INVALID})
+    if not reqs:
+        assert code == INVALID, code
+    if code == OK:
+        assert len(resp.responses) == len(reqs)
+        for r, one in zip(reqs, resp.responses, strict=True):
+            assert_scored(one, r.k, set(r.filters.exclude_item_ids))
+    assert_healthy(s)
+
+
 def prop_similar(s: Server, item_id: str, k: int, f: pb.Filters) -> None:
     req = pb.SimilarItemsRequest(item_id=item_id, k=k, filters=f)
     code, resp, details = s.call(s.stub.SimilarItems, req)
@@ -418,6 +432,9 @@ PROPS: dict[str, tuple[Callable[..., None], dict[str, Any], int]] = {
     # name: (property, strategies, examples in the fast variant)
     "recommend": (prop_recommend, dict(user_id=user_ids, k=k_values, f=filters(), ctx=id_lists,
                                        explain=st.booleans()), 25),
+    "recommend_batch": (prop_recommend_batch, dict(reqs=st.lists(st.builds(
+        pb.RecommendRequest, user_id=user_ids, k=k_values, filters=filters(),
+        context_item_ids=id_lists, explain=st.booleans()), max_size=5)), 15),
     "similar": (prop_similar, dict(item_id=item_ids, k=k_values, f=filters()), 15),
     "ingest": (prop_ingest, dict(req=ingest_requests()), 25),
     "upsert": (prop_upsert, dict(req=upsert_requests()), 15),
@@ -444,6 +461,7 @@ def fuzz_test(name: str, scale: int) -> Callable[[Server], None]:
 
 
 test_fuzz_recommend = fuzz_test("recommend", 1)
+test_fuzz_recommend_batch = fuzz_test("recommend_batch", 1)
 test_fuzz_similar = fuzz_test("similar", 1)
 test_fuzz_ingest = fuzz_test("ingest", 1)
 test_fuzz_upsert = fuzz_test("upsert", 1)
@@ -451,6 +469,7 @@ test_fuzz_admin = fuzz_test("admin", 1)
 
 SOAK = 10
 test_fuzz_soak_recommend = pytest.mark.reliability(fuzz_test("recommend", SOAK))
+test_fuzz_soak_recommend_batch = pytest.mark.reliability(fuzz_test("recommend_batch", SOAK))
 test_fuzz_soak_similar = pytest.mark.reliability(fuzz_test("similar", SOAK))
 test_fuzz_soak_ingest = pytest.mark.reliability(fuzz_test("ingest", SOAK))
 test_fuzz_soak_upsert = pytest.mark.reliability(fuzz_test("upsert", SOAK))
