@@ -131,6 +131,14 @@ def _factor_table(name: str, id_col: str, what: str) -> TableSpec:
 USER_FACTORS = _factor_table("user_factors", "user_id", "user")
 ITEM_FACTORS = _factor_table("item_factors", "item_id", "item")
 
+USER_ERASURES = TableSpec(
+    "user_erasures",
+    pa.schema([_f("user_id", pa.string(), False), _f("requested_at", TS, False)]),
+    (),
+    "Users erased with ForgetUser. Their rows are deleted everywhere else; servers keep "
+    "hiding their vectors in models trained before the erasure (restarts included).",
+)
+
 TABLES: dict[str, TableSpec] = {
     t.name: t
     for t in (
@@ -141,5 +149,6 @@ TABLES: dict[str, TableSpec] = {
         MODEL_RUNS,
         USER_FACTORS,
         ITEM_FACTORS,
+        USER_ERASURES,
     )
 }

@@ -42,10 +42,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from lake.config import Settings
-from lake.schemas import BRONZE_EVENTS, GOLD_INTERACTIONS, SILVER_EVENTS, USER_FACTORS
+from lake.schemas import (
+    BRONZE_EVENTS,
+    GOLD_INTERACTIONS,
+    SILVER_EVENTS,
+    USER_ERASURES,
+    USER_FACTORS,
+)
 from lake.tables import Lake, sql_literal
 from lake.validation import MAX_ID_LENGTH, EventValidationError, validate_event
 from online.wal import WALError, WriteAheadLog
@@ -66,6 +73,19 @@ _WAL_FIELDS = ("event_id", "user_id", "item_id", "event_type", "value", "ts", "r
 
 class IngestError(RuntimeError):
     """Ingest cannot proceed (not started, closed, WAL failure)."""
+
+
+def erased_users(lake: Lake, since: datetime | None = None) -> set[str]:
+    """Users erased at or after `since` (all when None): a model trained on data up to
+    `since` may still hold their vectors, so servers must not serve them."""
+    if not lake.exists(USER_ERASURES.name):
+        return set()
+    table = lake.read(USER_ERASURES.name, columns=["user_id", "requested_at"])
+    if since is not None:
+        table = table.filter(pc.greater_equal(table["requested_at"],
+                                              pa.scalar(since, USER_ERASURES.schema.field(
+                                                  "requested_at").type)))
+    return set(table["user_id"].to_pylist())
 
 
 class IngestOverloadedError(IngestError):
@@ -450,6 +470,11 @@ class IngestPipeline:
         return removed
 
     def _delete_user_rows(self, user_id: str) -> dict[str, int]:
+        # Recorded first: every server hides the user's batch vector from then on, also
+        # after a restart (a replayed tombstone may record it twice; readers take a set).
+        self.lake.append(USER_ERASURES.name, pa.table({
+            "user_id": [user_id], "requested_at": [datetime.now(UTC)]},
+            schema=USER_ERASURES.schema))
         predicate = f"user_id = {sql_literal(user_id)}"
         counts: dict[str, int] = {}
         for name in FORGET_TABLES:

@@ -353,8 +353,6 @@ class ModelManager:
                         "refolded_users": 0, "load_seconds": 0.0}
             t0 = time.perf_counter()
             new = load_model(self.models_dir / target, self.index_settings)
-            if old is not None:
-                new.forgotten = set(old.forgotten)
             refolded = self._on_new_model(new, old) if self._on_new_model else 0
             self._current = new  # the swap: one reference assignment
             seconds = time.perf_counter() - t0

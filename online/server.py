@@ -20,6 +20,7 @@ import signal  # noqa: E402
 import threading  # noqa: E402
 from concurrent import futures  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
 from typing import Any  # noqa: E402
 
 import grpc  # noqa: E402
@@ -32,6 +33,7 @@ from lake.bundle import current_version  # noqa: E402
 from lake.config import Settings, load_settings  # noqa: E402
 from lake.tables import Lake  # noqa: E402
 from online.catalog import Catalog  # noqa: E402
+from online.ingest import IngestPipeline, erased_users  # noqa: E402
 from online.metrics import Metrics, configure_logging  # noqa: E402
 from online.model import LoadedModel, ModelManager  # noqa: E402
 from online.pb import admin_pb2_grpc, recommender_pb2_grpc  # noqa: E402
@@ -47,6 +49,17 @@ from online.state import OnlineState, batch_cutoff  # noqa: E402
 
 log = logging.getLogger(__name__)
 WARM_START_MAX_EVENTS = 2_000_000
+
+
+def trained_from(manifest: dict[str, Any]) -> datetime | None:
+    """The earliest instant the model's training could have read the lake: the end of its
+    data or its creation, whichever is first (None: unknown, so every erasure counts)."""
+    times = [batch_cutoff(manifest)]
+    if manifest.get("created_at"):
+        created = datetime.fromisoformat(str(manifest["created_at"]).replace("Z", "+00:00"))
+        times.append(created if created.tzinfo else created.replace(tzinfo=UTC))
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
 
 
 def limit_threads() -> None:
@@ -197,8 +210,6 @@ def create_server(
     srv = settings.server
     lake = lake or Lake.from_settings(settings.lake)
     if ingest is None:
-        from online.ingest import IngestPipeline
-
         ingest = IngestPipeline(settings, lake)
     m = Metrics()
     if hasattr(ingest, "stats"):
@@ -208,6 +219,9 @@ def create_server(
     catalog.load()
 
     def refold(new: LoadedModel, old: LoadedModel | None) -> int:
+        # Erased users stay hidden in every model trained before their erasure, across
+        # restarts and on servers that did not receive the ForgetUser call.
+        new.forgotten |= erased_users(lake, trained_from(new.bundle.manifest))
         catalog.rows(new)  # the filters' row arrays, built before the model serves
         return state.refold(new)
 

@@ -460,6 +460,28 @@ def test_poller_follows_current_pointer(tmp_path: Path) -> None:
         r.close()
 
 
+def test_forgotten_batch_user_stays_hidden_after_restart(tmp_path: Path) -> None:
+    r = Running(tmp_path)
+    try:
+        assert r.client.recommend("uB1", k=2).strategy == pb.STRATEGY_PERSONALISED
+        r.client.forget_user("uB1")
+        assert r.client.recommend("uB1", k=2).strategy == pb.STRATEGY_FALLBACK
+    finally:
+        r.close()
+    erased = r.server.lake.read("user_erasures").to_pylist()
+    assert [e["user_id"] for e in erased] == ["uB1"]
+    r = Running(tmp_path)  # the bundle still holds uB1's factors: the erasure must win
+    try:
+        assert r.client.recommend("uB1", k=2).strategy == pb.STRATEGY_FALLBACK
+        assert r.client.recommend("uB0", k=2).strategy == pb.STRATEGY_PERSONALISED
+        # a model trained after the erasure may know the user again (new events only)
+        kb.build(r.models, "v2")
+        r.client.reload()
+        assert r.client.recommend("uB1", k=2).strategy == pb.STRATEGY_PERSONALISED
+    finally:
+        r.close()
+
+
 def test_restart_keeps_real_time_state_from_the_lake(tmp_path: Path) -> None:
     yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
     r = Running(tmp_path, as_of=yesterday)  # the model learned events up to yesterday
