@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 STAGING_DIR = "_staging"
+STALE_STAGING_S = 24 * 3600
+"""A staging directory this old belongs to a writer that died (kill -9): swept by the next
+write. Younger ones may belong to a writer still running and are left alone."""
 
 
 class SchemaMismatchError(LakeError):
@@ -333,6 +336,17 @@ def file_stats(path: str, columns: Sequence[str]) -> tuple[int, dict[str, Any]]:
     return md.num_rows, stats
 
 
+def _sweep_stale_staging(base: Path) -> None:
+    """Remove staging directories (named `<epoch ms>-<uuid>`) older than STALE_STAGING_S."""
+    if not base.is_dir():
+        return
+    cutoff_ms = (time.time() - STALE_STAGING_S) * 1000
+    for d in base.iterdir():
+        stamp = d.name.split("-", 1)[0]
+        if stamp.isdigit() and int(stamp) < cutoff_ms:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _written_files(staging: Path) -> list[Path]:
     return sorted(
         p for p in staging.rglob("*.parquet")
@@ -398,6 +412,7 @@ def write_table(
     df = conform_df(df, s)
     lake.ensure(name)
     root = lake.path(name)
+    _sweep_stale_staging(root / STAGING_DIR)
     staging = root / STAGING_DIR / f"{int(time.time() * 1000)}-{uuid.uuid4().hex}"
     moved: list[Path] = []
     try:

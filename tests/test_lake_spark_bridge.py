@@ -151,6 +151,22 @@ def test_write_then_read_everywhere_identical(spark, lake: Lake) -> None:
                               e[5].date().isoformat()] for e in sorted(EVENTS)]
 
 
+def test_a_write_sweeps_staging_left_by_a_dead_writer(spark, lake: Lake) -> None:
+    import time
+
+    lake.ensure("bronze_events")
+    base = lake.path("bronze_events") / "_staging"
+    two_days_ago = int((time.time() - 2 * 86400) * 1000)
+    stale = base / f"{two_days_ago}-deadbeef"
+    running = base / f"{int(time.time() * 1000)}-cafe"  # a concurrent writer's, in use
+    for d in (stale, running):
+        (d / "event_date=2024-03-01").mkdir(parents=True)
+        (d / "event_date=2024-03-01" / "part-0.parquet").write_bytes(b"x")
+    write_table(events_df(spark), lake, "bronze_events", mode="append")
+    assert not stale.exists() and running.exists()
+    assert lake.count("bronze_events") == 5  # the leftovers were never part of the table
+
+
 def test_overwrite_one_partition_leaves_others(spark, lake: Lake) -> None:
     write_table(events_df(spark), lake, "bronze_events", mode="append")
     before = data_files(lake, "bronze_events")
