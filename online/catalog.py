@@ -66,8 +66,8 @@ class RowView:
     filter in use one recomputation.
     """
 
-    __slots__ = ("available", "category", "version", "derived", "_derived_bytes",
-                 "_derived_lock", "__weakref__")
+    __slots__ = ("available", "category", "version", "derived", "_derived_lock",
+                 "__weakref__")
     MAX_DERIVED = 128
     MAX_DERIVED_BYTES = 256 * 1024 * 1024
 
@@ -76,7 +76,6 @@ class RowView:
         self.category = category
         self.version = 0
         self.derived: OrderedDict[Any, tuple[int, Any, int]] = OrderedDict()
-        self._derived_bytes = 0
         self._derived_lock = threading.Lock()
 
     def get_derived(self, key: Any) -> tuple[bool, Any]:
@@ -89,19 +88,15 @@ class RowView:
     def put_derived(self, key: Any, version: int, value: Any, nbytes: int = 0) -> None:
         """Remember `value` (holding `nbytes` of arrays), computed as of `version`."""
         with self._derived_lock:
-            old = self.derived.pop(key, None)
-            if old is not None:
-                self._derived_bytes -= old[2]
+            self.derived.pop(key, None)  # re-inserted as the newest
             self.derived[key] = (version, value, nbytes)
-            self._derived_bytes += nbytes
             while len(self.derived) > 1 and (len(self.derived) > self.MAX_DERIVED or
-                                             self._derived_bytes > self.MAX_DERIVED_BYTES):
-                _, dropped = self.derived.popitem(last=False)
-                self._derived_bytes -= dropped[2]
+                                             self.derived_bytes > self.MAX_DERIVED_BYTES):
+                self.derived.popitem(last=False)
 
     @property
     def derived_bytes(self) -> int:
-        return self._derived_bytes
+        return sum(entry[2] for entry in list(self.derived.values()))
 
     def __len__(self) -> int:
         return int(self.category.shape[0])

@@ -48,6 +48,12 @@ def _filters(
     return f
 
 
+def _recommend_request(user_id: str, k: int = 10, *, context_item_ids: Sequence[str] = (),
+                       explain: bool = False, **filters: Any) -> pb.RecommendRequest:
+    return pb.RecommendRequest(user_id=user_id, k=k, filters=_filters(**filters),
+                               context_item_ids=list(context_item_ids), explain=explain)
+
+
 def make_event(e: Mapping[str, Any]) -> pb.Event:
     """A dict (ts as datetime, ISO string or epoch seconds; default now) as an Event."""
     ev = pb.Event(
@@ -104,21 +110,15 @@ class Client:
     def recommend(self, user_id: str, k: int = 10, *, context_item_ids: Sequence[str] = (),
                   explain: bool = False, timeout: float | None = None,
                   **filters: Any) -> pb.RecommendResponse:
-        req = pb.RecommendRequest(user_id=user_id, k=k, filters=_filters(**filters),
-                                  context_item_ids=list(context_item_ids), explain=explain)
+        req = _recommend_request(user_id, k, context_item_ids=context_item_ids,
+                                 explain=explain, **filters)
         return self.stub.Recommend(req, timeout=timeout or self.timeout)
 
     def recommend_batch(self, requests: Iterable[Mapping[str, Any]], *,
                         timeout: float | None = None) -> pb.RecommendBatchResponse:
         """Several Recommend requests in one call; each a dict of `recommend`'s arguments
         (`user_id`, `k`, `context_item_ids`, `explain`, and the filter keywords)."""
-        reqs = []
-        for r in requests:
-            r = dict(r)
-            user_id, k = str(r.pop("user_id", "")), int(r.pop("k", 10))
-            ctx, explain = list(r.pop("context_item_ids", ())), bool(r.pop("explain", False))
-            reqs.append(pb.RecommendRequest(user_id=user_id, k=k, filters=_filters(**r),
-                                            context_item_ids=ctx, explain=explain))
+        reqs = [_recommend_request(**{"user_id": "", **r}) for r in requests]
         return self.stub.RecommendBatch(pb.RecommendBatchRequest(requests=reqs),
                                         timeout=timeout or self.timeout)
 

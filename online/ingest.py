@@ -82,9 +82,8 @@ def erased_users(lake: Lake, since: datetime | None = None) -> set[str]:
         return set()
     table = lake.read(USER_ERASURES.name, columns=["user_id", "requested_at"])
     if since is not None:
-        table = table.filter(pc.greater_equal(table["requested_at"],
-                                              pa.scalar(since, USER_ERASURES.schema.field(
-                                                  "requested_at").type)))
+        requested = table["requested_at"]
+        table = table.filter(pc.greater_equal(requested, pa.scalar(since, requested.type)))
     return set(table["user_id"].to_pylist())
 
 
