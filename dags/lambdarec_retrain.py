@@ -37,9 +37,10 @@ if it passes the gate, makes it the model the online servers serve.
 |---|---|---|
 | `plan` | as-of date, compaction window, **model version** | is a pure function of the run |
 | `compact` | Spark: bronze → silver, `lookback_days` dates to as-of | rewrites those dates |
-| `interactions` | Spark: silver → gold partition `as_of` | rewrites that partition |
+| `tune` | recipe search on a validation split, `tune_budget_s` | rewrites its tuning.json |
+| `interactions` | Spark: silver → gold `as_of`, tuned strength | rewrites that partition |
 | `train` | Spark: ALS (`backend` implicit/mllib/ials) → staged `version` | overwrites its staging |
-| `evaluate` | Spark: metrics vs popularity/EASE/current + report | overwrites the report |
+| `evaluate` | per-user holdout vs popularity, EASE/item-kNN + report | overwrites the report |
 | `publish` | gate, bundle, `model_runs`, CURRENT; rejection ≠ failure | keeps the decision |
 | `notify_reload` | `ReloadModel` on {', '.join(_S.airflow.reload_targets)} | is idempotent |
 
@@ -85,6 +86,32 @@ def plan() -> dict[str, Any]:
     return result
 
 
+@task(task_id="tune", multiple_outputs=False)
+def tune(plan_result: dict[str, Any]) -> dict[str, Any]:
+    """Search the model recipe (strength, ALS, blend) for this version within the budget.
+
+    Params: `tune` (off: skipped, and the run's ALS params are used as given) and
+    `tune_budget_s`. The run's ALS params are the search's first trial.
+    """
+    from datetime import date
+
+    from spark_jobs import tune as tune_job  # heavy (numpy, implicit, delta): run time
+
+    params = get_current_context()["params"]
+    if not params["tune"]:
+        raise AirflowSkipException("tuning is off for this run (param tune=false)")
+    cfg = settings()
+    train = cfg.train.model_copy(update={
+        k: params[k] for k in ("backend", "factors", "regularization", "iterations", "alpha")})
+    budget = cfg.tune.model_copy(update={"budget_s": float(params["tune_budget_s"])})
+    cfg = cfg.model_copy(update={"train": train, "tune": budget})
+    result = tune_job.run(cfg, as_of=date.fromisoformat(plan_result["as_of"]),
+                          version=plan_result["version"])
+    print(f"tune {result['version']}: {result['trials']} trials, best {result['metric']} "
+          f"{result['best_metric']:.4f}: {result['best']}")
+    return result
+
+
 @task(task_id="publish", multiple_outputs=False)
 def publish(plan_result: dict[str, Any]) -> dict[str, Any]:
     """Gate the evaluated model and publish it (bundle, factor tables, CURRENT).
@@ -127,7 +154,8 @@ def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
 
 @dag(
     dag_id=DAG_ID,
-    description="Nightly: compact → interactions → train ALS → evaluate → gated publish → reload",
+    description="Nightly: compact → tune → interactions → train ALS → evaluate → gated publish "
+                "→ reload",
     schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
     start_date=datetime(2026, 1, 1),
     catchup=False,
@@ -139,7 +167,7 @@ def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
     params={
         "backend": Param(_S.train.backend, enum=["implicit", "mllib", "ials"],
                          description="ALS trainer: implicit (fast, CPU/GPU), Spark MLlib, "
-                                     "or ials (NumPy, MLlib's count-scaled objective)"),
+                                     "or ials (numba, frequency-scaled lambda n ** nu)"),
         "factors": Param(_S.train.factors, type="integer", minimum=1, maximum=1024,
                          description="latent dimension"),
         "regularization": Param(_S.train.regularization, type=["null", "number"], minimum=0,
@@ -149,6 +177,11 @@ def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
         "iterations": Param(_S.train.iterations, type="integer", minimum=1, maximum=200),
         "alpha": Param(_S.train.alpha, type="number", exclusiveMinimum=0,
                        description="confidence scaling of implicit feedback"),
+        "tune": Param(_S.tune.enabled, type="boolean",
+                      description="search strength / ALS / blend settings before training "
+                                  "(the params above are its first trial)"),
+        "tune_budget_s": Param(_S.tune.budget_s, type="number", exclusiveMinimum=0,
+                               description="wall-clock budget of the search (seconds)"),
         "lookback_days": Param(3, type="integer", minimum=1, maximum=3660,
                                description="silver dates recompacted, ending at as_of "
                                            "(late events land in earlier dates)"),
@@ -178,10 +211,12 @@ def lambdarec_retrain() -> None:
         task_id="interactions",
         job="interactions",
         conn_id=_CONN,
-        application_args=["--as-of", _PLAN % "as_of"],
+        application_args=["--as-of", _PLAN % "as_of", "--version", _PLAN % "version"],
         driver_memory=_S.spark.driver_memory,
         executor_memory=_S.spark.executor_memory,
-        doc_md="Spark: silver → gold interactions, partition `as_of` (rewritten on rerun).",
+        trigger_rule="none_failed",  # runs after a skipped `tune` too
+        doc_md="Spark: silver → gold interactions, partition `as_of` (rewritten on rerun), "
+               "with the strength settings `tune` chose for the version.",
     )
     train = LambdarecSparkSubmitOperator(
         task_id="train",
@@ -199,7 +234,8 @@ def lambdarec_retrain() -> None:
         ],
         driver_memory=_S.spark.driver_memory,
         executor_memory=_S.spark.executor_memory,
-        doc_md="Spark: ALS on gold `as_of` with the run's params → staged model `version`.",
+        doc_md="Spark: ALS on gold `as_of` with the tuned recipe (or the run's params when "
+               "`tune` is off) → staged model `version`.",
     )
     evaluate = EvaluateSparkSubmitOperator(
         task_id="evaluate",
@@ -208,12 +244,13 @@ def lambdarec_retrain() -> None:
         application_args=["--as-of", _PLAN % "as_of", "--version", _PLAN % "version"],
         driver_memory=_S.spark.driver_memory,
         executor_memory=_S.spark.executor_memory,
-        doc_md="Spark: time-split holdout metrics of the staged model vs popularity, EASE and "
-               "the current model. **Report:** XCom `report` of this task, i.e. "
-               "`<models dir>/reports/<version>/report.md` (path also in the log).",
+        doc_md="Per-user holdout metrics (with bootstrap intervals) of the staged model's "
+               "recipe vs popularity and EASE / item-kNN. **Report:** XCom `report` of this "
+               "task, i.e. `<models dir>/reports/<version>/report.md` (path also in the log).",
     )
     published = publish(planned)  # type: ignore[arg-type]
-    planned >> compact >> interactions >> train >> evaluate >> published
+    tuned = tune(planned)  # type: ignore[arg-type]
+    planned >> compact >> tuned >> interactions >> train >> evaluate >> published
     notify(published)  # type: ignore[arg-type]
 
 

@@ -13,7 +13,13 @@ Layout of `<models_dir>/<version>/`:
     user_items.npz        CSR (n_users x n_items) of the raw strengths the trainer saw
                           (indptr/indices/data arrays; no pickle)
     item_popularity.npy   (n_items,) float64 popularity score for the cold-start fallback
-    item_index.faiss      FAISS index over item_factors (inner product); ids = row numbers
+    item_index.faiss      FAISS index over item_factors (inner product); ids = row numbers.
+                          With an active popularity blend (`lake.blend`) its vectors are
+                          [item_factors, prior] (dim + 1) and queries [x_u, w(n_u)]
+
+The manifest also carries the recipe the online layer must score with: `strength`
+(`lake.strength.StrengthParams`: how events become interaction strengths) and `blend`
+(`lake.blend.BlendParams`).
 
 `<models_dir>/CURRENT` holds the version the servers should serve; it is replaced with an
 atomic rename, and a bundle directory is itself written under a temporary name and renamed
@@ -37,7 +43,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from lake.blend import BlendParams, index_vectors, popularity_prior
 from lake.foldin import FoldInParams, gramian
+from lake.strength import StrengthParams
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -77,6 +85,29 @@ class Bundle:
     @property
     def index_path(self) -> Path:
         return self.path / INDEX_FILE
+
+    @property
+    def blend(self) -> BlendParams:
+        return BlendParams.from_dict(self.manifest.get("blend"))
+
+    @property
+    def strength(self) -> StrengthParams | None:
+        """The strength settings the model was trained with (None: a bundle from before
+        they were recorded; the server then uses its configured ones)."""
+        s = self.manifest.get("strength")
+        return StrengthParams.from_dict(s) if s else None
+
+    @property
+    def index_dim(self) -> int:
+        return self.dim + (1 if self.blend.active else 0)
+
+
+def recipe_manifest(params: dict[str, Any]) -> dict[str, Any]:
+    """The manifest entries (`strength`, `blend`) of a model trained with a recipe."""
+    recipe = params.get("recipe")
+    if not recipe:
+        return {}
+    return {"strength": recipe.get("strength"), "blend": recipe.get("blend")}
 
 
 _VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -171,7 +202,10 @@ def write_bundle(
         np.save(tmp / "user_gram.npy", gramian(user_factors))
         np.savez(tmp / "user_items.npz", indptr=csr.indptr, indices=csr.indices, data=csr.data)
         np.save(tmp / "item_popularity.npy", np.asarray(item_popularity, dtype=np.float64))
-        index_info = write_index(item_factors, tmp / INDEX_FILE)
+        blend = BlendParams.from_dict((extra or {}).get("blend"))
+        vectors = (index_vectors(item_factors, popularity_prior(item_popularity))
+                   if blend.active else item_factors)
+        index_info = write_index(vectors, tmp / INDEX_FILE)
         files = {
             p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
             for p in sorted(tmp.iterdir())

@@ -60,6 +60,13 @@ class SparkSettings(_Strict):
     """Extra `spark.*` settings passed verbatim to the session builder."""
 
 
+Transform = Literal["none", "linear", "log1p"]
+
+
+def _log1p_for_every_type() -> dict[str, Transform]:
+    return {t: "log1p" for t in EVENT_TYPES}
+
+
 class InteractionSettings(_Strict):
     weights: dict[str, float] = Field(
         default_factory=lambda: {
@@ -71,12 +78,24 @@ class InteractionSettings(_Strict):
         }
     )
     """Weight of each event type in a (user, item) confidence."""
-    half_life_days: float = Field(default=30.0, gt=0)
-    """Time decay of an event's weight: halves every this many days."""
+    value_transforms: dict[str, Transform] = Field(default_factory=_log1p_for_every_type)
+    """How an event's `value` (rating, play count, quantity) scales its weight: `none`,
+    `linear` or `log1p` (log(1 + v) / log 2); a missing value counts 1 (`lake.strength`)."""
+    half_life_days: float | None = Field(default=90.0, gt=0)
+    """Decay of an event's weight with its age before the *user's latest event* (so a
+    backfilled history keeps its weight); null = no decay."""
     max_confidence: float = Field(default=100.0, gt=0)
     """Cap on one (user, item) confidence."""
     lookback_days: int = Field(default=3650, ge=1)
     """Events older than this (relative to the as-of date) are ignored."""
+
+    @field_validator("value_transforms")
+    @classmethod
+    def _known_transform_types(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(EVENT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event type(s) {unknown}; known: {list(EVENT_TYPES)}")
+        return v
 
     @field_validator("weights")
     @classmethod
@@ -92,15 +111,16 @@ class InteractionSettings(_Strict):
 
 # Tuned on the synthetic e-commerce data (time split): implicit at lambda 100-150 with alpha
 # 4-8 beats EASE there; MLlib's count-scaled lambda keeps Spark's customary 0.1.
-# ials solves MLlib's objective (lambda x interactions); on MovieLens-1M (random 90/10) lambda
-# 0.1 with alpha 1 was best of 0.03-0.3 (NDCG@10 0.320 at 64 factors, 0.328 at 128).
+# ials scales lambda by n ** reg_exponent (1 = MLlib's lambda x interactions); on MovieLens-1M
+# (random 90/10) lambda 0.1 with alpha 1 was best of 0.05-0.2 (NDCG@10 0.320 at 64 factors,
+# 0.329 at 128; bench/ials_speed.py). The nightly search tunes all of them (spark_jobs.tune).
 DEFAULT_REGULARIZATION = {"implicit": 100.0, "mllib": 0.1, "ials": 0.1}
 
 
 class TrainSettings(_Strict):
     backend: Literal["implicit", "mllib", "ials"] = "implicit"
     """ALS trainer: `implicit` (single node, fast), `mllib` (Spark, distributed) or `ials`
-    (single node NumPy, MLlib's count-scaled objective)."""
+    (single node, numba: frequency-scaled lambda n ** reg_exponent)."""
     factors: int = Field(default=64, ge=1, le=1024)
     """Latent dimensions."""
     regularization: float | None = Field(default=None, ge=0)
@@ -110,6 +130,13 @@ class TrainSettings(_Strict):
     """ALS sweeps."""
     alpha: float = Field(default=6.0, gt=0)
     """Confidence c = 1 + alpha * r of an interaction of strength r (every backend)."""
+    cg_steps: int = Field(default=6, ge=0, le=50)
+    """`ials` only: warm-started conjugate-gradient steps per intermediate half-step (0 =
+    exact solves throughout; the last user step is always exact). 6 matched exact solves'
+    NDCG@10 within 0.0001 on ML-1M at 0.45x their time (bench/ials_speed.py)."""
+    reg_exponent: float = Field(default=1.0, ge=0, le=2)
+    """`ials` only: lambda is scaled by n ** reg_exponent for a row with n interactions
+    (0 = unscaled like implicit, 1 = MLlib's count scaling; Rendle et al. 2022)."""
     seed: int = 42
     """Random seed for training."""
     use_gpu: bool | None = None
@@ -123,16 +150,24 @@ class TrainSettings(_Strict):
 
 
 class EvaluateSettings(_Strict):
-    split: Literal["time", "random"] = "time"
-    """Holdout protocol: `time` (train before a cut-off) or `random` per user."""
+    split: Literal["user_time", "random"] = "user_time"
+    """Holdout protocol: `user_time` (each user's last `test_fraction` of distinct items, by
+    first-touch time) or `random` (that share of each user's items, at random)."""
     k: list[int] = Field(default_factory=lambda: [5, 10, 20, 50])
     """Cut-offs for Recall/NDCG/MAP/coverage."""
-    test_fraction: float = Field(default=0.1, gt=0, lt=1)
-    """Random split: share of each user's items held out."""
-    holdout_days: int = Field(default=7, ge=1)
-    """Time split: the last `holdout_days` before the as-of date are the test period."""
-    ease_max_items: int = Field(default=20_000, ge=0)
-    """EASE baseline is skipped above this many items (it inverts an items x items matrix)."""
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """Share of each user's distinct items held out for testing."""
+    min_user_items: int = Field(default=5, ge=2)
+    """Users with fewer distinct items are never tested (they stay in training)."""
+    min_test_users: int = Field(default=50, ge=1)
+    """Fewer test users than this: the gate says the test set is too small to decide."""
+    bootstrap: int = Field(default=500, ge=0)
+    """Bootstrap resamples of the test users for confidence intervals (0 = none)."""
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    """Confidence level of the intervals (and of the gate's significance check)."""
+    ease_max_items: int = Field(default=8_000, ge=0)
+    """EASE baseline only up to this many items (it inverts an items x items matrix);
+    above it item-kNN is the strong baseline."""
     ease_lambda: float = Field(default=1000.0, gt=0)
     """EASE baseline regularisation."""
     max_eval_users: int = Field(default=20_000, ge=1)
@@ -143,9 +178,29 @@ class GateSettings(_Strict):
     metric: str = "ndcg@10"
     """Metric the gate compares."""
     min_lift_over_popularity: float = 0.10
-    """New model must beat popularity by this relative margin (0.10 = +10%)."""
+    """New model must beat popularity by this relative margin (0.10 = +10%), and the
+    paired bootstrap interval of (model - popularity) must lie above 0."""
     max_regression: float = 0.05
     """...and must not be worse than the current model by more than this relative tolerance."""
+
+
+class TuneSettings(_Strict):
+    enabled: bool = True
+    """Search hyper-parameters nightly on a validation split carved from the training data."""
+    budget_s: float = Field(default=60.0, gt=0)
+    """Wall-clock budget of the search (trials stop starting once it is spent)."""
+    max_trials: int = Field(default=16, ge=1)
+    """Most trials of the search (the first is always the configured defaults)."""
+    seed: int = 0
+    """Seed of the search: the same data and seed give the same trials."""
+    max_eval_users: int = Field(default=3_000, ge=100)
+    """Validation users scored per trial (sampled, seeded)."""
+
+
+class BlendSettings(_Strict):
+    enabled: bool = True
+    """Mix a popularity prior into the personal score of users with short histories, weighted
+    beta * n0 / (n0 + n_u); beta and n0 are chosen on the validation split."""
 
 
 class IndexSettings(_Strict):
@@ -201,7 +256,7 @@ class ServerSettings(_Strict):
     """ANN over-fetch factor so filters still leave k results."""
     exact_filter_max_rows: int = Field(default=20_000, ge=0)
     """A filter admitting at most this many items is searched exactly over its own rows."""
-    recent_events_per_user: int = Field(default=200, ge=1)
+    recent_events_per_user: int = Field(default=500, ge=1)
     """Real-time interactions kept per user for fold-in."""
     new_item_min_interactions: int = Field(default=3, ge=1)
     """Interactions before an unknown item is folded in and indexed."""
@@ -240,6 +295,8 @@ class Settings(_Strict):
     train: TrainSettings = Field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
+    blend: BlendSettings = Field(default_factory=BlendSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)

@@ -1,8 +1,8 @@
 """Fold-in: the least-squares solve that turns a user's (or item's) interactions into a vector.
 
 The batch trainers and the online server share this module, so a user folded in online
-gets exactly the vector the trainer would have given them. Both ALS backends minimise the
-Hu-Koren-Volinsky implicit objective, but parameterise it differently:
+gets exactly the vector the trainer would have given them. Every ALS backend minimises the
+Hu-Koren-Volinsky implicit objective, but parameterises it differently:
 
 * implicit 0.7 (`implicit/cpu/als.py`): confidence c_i = alpha * v_i for matrix value v_i,
   lambda unscaled; our ImplicitTrainer feeds v_i = r_i + 1/alpha, so c_i = 1 + alpha * r_i:
@@ -10,9 +10,13 @@ Hu-Koren-Volinsky implicit objective, but parameterise it differently:
 * Spark MLlib (`ALS.computeFactors`, implicitPrefs): c_i = 1 + alpha * r_i and the
   regulariser is scaled by the user's interaction count n_u
       (YtY + sum_i alpha r_i y_i y_i^T + lambda n_u I) x = sum_i (1 + alpha r_i) y_i
+* ials (`spark_jobs.als.ScaledALSTrainer`, numba, single node): MLlib's objective with the
+  count scaling generalised to lambda * n_u ** nu (frequency-scaled regularisation, Rendle
+  et al. 2022, "Revisiting the Performance of iALS"); nu = `reg_exponent`.
 
-The "ials" backend (NumPy, single node) solves MLlib's objective.
-`FoldInParams` captures both with `confidence_offset` (0 or 1) and `scale_reg_by_count`.
+`FoldInParams` captures all three with `confidence_offset` (c = offset + alpha r; 1 for all
+our backends) and `reg_exponent` nu: the regulariser of a row with n interactions is
+`regularization * n ** reg_exponent` (0 = implicit's unscaled lambda, 1 = MLlib's lambda n).
 Items fold in symmetrically: swap the roles of users and items (Y -> X, YtY -> XtX).
 """
 
@@ -30,18 +34,35 @@ class FoldInParams:
     alpha: float
     regularization: float
     confidence_offset: float
-    """c = offset + alpha r: 1 for both our backends (0 = implicit fed raw values)."""
-    scale_reg_by_count: bool
-    """True for MLlib (lambda * n_u)."""
+    """c = offset + alpha r: 1 for all our backends (0 = implicit fed raw values)."""
+    reg_exponent: float
+    """nu: a row with n interactions is regularised by `regularization * n ** nu`
+    (0 = implicit, 1 = MLlib, anything in between or above for ials)."""
 
     @classmethod
-    def for_backend(cls, backend: str, *, alpha: float, regularization: float) -> FoldInParams:
+    def for_backend(
+        cls, backend: str, *, alpha: float, regularization: float, reg_exponent: float = 1.0
+    ) -> FoldInParams:
+        """The objective `backend` trains with.
+
+        Args:
+            backend: "implicit", "mllib" or "ials".
+            alpha: confidence slope (c = 1 + alpha r).
+            regularization: lambda.
+            reg_exponent: nu; used by "ials" only, the other backends have a fixed one
+                (implicit 0, MLlib 1) whatever is passed.
+
+        Raises:
+            ValueError: unknown backend.
+        """
         if backend == "implicit":
             # ImplicitTrainer feeds implicit r + 1/alpha, so its c = alpha * value = 1 + alpha r
-            return cls(alpha, regularization, 1.0, False)
-        if backend in ("mllib", "ials"):
-            # ials (spark_jobs.als.ScaledALSTrainer) solves MLlib's objective in NumPy
-            return cls(alpha, regularization, 1.0, True)
+            return cls(alpha, regularization, 1.0, 0.0)
+        if backend == "mllib":
+            return cls(alpha, regularization, 1.0, 1.0)
+        if backend == "ials":
+            # spark_jobs.als.ScaledALSTrainer: MLlib's objective with lambda * n ** nu
+            return cls(alpha, regularization, 1.0, float(reg_exponent))
         raise ValueError(
             f"unknown ALS backend {backend!r}; expected 'implicit', 'mllib' or 'ials'"
         )
@@ -51,11 +72,17 @@ class FoldInParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FoldInParams:
+        """Inverse of `to_dict`; also reads manifests written before `reg_exponent` existed,
+        whose boolean `scale_reg_by_count` meant nu = 1 (True) or nu = 0 (False)."""
+        if "reg_exponent" in d:
+            nu = float(d["reg_exponent"])
+        else:
+            nu = 1.0 if bool(d["scale_reg_by_count"]) else 0.0
         return cls(
             alpha=float(d["alpha"]),
             regularization=float(d["regularization"]),
             confidence_offset=float(d["confidence_offset"]),
-            scale_reg_by_count=bool(d["scale_reg_by_count"]),
+            reg_exponent=nu,
         )
 
 
@@ -97,7 +124,7 @@ def fold_in(
         raise ValueError("interaction values must be finite and > 0")
     y = np.asarray(factors[idx], dtype=np.float64)
     conf = params.confidence_offset + params.alpha * r  # c_i
-    reg = params.regularization * (idx.size if params.scale_reg_by_count else 1.0)
+    reg = params.regularization * float(idx.size) ** params.reg_exponent
     a = gram + (y.T * (conf - 1.0)) @ y
     a[np.diag_indices(k)] += reg
     b = conf @ y

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from lake.blend import index_vectors, popularity_prior, query_vector
 from lake.bundle import Bundle, BundleError, check_version_name, current_version, read_bundle
 from lake.config import IndexSettings, Settings
 from lake.vector_index import FaissIndex
@@ -148,6 +149,12 @@ class LoadedModel:
         self.item_row: dict[str, int] = {iid: i for i, iid in enumerate(self.item_ids)}
         self.user_row: dict[str, int] = {uid: i for i, uid in enumerate(bundle.user_ids.tolist())}
         self._factors = np.ascontiguousarray(bundle.item_factors, dtype=np.float32)
+        self.blend = bundle.blend
+        self.strength = bundle.strength
+        # What the index holds: the factors, plus the popularity prior when blending.
+        self._index_vectors = (
+            index_vectors(self._factors, popularity_prior(bundle.item_popularity))
+            if self.blend.active else self._factors)
         pop = np.asarray(bundle.item_popularity, dtype=np.float64)
         top = float(pop.max()) if pop.size else 0.0
         self.popularity = pop / top if top > 0 else np.zeros_like(pop)
@@ -191,6 +198,17 @@ class LoadedModel:
         return self.bundle.user_factors[row]
 
     # -- index ------------------------------------------------------------------------
+    def user_query(self, vector: np.ndarray, n_history: int) -> np.ndarray:
+        """The index query of a user vector: [x_u, w(n_u)] when blending (`lake.blend`)."""
+        if not self.blend.active:
+            return vector
+        return query_vector(vector, n_history, self.blend)
+
+    def item_query(self, row: int) -> np.ndarray:
+        """The index query for items similar to `row`: its factors (prior weight 0)."""
+        v = self._factors[row]
+        return np.append(v, np.float32(0.0)) if self.blend.active else v
+
     def search(self, query: np.ndarray, k: int,
                selector: RowFilterIndex | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows by inner product; with `selector`, only rows it admits."""
@@ -213,7 +231,7 @@ class LoadedModel:
         import faiss
 
         if n_pass <= exact_max_rows:
-            return RowSubset(mask, self._factors[: mask.shape[0]])
+            return RowSubset(mask, self._index_vectors[: mask.shape[0]])
         index = getattr(self.index, "faiss_index", None)
         if index is None or "Gpu" in type(index).__name__:
             return None
@@ -245,13 +263,19 @@ class LoadedModel:
                 return rows
             stacked = np.vstack(new_vecs)
             factors = np.vstack([self._factors, stacked])
+            # an item new to the batch has no batch popularity: prior 0
+            indexed = (index_vectors(stacked, np.zeros(len(stacked), np.float32))
+                       if self.blend.active else stacked)
+            all_indexed = np.vstack([self._index_vectors, indexed]) if self.blend.active \
+                else factors
             with self._lock.write():
-                self.index.add(stacked)
+                self.index.add(indexed)
                 if self.index.ntotal != factors.shape[0]:
                     raise RuntimeError("index and factor rows diverged while adding items")
                 # Factors first, then ids, then the row map: a reader that finds the row
                 # in item_row can always index item_ids and the factors with it.
                 self._factors = factors
+                self._index_vectors = all_indexed
                 self.item_ids.extend(new_ids)
                 for j, iid in enumerate(new_ids):
                     self.item_row[iid] = self.n_items - len(new_ids) + j
@@ -299,14 +323,17 @@ def load_model(path: Path, index_settings: IndexSettings | None = None) -> Loade
         index = FaissIndex.load(bundle.index_path, index_settings)
     except Exception as exc:  # faiss raises RuntimeError with its C++ message
         raise ModelLoadError(f"model bundle refused: {path}: cannot read index: {exc}") from exc
-    d = int(getattr(index.faiss_index, "d", bundle.dim))
-    if index.ntotal != len(bundle.item_ids) or d != bundle.dim:
+    d = int(getattr(index.faiss_index, "d", bundle.index_dim))
+    if index.ntotal != len(bundle.item_ids) or d != bundle.index_dim:
         raise ModelLoadError(
             f"model bundle refused: {path}: index has {index.ntotal} vectors of dim {d}, "
-            f"factors have {len(bundle.item_ids)} of dim {bundle.dim}"
+            f"expected {len(bundle.item_ids)} of dim {bundle.index_dim}"
         )
     if len(bundle.item_ids):
-        _, rows = index.search(bundle.item_factors[:1], 1)
+        probe = bundle.item_factors[:1]
+        if bundle.blend.active:
+            probe = np.hstack([probe, np.zeros((1, 1), np.float32)])
+        _, rows = index.search(probe, 1)
         if rows[0, 0] < 0:
             raise ModelLoadError(f"model bundle refused: {path}: index search returned nothing")
     return LoadedModel(bundle, index, load_seconds=time.perf_counter() - t0)

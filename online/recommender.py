@@ -236,7 +236,8 @@ class Recommender:
             r = item_row.get(iid)
             if r is not None:
                 skip_rows.add(r)
-        hits = self._search(model, prof.vector, k, f, skip_rows, check)
+        query = model.user_query(prof.vector, int(prof.rows.size))
+        hits = self._search(model, query, k, f, skip_rows, check)
         items = []
         for r, s in hits:
             because: list[str] = []
@@ -331,7 +332,7 @@ class Recommender:
         row = model.item_row.get(item_id)
         if row is None:
             raise NotFound(f"item_id: {item_id!r} is not in model {model.version}")
-        query = model.item_factors[row]
+        query = model.item_query(row)
         skip_rows = {row}
         for iid in f.exclude_item_ids:
             r = model.item_row.get(iid)

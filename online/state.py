@@ -27,6 +27,7 @@ import numpy as np
 
 from lake.config import Settings
 from lake.foldin import fold_in
+from lake.strength import StrengthParams
 from online.model import LoadedModel
 
 MAX_ONLINE_USERS = 1_000_000
@@ -40,7 +41,8 @@ class RecentEvent:
     item_id: str
     event_type: str
     ts: datetime
-    weight: float
+    value: float
+    """The event's value (rating, count, quantity); NaN when it had none."""
 
 
 @dataclass
@@ -114,9 +116,8 @@ class OnlineState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         srv = settings.server
-        self.weights = {t: float(w) for t, w in settings.interactions.weights.items()}
-        self.half_life_days = settings.interactions.half_life_days
-        self.max_confidence = settings.interactions.max_confidence
+        # The configured strength; a model trained with a recipe brings its own (manifest).
+        self.strength = StrengthParams.from_settings(settings.interactions)
         self.recent_cap = srv.recent_events_per_user
         self.seen_types = set(srv.seen_event_types)
         self.new_item_min = srv.new_item_min_interactions
@@ -177,11 +178,13 @@ class OnlineState:
         for e in events:
             user_id, item_id, etype = e["user_id"], e["item_id"], e["event_type"]
             ts: datetime = e["ts"]
-            w = self.weights.get(etype, 0.0)
+            raw = e.get("value")
+            value = float("nan") if raw is None else float(raw)
+            w = float(self.strength.base(np.array([etype]), np.array([value]))[0])
             lags.append(max(0.0, (now - ts).total_seconds()))
             st = self._get_or_create(user_id)
             with self._stripe(user_id):
-                st.events.append(RecentEvent(item_id, etype, ts, w))
+                st.events.append(RecentEvent(item_id, etype, ts, value))
                 if etype in self.seen_types:
                     st.seen.add(item_id)
                 st.version += 1
@@ -198,16 +201,29 @@ class OnlineState:
             new_items = self.fold_new_items(model, list(unknown_items))
         return {"users": list(touched), "new_items": new_items, "lags": lags}
 
-    def _aggregate(self, st: UserState, model: LoadedModel, now: datetime) -> dict[int, float]:
-        """Recent events as {item row: decayed summed weight} for items the model knows."""
+    def _aggregate(self, st: UserState, model: LoadedModel) -> dict[int, float]:
+        """Recent events as {item row: summed strength} for items the model knows.
+
+        The strength is `lake.strength` with the model's own settings, decayed from the
+        user's latest real-time event (the batch decayed from the latest event it saw), so
+        a user whose history arrives only online gets what the trainer would have given
+        them for the same events.
+        """
+        events = list(st.events)
+        params = model.strength or self.strength
+        found = [model.item_row.get(ev.item_id) for ev in events]
+        known = [j for j, r in enumerate(found) if r is not None]
+        if not known:
+            return {}
+        rows = [r for r in found if r is not None]  # in the order of `known`
+        types = np.array([events[j].event_type for j in known])
+        values = np.array([events[j].value for j in known], dtype=np.float64)
+        ts = np.array([events[j].ts.timestamp() for j in known], dtype=np.float64)
+        scores = params.scores(types, values, ts, np.full(ts.shape, ts.max()))
         out: dict[int, float] = {}
-        hl = self.half_life_days
-        for ev in list(st.events):
-            row = model.item_row.get(ev.item_id)
-            if row is None or ev.weight <= 0:
-                continue
-            age_days = max(0.0, (now - ev.ts).total_seconds() / 86400.0)
-            out[row] = out.get(row, 0.0) + ev.weight * 0.5 ** (age_days / hl)
+        for r, sc in zip(rows, scores.tolist(), strict=True):
+            if sc > 0:
+                out[r] = out.get(r, 0.0) + sc
         return out
 
     def profile(
@@ -226,11 +242,11 @@ class OnlineState:
                 and st.cache[0] == model.generation and st.cache[1] == version):
             _, _, cached_vec, rows, vals = st.cache
             return UserProfile(cached_vec, rows, vals, set(st.seen), b_rows)
-        recent = self._aggregate(st, model, datetime.now(UTC)) if st is not None else {}
+        recent = self._aggregate(st, model) if st is not None else {}
         if context_rows:
             for r, w in context_rows.items():
                 recent[r] = recent.get(r, 0.0) + w
-        rows, vals = self._merge(b_rows, b_vals, recent)
+        rows, vals = self._merge(b_rows, b_vals, recent, model)
         if not recent:
             vec = model.batch_user_vector(user_id)
             if vec is None and rows.size:
@@ -245,13 +261,14 @@ class OnlineState:
                     st.cache = (model.generation, version, vec, rows, vals)
         return UserProfile(vec, rows, vals, set(st.seen) if st is not None else set(), b_rows)
 
-    def _merge(self, b_rows: np.ndarray, b_vals: np.ndarray,
-               recent: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    def _merge(self, b_rows: np.ndarray, b_vals: np.ndarray, recent: Mapping[int, float],
+               model: LoadedModel) -> tuple[np.ndarray, np.ndarray]:
         if not recent:
             return b_rows, b_vals
+        cap = (model.strength or self.strength).max_confidence
         merged = dict(zip(b_rows.tolist(), b_vals.tolist(), strict=True))
         for r, w in recent.items():
-            merged[r] = min(self.max_confidence, merged.get(r, 0.0) + w)
+            merged[r] = min(cap, merged.get(r, 0.0) + w)
         rows = np.fromiter(merged.keys(), dtype=np.int64, count=len(merged))
         vals = np.fromiter(merged.values(), dtype=np.float64, count=len(merged))
         return rows, vals
@@ -277,8 +294,9 @@ class OnlineState:
             if len(vecs) < self.new_item_min:
                 continue
             u = np.vstack(vecs).astype(np.float32)
+            cap = (model.strength or self.strength).max_confidence
             vec = fold_in(u, model.bundle.user_gram, np.arange(len(vecs)),
-                          np.minimum(np.asarray(strengths), self.max_confidence), model.foldin)
+                          np.minimum(np.asarray(strengths), cap), model.foldin)
             if np.all(np.isfinite(vec)) and np.any(vec):
                 ready_ids.append(item_id)
                 ready_vecs.append(vec)

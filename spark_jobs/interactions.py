@@ -1,28 +1,34 @@
-"""Gold interactions: silver events -> one confidence per (user, item) as of a date.
+"""Gold interactions: silver events -> one strength per (user, item) as of a date.
 
-    confidence(u, i) = min(max_confidence, sum_e weight(type_e) * 0.5 ** (age_e / half_life))
+    confidence(u, i) = min(max_confidence, sum_e strength(e))
 
-where `age_e` is the time in days from the event's `ts` to the end of the as-of day
-(midnight UTC after it). Only events with `ts` before that instant and within
-`lookback_days` of it count; event types of weight 0 are ignored. The job rewrites the
-gold partition `as_of = D`, so reruns for a date replace it.
+with `strength` the one definition in `lake.strength` (type weight x value transform x
+decay from the user's latest event), applied to Arrow batches inside Spark
+(`mapInArrow`), so the gold table, the tuning search and the online layer agree to the
+last bit. Only events with `ts` before the end of the as-of day (midnight UTC after it) and
+within `lookback_days` of it count; event types of weight 0 are ignored. The strength
+settings are the tuned recipe of `--version` when its search ran (`spark_jobs.tune`), else
+the configured ones. The job rewrites the gold partition `as_of = D`, so reruns for a date
+replace it.
 
-    python -m spark_jobs.interactions --as-of 2026-11-21
+    python -m spark_jobs.interactions --as-of 2026-11-21 [--version v20261121-ab12]
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
 from typing import TYPE_CHECKING, Any
 
 from lake.config import Settings
+from lake.strength import StrengthParams, score_batch
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from pyspark.sql import DataFrame, SparkSession
 
 MICROS_PER_DAY = 86_400_000_000
@@ -37,20 +43,16 @@ def end_of_day(d: date) -> datetime:
 def build_interactions(
     events: DataFrame,
     *,
-    weights: Mapping[str, float],
-    half_life_days: float,
+    params: StrengthParams,
     as_of: date,
-    max_confidence: float,
     lookback_days: int,
 ) -> DataFrame:
-    """Aggregate events into time-decayed, weighted, capped confidences.
+    """Aggregate events into strengths per (user, item) (`lake.strength`).
 
     Args:
-        events: silver events (needs `user_id`, `item_id`, `event_type`, `ts`).
-        weights: weight per event type; types missing or weighted 0 are ignored.
-        half_life_days: an event this many days old counts half.
-        as_of: events up to the end of this (UTC) day count; ages are measured to it.
-        max_confidence: upper cap of a pair's confidence.
+        events: silver events (needs `user_id`, `item_id`, `event_type`, `value`, `ts`).
+        params: the strength definition's settings.
+        as_of: events up to the end of this (UTC) day count.
         lookback_days: events older than this many days before the end of `as_of` are
             ignored.
 
@@ -58,36 +60,33 @@ def build_interactions(
         `user_id, item_id, confidence (double), n_events (long, contributing events),
         last_ts (latest contributing ts), as_of (date)`.
     """
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
-    if half_life_days <= 0:
-        raise JobError(f"half_life_days must be > 0, got {half_life_days}")
-    if max_confidence <= 0:
-        raise JobError(f"max_confidence must be > 0, got {max_confidence}")
     if lookback_days < 1:
         raise JobError(f"lookback_days must be >= 1, got {lookback_days}")
-    active = {t: float(w) for t, w in weights.items() if w > 0}
+    active = params.active_types
     if not active:
         raise JobError("every event type has weight 0: no interactions can be built")
 
     end = end_of_day(as_of)
     end_us = int((end - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1))
     start_us = end_us - lookback_days * MICROS_PER_DAY
-
-    weight = F.create_map(*[x for t, w in sorted(active.items()) for x in (F.lit(t), F.lit(w))])
     ts_us = F.unix_micros(F.col("ts"))
-    age_days = (F.lit(end_us) - ts_us).cast("double") / F.lit(float(MICROS_PER_DAY))
-    scored = (
+    kept = (
         events.where(F.col("event_type").isin(*active) & F.col("ts").isNotNull())
         .where((ts_us < F.lit(end_us)) & (ts_us >= F.lit(start_us)))
-        .select(
-            "user_id",
-            "item_id",
-            "ts",
-            (weight[F.col("event_type")]
-             * F.pow(F.lit(0.5), age_days / F.lit(float(half_life_days)))).alias("score"),
-        )
+        .select("user_id", "item_id", "event_type", F.col("value").cast("double"), "ts")
+        .withColumn("ref_ts", F.max("ts").over(Window.partitionBy("user_id")))
     )
+    schema = T.StructType(kept.schema.fields + [T.StructField("score", T.DoubleType())])
+
+    def strengths(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            yield score_batch(b, params)
+
+    scored = kept.mapInArrow(strengths, schema)
     return (
         scored.groupBy("user_id", "item_id")
         .agg(
@@ -95,10 +94,11 @@ def build_interactions(
             F.count(F.lit(1)).alias("n_events"),
             F.max("ts").alias("last_ts"),
         )
+        .where(F.col("confidence") > 0)
         .select(
             "user_id",
             "item_id",
-            F.least(F.col("confidence"), F.lit(float(max_confidence))).alias("confidence"),
+            F.least(F.col("confidence"), F.lit(float(params.max_confidence))).alias("confidence"),
             F.col("n_events").cast("long").alias("n_events"),
             "last_ts",
             F.lit(as_of).cast("date").alias("as_of"),
@@ -106,7 +106,8 @@ def build_interactions(
     )
 
 
-def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None) -> dict[str, Any]:
+def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None,
+        version: str | None = None) -> dict[str, Any]:
     """Rebuild gold partition `as_of` from silver.
 
     Returns:
@@ -117,6 +118,7 @@ def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None) -
     from lake.spark_bridge import read_table, write_table
     from lake.spark_session import get_spark
     from lake.tables import Lake
+    from spark_jobs.tune import load_recipe
 
     t0 = time.perf_counter()
     cfg = settings.interactions
@@ -131,13 +133,9 @@ def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None) -
         partition_filter=f"event_date >= '{first.isoformat()}' AND "
                          f"event_date <= '{as_of.isoformat()}'",
     )
+    params = load_recipe(settings, version).strength
     gold = build_interactions(
-        events,
-        weights=cfg.weights,
-        half_life_days=cfg.half_life_days,
-        as_of=as_of,
-        max_confidence=cfg.max_confidence,
-        lookback_days=cfg.lookback_days,
+        events, params=params, as_of=as_of, lookback_days=cfg.lookback_days,
     ).cache()
     try:
         stats = gold.agg(
@@ -151,7 +149,7 @@ def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None) -
         # gold is one partition: a few files rather than one per shuffle partition
         files = max(1, min(settings.spark.shuffle_partitions, int(stats["pairs"]) // 1_000_000 + 1))
         out = gold.coalesce(files).sortWithinPartitions("user_id", "item_id")
-        version = write_table(out, lake, "gold_interactions", mode="overwrite",
+        gold_version = write_table(out, lake, "gold_interactions", mode="overwrite",
                               partitions=[{"as_of": as_of}])
     finally:
         gold.unpersist()
@@ -162,7 +160,7 @@ def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None) -
         "pairs": int(stats["pairs"]),
         "users": int(stats["users"]),
         "items": int(stats["items"]),
-        "gold_version": version,
+        "gold_version": gold_version,
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
@@ -173,8 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--as-of", dest="as_of", type=parse_date, required=True,
                         help="as-of date: events up to the end of this UTC day count")
 
+    parser.add_argument("--version", default=None,
+                        help="model version whose tuned strength settings to apply")
+
     def body(args: Any) -> dict[str, Any]:
-        return run(settings_from_args(args), as_of=args.as_of)
+        return run(settings_from_args(args), as_of=args.as_of, version=args.version)
 
     return run_main(parser, argv, body)
 

@@ -56,10 +56,6 @@ class InteractionMatrix:
     def nnz(self) -> int:
         return int(self.csr.nnz)
 
-    def item_popularity(self) -> np.ndarray:
-        """Sum of confidence per item (float64)."""
-        return np.asarray(self.csr.sum(axis=0)).ravel().astype(np.float64)
-
     def user_index(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Row numbers of `ids`; -1 where unknown."""
         return _lookup(self.user_ids, ids)

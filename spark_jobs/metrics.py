@@ -114,6 +114,11 @@ class RankingResult:
     n_users: int
     rec_counts: dict[int, np.ndarray] = field(default_factory=dict)
     """Per k: how often each item was recommended (n_items,)."""
+    per_user: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per metric (`recall@k`, `ndcg@k`, `map@k`): the value of each evaluated user, in the
+    order of `users` (for confidence intervals and paired comparisons)."""
+    users: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    """The evaluated user rows."""
 
 
 def evaluate_ranking(
@@ -149,7 +154,8 @@ def evaluate_ranking(
     users = np.asarray(users, dtype=np.int64)
     users = users[n_test[users] > 0]
     kmax = min(max(ks), n_items)
-    sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg", "map")}
+    per_user: dict[str, list[np.ndarray]] = {
+        f"{m}@{k}": [] for k in ks for m in ("recall", "ndcg", "map")}
     counts = {k: np.zeros(n_items, dtype=np.float64) for k in ks}
     for start in range(0, len(users), batch_size):
         rows = users[start : start + batch_size]
@@ -166,12 +172,14 @@ def evaluate_ranking(
         hits = hits_at(tk, te) & valid
         n_rel = np.diff(te.indptr)
         for k in ks:
-            sums[f"recall@{k}"] += recall_at_k(hits, n_rel, k).sum()
-            sums[f"ndcg@{k}"] += ndcg_at_k(hits, n_rel, k).sum()
-            sums[f"map@{k}"] += average_precision_at_k(hits, n_rel, k).sum()
+            per_user[f"recall@{k}"].append(recall_at_k(hits, n_rel, k))
+            per_user[f"ndcg@{k}"].append(ndcg_at_k(hits, n_rel, k))
+            per_user[f"map@{k}"].append(average_precision_at_k(hits, n_rel, k))
             counts[k] += np.bincount(tk[:, :k][valid[:, :k]], minlength=n_items)
     n = len(users)
-    metrics = {key: (val / n if n else 0.0) for key, val in sums.items()}
+    values = {key: (np.concatenate(v) if v else np.empty(0)) for key, v in per_user.items()}
+    metrics = {key: (float(v.mean()) if n else 0.0) for key, v in values.items()}
     for k in ks:
         metrics[f"coverage@{k}"] = float(np.count_nonzero(counts[k]) / n_items) if n_items else 0.0
-    return RankingResult(metrics=metrics, n_users=n, rec_counts=counts)
+    return RankingResult(metrics=metrics, n_users=n, rec_counts=counts, per_user=values,
+                         users=users)

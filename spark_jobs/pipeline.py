@@ -10,10 +10,10 @@ the gate decision and the metrics of the model and of each baseline.
 
 `--data ml-100k|ml-1m` keeps each dataset apart: unless the lake root / models dir are
 configured explicitly (YAML or environment), they become `var/datasets/<name>/lake` and
-`var/datasets/<name>/models`. MovieLens is always evaluated with the random per-user split,
-and without time decay (its ratings span years; a 30-day half-life would erase them) unless
-`interactions.half_life_days` is set to something other than its default. The as-of date
-defaults to the last event date in the data.
+`var/datasets/<name>/models`. No setting is specific to a dataset: the nightly tuning
+search (`spark_jobs.tune`, on unless `tune.enabled` is false) picks strength, ALS and
+blend settings for whatever data the lake holds, whether loaded here or ingested through
+the API. The as-of date defaults to the last event date in the data.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
-from lake.config import PROJECT_ROOT, InteractionSettings, Settings, TrainSettings
+from lake.config import PROJECT_ROOT, Settings
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
 
 if TYPE_CHECKING:
@@ -33,16 +33,12 @@ if TYPE_CHECKING:
 DATA_SOURCES = ("synthetic", "ml-100k", "ml-1m")
 DEFAULT_LAKE_ROOT = PROJECT_ROOT / "var" / "lake"
 DEFAULT_MODELS_DIR = PROJECT_ROOT / "var" / "models"
-NO_DECAY_HALF_LIFE_DAYS = 1e9
-MOVIELENS_REGULARIZATION = 30.0
-MOVIELENS_ALPHA = 1.0
-"""Half-life used for MovieLens: 0.5 ** (age / 1e9) is 1 for any realistic age."""
 
 
 def dataset_settings(settings: Settings, data: str | None) -> Settings:
-    """`settings` adapted to the dataset `data` (None: keep `settings.data.source`).
+    """`settings` with `data.source` = `data` and, for MovieLens, its own lake and models.
 
-    Only values still at their defaults are changed, so an explicit configuration wins.
+    Only paths still at their defaults are changed, so an explicit configuration wins.
     """
     if data is not None and data not in DATA_SOURCES:
         raise JobError(f"unknown data source {data!r}; expected one of {list(DATA_SOURCES)}")
@@ -55,16 +51,28 @@ def dataset_settings(settings: Settings, data: str | None) -> Settings:
             tree["lake"]["root"] = base / "lake"
         if settings.model.dir == DEFAULT_MODELS_DIR:
             tree["model"]["dir"] = base / "models"
-        tree["evaluate"]["split"] = "random"
-        if settings.interactions.half_life_days == InteractionSettings().half_life_days:
-            tree["interactions"]["half_life_days"] = NO_DECAY_HALF_LIFE_DAYS
-        train = settings.train
-        if (train.backend == "implicit" and train.regularization is None
-                and train.alpha == TrainSettings().alpha):
-            # binary MovieLens pairs: tuned on ML-1M (random 90/10): NDCG@10 0.320 vs EASE 0.332
-            tree["train"]["regularization"] = MOVIELENS_REGULARIZATION
-            tree["train"]["alpha"] = MOVIELENS_ALPHA
     return Settings.model_validate(tree)
+
+
+FACT_KEYS = ("bronze_rows", "silver_rows", "events", "pairs", "users", "items", "nnz",
+             "trials", "best", "best_metric", "n_test_users", "accepted", "reason")
+
+
+def progress(line: str) -> None:
+    """One progress line on stderr (stdout carries only the final JSON line)."""
+    print(f"[pipeline] {line}", file=sys.stderr, flush=True)
+
+
+def step_facts(out: Any) -> str:
+    """The rows in/out and decisions a step reports, for its progress line."""
+    if isinstance(out, dict):
+        facts = {k: out[k] for k in FACT_KEYS if k in out}
+    elif hasattr(out, "n_events"):
+        facts = {"events": out.n_events}
+    else:
+        return ""
+    return ": " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in facts.items()) if facts else ""
 
 
 def event_date_bounds(settings: Settings) -> tuple[date, date] | None:
@@ -112,7 +120,9 @@ def run(
     from lake.bundle import new_version
     from lake.load import ensure_sample_data
     from lake.spark_session import get_spark
-    from spark_jobs import compact, evaluate, interactions, publish, train
+    from lake.tables import Lake
+    from spark_jobs import compact, evaluate, interactions, publish, train, tune
+    from spark_jobs.event_log import read_event_log
 
     t0 = time.perf_counter()
     settings = dataset_settings(settings, data)
@@ -123,9 +133,11 @@ def run(
     steps: dict[str, float] = {}
 
     def timed(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        progress(f"{name} ...")
         t = time.perf_counter()
         out = fn(*args, **kwargs)
         steps[name] = round(time.perf_counter() - t, 2)
+        progress(f"{name} done in {steps[name]:.1f} s{step_facts(out)}")
         return out
 
     loaded = timed("data", ensure_sample_data, settings)
@@ -146,10 +158,16 @@ def run(
     steps["spark_session"] = round(time.perf_counter() - t, 2)
     try:
         c = timed("compact", compact.run, settings, start=start, end=as_of, spark=spark)
-        g = timed("interactions", interactions.run, settings, as_of=as_of, spark=spark)
+        log = timed("read_events", read_event_log, Lake.from_settings(settings.lake),
+                    start, as_of)
+        tu = None
+        if settings.tune.enabled:
+            tu = timed("tune", tune.run, settings, as_of=as_of, version=version, log=log)
+        g = timed("interactions", interactions.run, settings, as_of=as_of, spark=spark,
+                  version=version)
         tr = timed("train", train.run, settings, as_of=as_of, version=version, spark=spark)
         ev = timed("evaluate", evaluate.run, settings, as_of=as_of, version=version,
-                   spark=spark)
+                   spark=spark, log=log)
     finally:
         if own_session:
             spark.stop()
@@ -183,6 +201,7 @@ def run(
             "users": g["users"],
             "items": g["items"],
         },
+        "tune": {k: v for k, v in tu.items() if k not in ("job",)} if tu else None,
         "train": {k: v for k, v in tr.items() if k not in ("job",)},
         "evaluate_seconds": ev.get("seconds"),
         "lake": settings.lake.root,

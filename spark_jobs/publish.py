@@ -35,6 +35,7 @@ import pyarrow as pa
 from lake.bundle import (
     current_version,
     read_manifest,
+    recipe_manifest,
     set_current,
     write_bundle,
 )
@@ -137,7 +138,8 @@ def _ensure_bundle(
         params=model.params,
         metrics=metrics,
         write_index=lambda f, p: build_and_save(f, p, settings.index),
-        extra={"as_of": model.as_of.isoformat() if model.as_of else None},
+        extra={"as_of": model.as_of.isoformat() if model.as_of else None,
+               **recipe_manifest(model.params)},
     )
     return path, False
 
@@ -168,7 +170,7 @@ def run(settings: Settings, *, version: str, force: bool = False) -> dict[str, A
     else:
         cur_metrics, compared = _current_metrics(models_dir, previous, version, metrics)
         decision = decide(models[MODEL_KEY], models.get("popularity"), cur_metrics,
-                          settings.gate, force=force)
+                          settings.gate, force=force, evidence=metrics)
         status = CURRENT if decision.accepted else REJECTED
 
     bundle, reused = _ensure_bundle(settings, model, metrics)

@@ -3,6 +3,11 @@
 * `random_split`: per-user holdout. Each user with at least 2 items gives
   round(test_fraction * n_u) of them (at least 1, at most n_u - 1), chosen uniformly with a
   seeded generator, to the test set; users with one item stay entirely in train.
+* `user_time_split`: per-user temporal holdout. For each user with at least `min_items`
+  distinct items, the last max(1, round(test_fraction * n_u)) of them by first-touch time
+  go to test (an item tied with the earliest of those goes too), unless that would leave
+  the user nothing to train on. Every user is tested on their own latest items, so a log
+  that thins out at the end still yields many test users.
 * `time_split`: by timestamp — entries whose time is at or after the cut-off go to test,
   the rest to train. (The lake-level time protocol, which decides which gold rows count as
   "first interacted after the cut-off", lives in `spark_jobs.evaluate`.)
@@ -62,3 +67,28 @@ def time_split(matrix: sp.csr_matrix, times: sp.csr_matrix, cutoff: float) -> Sp
     ):
         raise ValueError("times must have exactly the sparsity pattern of the matrix")
     return _mask_split(x, t.data >= cutoff, "time", {"cutoff": cutoff})
+
+
+def user_time_split(first_touch: sp.csr_matrix, test_fraction: float, min_items: int) -> Split:
+    """`first_touch`: (users x items) time of each pair's first event (all entries > 0)."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    x = sp.csr_matrix(first_touch)
+    x.sum_duplicates()
+    n_u = np.diff(x.indptr)
+    rows = np.repeat(np.arange(x.shape[0]), n_u)
+    n_test = np.maximum(1, np.floor(test_fraction * n_u + 0.5)).astype(np.int64)
+    order = np.lexsort((x.data, rows))  # by user, then time
+    # the cut is the time of the user's n_test-th latest item; ties with it go to test
+    cut_pos = np.where(n_u > 0, x.indptr[:-1] + np.maximum(n_u - n_test, 0), 0)
+    cut_t = np.full(x.shape[0], np.inf)
+    has = n_u > 0
+    cut_t[has] = x.data[order[cut_pos[has]]]
+    test_mask = x.data >= cut_t[rows]
+    n_train = np.bincount(rows[~test_mask], minlength=x.shape[0])
+    eligible = (n_u >= min_items) & (n_train > 0)
+    test_mask &= eligible[rows]
+    split = _mask_split(x, test_mask, "user_time",
+                        {"test_fraction": test_fraction, "min_items": min_items})
+    split.test.data[:] = 1.0
+    return split

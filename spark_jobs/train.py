@@ -7,7 +7,8 @@ extract: the gold partition `as_of` (one pinned Delta version) — read through 
 Arrow batches into the dense id maps + CSR (`spark_jobs.matrix`); the MLlib backend trains
 from a Spark DataFrame of the same snapshot (`lake.spark_bridge.read_table`), joined to the
 id maps by broadcast, so interactions never pass through the driver there.
-transform: `make_trainer(settings.train, spark).fit(...)`.
+transform: `make_trainer(recipe.train, spark).fit(...)`, with the recipe the tuning search
+chose for this version (`spark_jobs.tune.load_recipe`; the configured one without a search).
 load: `save_staged(settings.model.dir, TrainedModel(...))` -> `<models>/staging/<version>/`
 (a rerun of the same version overwrites it).
 """
@@ -22,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 from lake.config import Settings
 from lake.tables import Lake
 from spark_jobs.als import MLlibTrainer, make_trainer
+from spark_jobs.baselines import popularity
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
 from spark_jobs.matrix import GOLD, InteractionMatrix, read_gold
 from spark_jobs.staging import TrainedModel, save_staged
+from spark_jobs.tune import load_recipe
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -45,7 +48,8 @@ def train_model(
     With the MLlib backend and a `lake`, training reads gold through Spark (job path);
     otherwise the in-memory matrix is used.
     """
-    trainer = make_trainer(settings.train, spark)
+    recipe = load_recipe(settings, version)
+    trainer = make_trainer(recipe.train, spark)
     if isinstance(trainer, MLlibTrainer) and lake is not None and as_of is not None:
         from pyspark.sql import functions as F
 
@@ -65,14 +69,14 @@ def train_model(
         version=version,
         backend=trainer.backend,
         as_of=as_of,
-        params=result.params,
+        params=result.params | {"recipe": recipe.to_dict()},
         foldin=result.foldin,
         user_ids=matrix.user_ids,
         item_ids=matrix.item_ids,
         user_factors=result.user_factors,
         item_factors=result.item_factors,
         user_items=matrix.csr,
-        item_popularity=matrix.item_popularity(),
+        item_popularity=popularity(matrix.csr),
         info=info,
     )
 

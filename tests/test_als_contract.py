@@ -1,4 +1,4 @@
-"""One contract suite, run against every ALS backend (implicit, Spark MLlib, NumPy ials).
+"""One contract suite, run against every ALS backend (implicit, Spark MLlib, numba ials).
 
 Fixture with a known answer: users and items fall into 4 blocks; every user interacted
 with most items of their own block and nothing else. The right recommendations for a
@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 from lake.config import TrainSettings
 from lake.foldin import FoldInParams
@@ -37,6 +38,21 @@ def block_matrix(seed: int = 0) -> tuple[InteractionMatrix, np.ndarray, np.ndarr
     ids_u = np.array([f"u{i:03d}" for i in range(nu)])
     ids_i = np.array([f"i{i:03d}" for i in range(ni)])
     return InteractionMatrix(ids_u, ids_i, sp.csr_matrix(dense)), ublock, iblock
+
+
+def block_hit_rate(m: InteractionMatrix, ub: np.ndarray, ib: np.ndarray, res) -> float:
+    """Share of users whose top 2 unseen items (fewer if fewer remain) are of their block."""
+    scores = res.user_factors @ res.item_factors.T
+    seen = m.csr.toarray() > 0
+    scores[seen] = -np.inf
+    n_unseen = (~seen & (ub[:, None] == ib[None, :])).sum(axis=1)
+    k = 2
+    top = top_k(scores, k)
+    ok = [
+        (ib[top[u, : min(k, n_unseen[u])]] == ub[u]).all()
+        for u in range(m.shape[0]) if n_unseen[u] > 0
+    ]
+    return float(np.mean(ok))
 
 
 class ALSContract:
@@ -68,21 +84,14 @@ class ALSContract:
         assert res.foldin == FoldInParams.for_backend(self.backend, alpha=2.0,
                                                       regularization=0.1)
         assert res.params["backend"] == self.backend and res.params["factors"] == 8
+        # the exponent the objective used: implicit 0, MLlib 1, ials the setting (default 1)
+        assert res.params["reg_exponent"] == res.foldin.reg_exponent == (
+            0.0 if self.backend == "implicit" else 1.0)
         assert res.info["fit_seconds"] >= 0
 
     def test_recommends_unseen_items_of_the_users_block(self, fitted):
         m, ub, ib, res = fitted
-        scores = res.user_factors @ res.item_factors.T
-        seen = m.csr.toarray() > 0
-        scores[seen] = -np.inf
-        n_unseen = (~seen & (ub[:, None] == ib[None, :])).sum(axis=1)
-        k = 2
-        top = top_k(scores, k)
-        ok = [
-            (ib[top[u, : min(k, n_unseen[u])]] == ub[u]).all()
-            for u in range(m.shape[0]) if n_unseen[u] > 0
-        ]
-        assert np.mean(ok) >= 0.95
+        assert block_hit_rate(m, ub, ib, res) >= 0.95
 
     def test_similar_items_share_a_block(self, fitted):
         _, _, ib, res = fitted
@@ -131,21 +140,77 @@ class TestScaledALSTrainer(ALSContract):
         with pytest.raises(TrainError, match="unknown ALS backend"):
             make_trainer(self.settings().model_copy(update={"backend": "nope"}))
 
-    def test_half_step_solves_each_rows_normal_equations(self):
-        """Batched, padded solve == the per-row fold-in solve of MLlib's objective."""
-        from lake.foldin import fold_in, gramian
+    @staticmethod
+    def normal_equations(r: sp.csr_matrix, y: np.ndarray, u: int, alpha: float, lam: float,
+                         nu: float) -> np.ndarray:
+        """Row u's solution written out: (YtY + sum alpha r y y^T + lam n^nu I) x = sum c y."""
+        y = y.astype(np.float64)
+        idx, val = r[u].indices, r[u].data
+        a = y.T @ y + (y[idx].T * (alpha * val)) @ y[idx]
+        a += lam * len(idx) ** nu * np.eye(y.shape[1])
+        return np.linalg.solve(a, (1.0 + alpha * val) @ y[idx])
+
+    @pytest.mark.parametrize("nu", [0.0, 0.5, 1.0])
+    def test_half_step_solves_each_rows_normal_equations(self, nu):
+        """Known answer: every row == a direct dense solve of its normal equations, in float64
+        (the final user step) and with float32 products (intermediate steps); k = 21 is not a
+        multiple of the Cholesky's padding."""
         from spark_jobs.als import scaled_half_step
 
         m, _, _ = block_matrix(1)
-        rng = np.random.default_rng(0)
-        items = rng.normal(size=(m.shape[1], 5))
-        p = FoldInParams.for_backend("ials", alpha=2.0, regularization=0.3)
-        got = scaled_half_step(m.csr, items, 2.0, 0.3, budget=50)  # many small batches
-        gram = gramian(items)
-        for u in range(m.shape[0]):
+        r = m.csr.astype(np.float64)
+        r.data[r.indptr[3]:r.indptr[4]] = 0.0  # a user without interactions gets 0
+        r.eliminate_zeros()
+        items = np.random.default_rng(0).normal(size=(m.shape[1], 21)).astype(np.float32)
+        with threadpool_limits(1, "blas"):
+            exact = scaled_half_step(r, items, 2.0, 0.3, nu)
+            fast = scaled_half_step(r, items, 2.0, 0.3, nu, gram64=False)
+        assert exact.dtype == np.float32 and exact.shape == (m.shape[0], 21)
+        np.testing.assert_array_equal(exact[3], 0.0)
+        for u in (0, 1, 17, 40, 79):
+            want = self.normal_equations(r, items, u, 2.0, 0.3, nu)
+            np.testing.assert_allclose(exact[u], want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(fast[u], want, rtol=1e-3, atol=1e-4)
+
+    def test_half_step_without_regularisation_falls_back_like_fold_in(self):
+        """lambda = 0 and a factor column of zeros: no Cholesky exists; the row is solved by
+        fold-in's least-squares fallback, so batch and online still agree."""
+        from lake.foldin import fold_in, gramian
+        from spark_jobs.als import scaled_half_step
+
+        m, _, _ = block_matrix(2)
+        items = np.random.default_rng(1).normal(size=(m.shape[1], 6)).astype(np.float32)
+        items[:, 2] = 0.0
+        got = scaled_half_step(m.csr, items, 2.0, 0.0, 1.0)
+        p = FoldInParams.for_backend("ials", alpha=2.0, regularization=0.0)
+        for u in (0, 21, 50):
             row = m.csr[u]
-            want = fold_in(items, gram, row.indices, row.data, p)
-            np.testing.assert_allclose(got[u], want, rtol=1e-4, atol=1e-5)
+            want = fold_in(items, gramian(items), row.indices, row.data, p)
+            np.testing.assert_allclose(got[u], want, rtol=1e-5, atol=1e-6)
+            assert np.isfinite(got[u]).all() and abs(got[u][2]) < 1e-6
+
+    def test_cg_half_step_converges_to_the_exact_solve(self):
+        """Warm-started CG: few steps move towards the exact solution, k steps reach it."""
+        from spark_jobs.als import scaled_cg_half_step, scaled_half_step
+
+        m, _, _ = block_matrix(1)
+        items = np.random.default_rng(2).normal(size=(m.shape[1], 8)).astype(np.float32)
+        exact = scaled_half_step(m.csr, items, 2.0, 0.3, 0.5)
+        start = np.zeros_like(exact)
+        err0 = np.abs(start - exact).max()
+        one = scaled_cg_half_step(m.csr, items, start.copy(), 2.0, 0.3, 0.5, steps=1)
+        full = scaled_cg_half_step(m.csr, items, start.copy(), 2.0, 0.3, 0.5, steps=16)
+        assert np.abs(one - exact).max() < 0.9 * err0
+        np.testing.assert_allclose(full, exact, rtol=1e-4, atol=1e-5)
+
+    def test_cg_trainer_passes_the_contract_too(self, fitted):
+        """cg_steps only changes the intermediate half-steps: same known answers."""
+        m, ub, ib, res = fitted
+        cg = ScaledALSTrainer(self.settings(), cg_steps=3).fit(m)
+        assert cg.info["solver"] == "cg3" and res.info["solver"] == "cholesky"
+        assert block_hit_rate(m, ub, ib, cg) >= 0.95
+        with pytest.raises(ValueError, match="cg_steps"):
+            ScaledALSTrainer(self.settings(), cg_steps=-1)
 
 
 @pytest.mark.slow

@@ -113,7 +113,8 @@ def test_retrain_task_order(dagbag: Any) -> None:
     assert upstream == {
         "plan": [],
         "compact": ["plan"],
-        "interactions": ["compact"],
+        "tune": ["compact", "plan"],
+        "interactions": ["tune"],
         "train": ["interactions"],
         "evaluate": ["train"],
         "publish": ["evaluate", "plan"],
@@ -137,7 +138,8 @@ def test_retrain_params_and_their_validation(dagbag: Any) -> None:
     cfg = load_settings()
     params = dagbag.dags["lambdarec_retrain"].params
     assert {"backend", "factors", "regularization", "iterations", "alpha", "lookback_days",
-            "gate_margin", "force_publish", "as_of"} <= set(params.keys())
+            "gate_margin", "force_publish", "as_of", "tune", "tune_budget_s"} <= set(params.keys())
+    assert (params["tune"], params["tune_budget_s"]) == (cfg.tune.enabled, cfg.tune.budget_s)
     # Defaults come from the project settings, so the trigger form shows the real config.
     assert (params["backend"], params["factors"], params["iterations"]) == (
         cfg.train.backend, cfg.train.factors, cfg.train.iterations)
@@ -165,7 +167,7 @@ def test_spark_tasks_submit_the_job_files_with_the_run_arguments(dagbag: Any) ->
     dag = dagbag.dags["lambdarec_retrain"]
     expected_args = {
         "compact": ["--start", "--end"],
-        "interactions": ["--as-of"],
+        "interactions": ["--as-of", "--version"],
         "train": ["--as-of", "--version", "--backend", "--factors", "--regularization",
                   "--iterations", "--alpha"],
         "evaluate": ["--as-of", "--version"],
@@ -364,7 +366,7 @@ def test_retrain_dag_end_to_end_publishes_a_model(tmp_path: Path) -> None:
     result = results["first"]
     log_tail = out.stdout[-8000:] + out.stderr[-4000:]
     assert result["states"] == {
-        "plan": "success", "compact": "success", "interactions": "success",
+        "plan": "success", "compact": "success", "tune": "success", "interactions": "success",
         "train": "success", "evaluate": "success", "publish": "success",
         "notify_reload": "success",
     }, log_tail
@@ -382,6 +384,9 @@ def test_retrain_dag_end_to_end_publishes_a_model(tmp_path: Path) -> None:
     assert report == models / "reports" / version / "report.md"
     assert report.exists() and report.stat().st_size > 0
     assert result["xcoms"]["train.return_value"]["version"] == version
+    tuned = result["xcoms"]["tune.return_value"]
+    assert tuned["version"] == version and tuned["trials"] >= 1
+    assert Path(tuned["tuning"]).exists()
     reload = result["xcoms"]["notify_reload.return_value"]["targets"]["127.0.0.1:1"]
     assert reload.startswith(("unreachable", "skipped")), reload
 

@@ -12,10 +12,12 @@ import scipy.sparse as sp
 
 from lake.config import load_settings
 from lake.foldin import FoldInParams
+from lake.strength import StrengthParams
 from spark_jobs import evaluate, train
 from spark_jobs.baselines import ease_weights, popularity
+from spark_jobs.event_log import event_log_from_table, holdout
 from spark_jobs.matrix import build_matrix, read_gold
-from spark_jobs.splits import random_split
+from spark_jobs.splits import random_split, user_time_split
 from spark_jobs.staging import (
     StagingError,
     TrainedModel,
@@ -38,7 +40,6 @@ def test_build_matrix_sorted_maps_and_summed_duplicates():
     assert m.item_ids.tolist() == ["x", "y", "z"]
     assert m.csr.toarray().tolist() == [[2.0, 0.0, 0.5], [0.0, 4.0, 0.0]]
     assert m.user_index(["b", "nope"]).tolist() == [1, -1]
-    assert m.item_popularity().tolist() == [2.0, 4.0, 0.5]
 
 
 # -- splits ----------------------------------------------------------------------------
@@ -55,40 +56,42 @@ def test_random_split_per_user_fraction_disjoint_and_seeded():
     assert (random_split(x, 0.1, seed=2).test != s.test).nnz > 0
 
 
-def _ts(day: int, hour: int = 12) -> datetime:
-    return datetime(2024, 3, day, hour, tzinfo=UTC)
+def test_user_time_split_known_answer():
+    # u0: 10 items first touched at t = 1..10 -> its last 2 are test; u1: 3 items < min 5;
+    # u2: 5 items all at t = 5 (a bulk import) -> the tie would take them all: not tested;
+    # u3: 6 items, the 5th and 6th tied at t = 9 -> round(1.2) = 1, the tie makes it 2
+    r = [0] * 10 + [1] * 3 + [2] * 5 + [3] * 6
+    c = list(range(10)) + [0, 1, 2] + [0, 1, 2, 3, 4] + [0, 1, 2, 3, 4, 5]
+    t = list(range(1, 11)) + [1, 2, 3] + [5] * 5 + [1, 2, 3, 4, 9, 9]
+    first = sp.csr_matrix((np.array(t, float), (r, c)), shape=(4, 10))
+    s = user_time_split(first, 0.2, 5)
+    test = {(int(u), int(i)) for u, i in zip(*s.test.nonzero(), strict=True)}
+    assert test == {(0, 8), (0, 9), (3, 4), (3, 5)}
+    assert s.train.nnz == first.nnz - 4 and s.train.multiply(s.test).nnz == 0
 
 
-def test_time_split_known_answer_without_and_with_prior():
-    cut = evaluate.cutoff_for(AS_OF, 7)
-    assert cut == datetime(2024, 3, 25, tzinfo=UTC)
-    cur = pa.table({
-        "user_id": ["u1", "u1", "u1", "u2", "u2", "u3"],
-        "item_id": ["a", "b", "c", "a", "d", "b"],
-        "confidence": [1.0, 2.0, 3.0, 1.0, 1.0, 1.0],
-        "last_ts": [_ts(1), _ts(24, 23), _ts(27), _ts(2), _ts(30), _ts(29)],
+def test_holdout_drops_every_event_of_a_test_pair():
+    # u1 touches a (t=1), b (t=2), c (t=3), d (t=4), e (t=5) and a again at t=6: the last
+    # item by FIRST touch is e; a's late re-touch does not make it a test item
+    table = pa.table({
+        "user_id": ["u1"] * 6 + ["u2"],
+        "item_id": ["a", "b", "c", "d", "e", "a", "a"],
+        "event_type": ["view"] * 7,
+        "value": pa.array([None] * 7, pa.float64()),
+        "ts": pa.array([datetime(2024, 1, d, tzinfo=UTC) for d in (1, 2, 3, 4, 5, 6, 1)],
+                       pa.timestamp("us", tz="UTC")),
     })
-    d = evaluate.split_time(cur, cut)
-    # train: (u1,a) (u1,b) (u2,a); test: (u1,c) cold item, (u2,d) cold item, (u3,b) cold user
-    assert d.train.user_ids.tolist() == ["u1", "u2"]
-    assert d.train.item_ids.tolist() == ["a", "b"]
-    assert d.test.nnz == 0
-    assert d.info["test_pairs_cold_user"] == 1 and d.info["test_pairs_cold_item"] == 2
-    assert d.info["exact"] is False
-
-    # with the snapshot at the cut-off: (u1, b) was known before, c is new for u1 and u2
-    # knew item c at the cut-off (so it is no test item for u2)
-    prior = pa.table({"user_id": ["u1", "u1", "u2", "u2"], "item_id": ["a", "b", "a", "c"],
-                      "confidence": [1.0, 2.0, 1.0, 1.0]})
-    cur2 = pa.concat_tables([cur, pa.table({
-        "user_id": ["u1", "u2"], "item_id": ["x", "c"], "confidence": [1.0, 1.0],
-        "last_ts": [_ts(20), _ts(28)]})])
-    d = evaluate.split_time(cur2, cut, prior)
-    assert d.info["exact"] is True
-    assert d.train.item_ids.tolist() == ["a", "b", "c"]
-    test = {(d.train.user_ids[u], d.train.item_ids[i]) for u, i in zip(*d.test.nonzero(),
-                                                                        strict=True)}
-    assert test == {("u1", "c")}
+    log = event_log_from_table(table)
+    h = holdout(log, "user_time", 0.2, 5, seed=0)
+    test = {(log.user_ids[u], log.item_ids[i]) for u, i in zip(*h.test.nonzero(), strict=True)}
+    assert test == {("u1", "e")}
+    kept = {(log.user_ids[u], log.item_ids[i]) for u, i in
+            zip(log.user[h.train_events], log.item[h.train_events], strict=True)}
+    assert ("u1", "e") not in kept and ("u1", "a") in kept and ("u2", "a") in kept
+    assert int(h.train_events.sum()) == 6
+    params = StrengthParams({"view": 1.0}, half_life_days=None)
+    m = log.matrix(params, h.train_events)
+    assert m[list(log.user_ids).index("u1"), list(log.item_ids).index("a")] == 2.0
 
 
 # -- baselines ---------------------------------------------------------------------------
@@ -128,9 +131,9 @@ def test_staging_round_trip_and_overwrite(tmp_path):
 
 
 # -- jobs on a tiny lake -------------------------------------------------------------------
-def block_gold(as_of: date, seed: int = 0) -> pa.Table:
+def block_events(as_of: date, seed: int = 0) -> list[tuple[str, str, float, datetime]]:
     """4 taste blocks of 25 users x 15 items; each user touched ~70% of their block, one
-    item per day over the last 40 days (so both split protocols have data)."""
+    item every 3 days up to the evening of `as_of`."""
     rng = np.random.default_rng(seed)
     rows = []
     end = datetime(as_of.year, as_of.month, as_of.day, 20, tzinfo=UTC)
@@ -138,23 +141,35 @@ def block_gold(as_of: date, seed: int = 0) -> pa.Table:
         block = u // 25
         items = [i for i in range(block * 15, block * 15 + 15) if rng.random() < 0.7]
         for n, i in enumerate(rng.permutation(items)):
-            rows.append((f"user{u:03d}", f"item{i:03d}", float(rng.integers(1, 5)), 1,
+            rows.append((f"user{u:03d}", f"item{i:03d}", float(rng.integers(1, 5)),
                          end - timedelta(days=int(n) * 3)))
-    u, i, c, n, ts = zip(*rows, strict=True)
-    return pa.table({"user_id": u, "item_id": i, "confidence": c, "n_events": n,
+    return rows
+
+
+def block_gold(as_of: date, seed: int = 0) -> pa.Table:
+    u, i, c, ts = zip(*block_events(as_of, seed), strict=True)
+    return pa.table({"user_id": u, "item_id": i, "confidence": c, "n_events": [1] * len(u),
                      "last_ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
                      "as_of": [as_of] * len(u)})
+
+
+def block_silver(as_of: date) -> pa.Table:
+    rows = block_events(as_of)
+    return pa.Table.from_pylist([
+        {"event_id": f"e{n}", "user_id": u, "item_id": i, "event_type": "view", "value": None,
+         "ts": ts, "received_at": ts} for n, (u, i, _, ts) in enumerate(rows)])
 
 
 @pytest.fixture
 def settings(tmp_path, lake):
     lake.overwrite("gold_interactions", block_gold(AS_OF), partitions=[{"as_of": AS_OF}])
+    lake.append("silver_events", block_silver(AS_OF))
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(json.dumps({
         "lake": {"root": str(lake.root)},
         "model": {"dir": str(tmp_path / "models")},
         "train": {"factors": 8, "regularization": 0.5, "iterations": 10, "alpha": 2.0},
-        "evaluate": {"k": [5, 10], "holdout_days": 10, "test_fraction": 0.2},
+        "evaluate": {"k": [5, 10], "test_fraction": 0.2, "bootstrap": 200},
     }))
     return cfg
 
@@ -167,7 +182,7 @@ def test_read_gold_partition(settings, lake):
     assert read_gold(lake, AS_OF).nnz == block_gold(AS_OF).num_rows
 
 
-@pytest.mark.parametrize("split", ["random", "time"])
+@pytest.mark.parametrize("split", ["random", "user_time"])
 def test_train_then_evaluate_jobs(settings, tmp_path, capsys, split):
     assert train.main(["--config", str(settings), "--as-of", "2024-03-31", "--version", "v1",
                        "--factors", "6"]) == 0
@@ -175,6 +190,7 @@ def test_train_then_evaluate_jobs(settings, tmp_path, capsys, split):
     assert out["version"] == "v1" and out["users"] == 100 and out["factors"] == 6
     staged = load_staged(tmp_path / "models", "v1")
     assert staged.params["factors"] == 6 and staged.backend == "implicit"
+    assert staged.params["recipe"]["train"]["factors"] == 6
 
     assert evaluate.main(["--config", str(settings), "--as-of", "2024-03-31", "--version",
                           "v1", "--split", split]) == 0
@@ -186,13 +202,17 @@ def test_train_then_evaluate_jobs(settings, tmp_path, capsys, split):
     for name in ("als", "popularity", "ease"):
         for key in ("ndcg@10", "recall@10", "map@10", "coverage@10", "ndcg@5"):
             assert 0.0 <= metrics["models"][name][key] <= 1.0
+        lo, hi = metrics["intervals"]["models"][name]["ndcg@10"]
+        assert lo <= metrics["models"][name]["ndcg@10"] <= hi
     # block structure: ALS must clearly beat popularity (which ignores the blocks)
     als, pop = metrics["models"]["als"]["ndcg@10"], metrics["models"]["popularity"]["ndcg@10"]
     assert als > 1.5 * pop
+    diff = metrics["intervals"]["vs_popularity"]["ndcg@10"]
+    assert diff["diff"] == pytest.approx(als - pop) and diff["ci"][0] > 0
     report = tmp_path / "models" / "reports" / "v1"
     assert metrics["report"] == str(report / "report.md")
     text = (report / "report.md").read_text()
-    assert "| als |" in text and "| ease |" in text
+    assert "| als |" in text and "| ease |" in text and "als - popularity (paired)" in text
     assert (report / "metrics_vs_k.png").stat().st_size > 1000
     assert (report / "popularity_deciles.png").stat().st_size > 1000
 
@@ -209,7 +229,7 @@ def test_train_without_gold_rows_for_the_date(settings, capsys):
     assert "no rows" in capsys.readouterr().err
 
 
-def test_ease_skipped_above_max_items(settings, tmp_path):
+def test_itemknn_replaces_ease_above_max_items(settings, tmp_path):
     s = load_settings(settings, overrides={"evaluate": {"ease_max_items": 10,
                                                         "split": "random"}})
     train.run(s, as_of=AS_OF, version="v2")
@@ -217,6 +237,9 @@ def test_ease_skipped_above_max_items(settings, tmp_path):
     metrics = load_metrics(s.model.dir, "v2")
     assert "ease" not in metrics["models"] and "ease" not in res["ndcg@10"]
     assert "ease_skipped" in metrics["facts"]
+    # item-kNN sees the blocks too: far above popularity
+    knn = metrics["models"]["itemknn"]["ndcg@10"]
+    assert knn > 1.5 * metrics["models"]["popularity"]["ndcg@10"]
 
 
 @pytest.mark.slow
@@ -225,6 +248,6 @@ def test_train_job_with_mllib_reads_gold_through_spark(settings, tmp_path, spark
     out = train.run(s, as_of=AS_OF, version="vm", spark=spark)
     assert out["backend"] == "mllib" and out["users"] == 100
     m = load_staged(s.model.dir, "vm")
-    assert m.foldin.scale_reg_by_count and m.foldin.confidence_offset == 1.0
+    assert m.foldin.reg_exponent == 1.0 and m.foldin.confidence_offset == 1.0
     assert np.abs(m.user_factors).sum(axis=1).min() > 0  # every user got a trained vector
     assert np.abs(m.item_factors).sum(axis=1).min() > 0

@@ -1,4 +1,5 @@
-"""Gold interactions: hand-computed confidences, windows, caps, idempotent partition rewrite."""
+"""Gold interactions: hand-computed strengths (values, decay from the user's latest event),
+windows, caps, idempotent partition rewrite."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from datetime import UTC, date, datetime, timedelta
 
 import pyarrow as pa
 import pytest
-from pyspark.sql.types import StringType, StructField, StructType, TimestampType
+from pyspark.sql.types import DoubleType, StringType, StructField, StructType, TimestampType
 
 from lake.config import load_settings
+from lake.strength import StrengthParams
 from lake.tables import Lake
 from spark_jobs import interactions
 from spark_jobs.interactions import build_interactions
@@ -21,56 +23,77 @@ EVENTS = StructType([
     StructField("user_id", StringType()),
     StructField("item_id", StringType()),
     StructField("event_type", StringType()),
+    StructField("value", DoubleType()),
     StructField("ts", TimestampType()),
 ])
 
 
-def build(spark, rows, **kw):
-    params = dict(weights=WEIGHTS, half_life_days=30.0, as_of=AS_OF, max_confidence=100.0,
-                  lookback_days=90)
-    params.update(kw)
-    df = build_interactions(spark.createDataFrame(rows, EVENTS), **params)
+def build(spark, rows, weights=WEIGHTS, transforms=None, half_life_days=30.0,
+          max_confidence=100.0, lookback_days=90):
+    params = StrengthParams(weights, transforms or {}, half_life_days, max_confidence)
+    rows = [r if len(r) == 5 else (*r[:3], None, r[3]) for r in rows]
+    df = build_interactions(spark.createDataFrame(rows, EVENTS), params=params, as_of=AS_OF,
+                            lookback_days=lookback_days)
     return {(r["user_id"], r["item_id"]): r.asDict() for r in df.collect()}
 
 
 def test_confidence_known_values(spark):
+    """Decay runs from each user's latest counted event (not from the as-of date)."""
     rows = [
-        # one purchase two half-lives old: 8 x 0.25 = 2.0
+        # u1's latest event is the click (END - 15 d): the purchase is 45 days older,
+        # 1.5 half-lives: 8 x 2 ** -1.5; the view half a half-life: 2 ** -0.5; the click 2
         ("u1", "i1", "purchase", END - timedelta(days=60)),
-        # a view one half-life old (1 x 0.5) + a click half a half-life old (2 x 2**-0.5)
         ("u1", "i2", "view", END - timedelta(days=30)),
         ("u1", "i2", "click", END - timedelta(days=15)),
-        # at the very end of the as-of day: excluded; one half-life old purchase: 4.0
+        # at the very end of the as-of day: excluded; so the purchase is u2's latest: 8
         ("u2", "i1", "add_to_cart", END),
         ("u2", "i1", "purchase", END - timedelta(days=30)),
         # older than the 90-day lookback: excluded, so no pair at all
         ("u2", "i3", "view", END - timedelta(days=91)),
         # weight 0 (rating): ignored, no pair
         ("u3", "i1", "rating", END - timedelta(days=1)),
-        # 20 fresh purchases: ~160 before the cap of 100
+        # 20 fresh purchases: 160 before the cap of 100
         *[("u3", "i2", "purchase", END - timedelta(hours=1))] * 20,
-        # exactly at the lookback boundary: included, 3 half-lives old -> 1 x 0.125
+        # exactly at the lookback boundary: included; u4's only event, so age 0 -> 1
         ("u4", "i4", "view", END - timedelta(days=90)),
     ]
     out = build(spark, rows)
     assert set(out) == {("u1", "i1"), ("u1", "i2"), ("u2", "i1"), ("u3", "i2"), ("u4", "i4")}
-    assert out[("u1", "i1")]["confidence"] == pytest.approx(2.0, abs=1e-12)
+    assert out[("u1", "i1")]["confidence"] == pytest.approx(8 * 2 ** -1.5, abs=1e-12)
     assert out[("u1", "i1")]["n_events"] == 1
-    assert out[("u1", "i2")]["confidence"] == pytest.approx(0.5 + 2 * 2 ** -0.5, abs=1e-12)
+    assert out[("u1", "i2")]["confidence"] == pytest.approx(2 ** -0.5 + 2.0, abs=1e-12)
     assert out[("u1", "i2")]["n_events"] == 2
     assert out[("u1", "i2")]["last_ts"].timestamp() == (END - timedelta(days=15)).timestamp()
-    assert out[("u2", "i1")]["confidence"] == pytest.approx(4.0, abs=1e-12)
+    assert out[("u2", "i1")]["confidence"] == pytest.approx(8.0, abs=1e-12)
     assert out[("u2", "i1")]["n_events"] == 1
     assert out[("u3", "i2")]["confidence"] == 100.0
     assert out[("u3", "i2")]["n_events"] == 20
-    assert out[("u4", "i4")]["confidence"] == pytest.approx(0.125, abs=1e-12)
+    assert out[("u4", "i4")]["confidence"] == pytest.approx(1.0, abs=1e-12)
     assert {r["as_of"] for r in out.values()} == {AS_OF}
 
 
-def test_half_life_and_weights_are_parameters(spark):
-    rows = [("u1", "i1", "view", END - timedelta(days=10))]
-    out = build(spark, rows, half_life_days=10.0, weights={"view": 3.0})
-    assert out[("u1", "i1")]["confidence"] == pytest.approx(1.5, abs=1e-12)
+def test_values_count_through_their_transform(spark):
+    rows = [
+        ("u1", "i1", "rating", 4.0, END - timedelta(days=1)),     # linear: 4
+        ("u1", "i2", "purchase", 3.0, END - timedelta(days=1)),   # log1p: 2 * log2(4) = 4
+        ("u1", "i3", "purchase", None, END - timedelta(days=1)),  # no value: 2 * 1
+        ("u1", "i4", "rating", 0.0, END - timedelta(days=1)),     # value 0: no pair
+    ]
+    out = build(spark, rows, weights={"rating": 1.0, "purchase": 2.0},
+                transforms={"rating": "linear", "purchase": "log1p"}, half_life_days=None)
+    assert set(out) == {("u1", "i1"), ("u1", "i2"), ("u1", "i3")}
+    assert out[("u1", "i1")]["confidence"] == pytest.approx(4.0, abs=1e-12)
+    assert out[("u1", "i2")]["confidence"] == pytest.approx(4.0, abs=1e-12)
+    assert out[("u1", "i3")]["confidence"] == pytest.approx(2.0, abs=1e-12)
+
+
+def test_a_backfilled_history_keeps_its_weight(spark):
+    """Two years before the as-of date, but all the user has: no decay to nothing."""
+    old = END - timedelta(days=730)
+    rows = [("u1", "i1", "view", old), ("u1", "i2", "view", old - timedelta(days=30))]
+    out = build(spark, rows, lookback_days=3650)
+    assert out[("u1", "i1")]["confidence"] == pytest.approx(1.0, abs=1e-12)
+    assert out[("u1", "i2")]["confidence"] == pytest.approx(0.5, abs=1e-12)
 
 
 def test_all_zero_weights_is_an_error(spark):
@@ -100,7 +123,8 @@ def gold(lake: Lake, as_of: date | None = None) -> list[dict]:
 
 
 def test_interactions_job_rewrites_only_its_partition(spark, tmp_path):
-    settings = load_settings(env={}, overrides={"lake": {"root": str(tmp_path / "lake")}})
+    settings = load_settings(env={}, overrides={"lake": {"root": str(tmp_path / "lake")},
+                                                "interactions": {"half_life_days": 30.0}})
     lake = Lake.from_settings(settings.lake)
     lake.append("silver_events", pa.Table.from_pylist(silver_rows()))
 
@@ -108,14 +132,19 @@ def test_interactions_job_rewrites_only_its_partition(spark, tmp_path):
     assert res["pairs"] == 3 and res["events"] == 3
     first = gold(lake)
     conf = {(r["user_id"], r["item_id"]): r["confidence"] for r in first}
-    assert conf[("u1", "i1")] == pytest.approx(2.0, abs=1e-12)
-    assert conf[("u1", "i2")] == pytest.approx(0.5, abs=1e-12)
-    assert conf[("u2", "i1")] == pytest.approx(2 ** (-2 / 30), abs=1e-12)
+    # u1's latest is the view (END - 30 d): the purchase one half-life before it
+    assert conf[("u1", "i1")] == pytest.approx(4.0, abs=1e-12)
+    assert conf[("u1", "i2")] == pytest.approx(1.0, abs=1e-12)
+    assert conf[("u2", "i1")] == pytest.approx(1.0, abs=1e-12)
 
     next_day = AS_OF + timedelta(days=1)
     interactions.run(settings, as_of=next_day, spark=spark)
     both = gold(lake)
-    assert len(gold(lake, next_day)) == 4
+    nxt = {(r["user_id"], r["item_id"]): r["confidence"] for r in gold(lake, next_day)}
+    assert len(nxt) == 4
+    # u2's click (END + 5 h) is now their latest: the view is 2 days 5 hours older
+    assert nxt[("u2", "i1")] == pytest.approx(2 ** (-(2 + 5 / 24) / 30), abs=1e-12)
+    assert nxt[("u2", "i2")] == pytest.approx(2.0, abs=1e-12)
     assert gold(lake, AS_OF) == first
 
     interactions.run(settings, as_of=AS_OF, spark=spark)  # rerun: same rows, nothing added

@@ -39,8 +39,9 @@ def test_dataset_settings_keep_movielens_apart_unless_configured(tmp_path):
     assert ml.data.source == "ml-1m"
     assert ml.lake.root.parts[-3:] == ("datasets", "ml-1m", "lake")
     assert ml.model.dir.parts[-3:] == ("datasets", "ml-1m", "models")
-    assert ml.evaluate.split == "random"
-    assert ml.interactions.half_life_days >= 1e9
+    # nothing specific to a dataset: the same data ingested through the API gets the same
+    for section in ("interactions", "train", "evaluate", "tune", "blend"):
+        assert getattr(ml, section) == getattr(default, section)
     explicit = load_settings(env={}, overrides={"lake": {"root": str(tmp_path / "l")},
                                                 "interactions": {"half_life_days": 90}})
     ml2 = dataset_settings(explicit, "ml-100k")
@@ -67,14 +68,19 @@ def test_pipeline_end_to_end_then_bad_model_is_rejected(spark, tmp_path):
     lake = Lake.from_settings(settings.lake)
     assert lake.count("user_factors") == len(bundle.user_ids)
     assert lake.count("item_factors") == len(bundle.item_ids)
-    assert {r["model_version"]: r["status"] for r in lake.read("model_runs").to_pylist()} == {
-        "v-good": "current"}
+    runs = {r["model_version"]: r["status"] for r in lake.read("model_runs").to_pylist()}
+    assert {v: st for v, st in runs.items() if st != "trial"} == {"v-good": "current"}
+    trials = sorted(v for v, st in runs.items() if st == "trial")
+    assert trials == [f"v-good.t{n:02d}" for n in range(out["tune"]["trials"])]
+    assert out["tune"]["trials"] >= 2 and "tune" in out["steps_seconds"]
 
     # A model with random factors, scored by the real metric code on the real holdout.
     from spark_jobs.baselines import factor_scorer, popularity_scorer
-    from spark_jobs.evaluate import split_from_lake
+    from spark_jobs.evaluate import eval_holdout
+    from spark_jobs.event_log import read_event_log
     from spark_jobs.metrics import evaluate_ranking
     from spark_jobs.staging import load_staged, save_metrics, save_staged
+    from spark_jobs.tune import load_recipe
 
     good = load_staged(models, "v-good")
     rng = np.random.default_rng(0)
@@ -82,14 +88,15 @@ def test_pipeline_end_to_end_then_bad_model_is_rejected(spark, tmp_path):
                   user_factors=rng.normal(size=good.user_factors.shape),
                   item_factors=rng.normal(size=good.item_factors.shape))
     save_staged(models, bad)
-    data = split_from_lake(lake, out["as_of"], settings)
-    np.testing.assert_array_equal(data.train.user_ids, bad.user_ids)
-    np.testing.assert_array_equal(data.train.item_ids, bad.item_ids)
-    train = data.train.csr
+    log = read_event_log(lake, out["compacted"]["start"], out["as_of"])
+    test = eval_holdout(log, settings)
+    np.testing.assert_array_equal(log.user_ids, bad.user_ids)
+    np.testing.assert_array_equal(log.item_ids, bad.item_ids)
+    train = log.matrix(load_recipe(settings, "v-good").strength, test.train_events)
     results = {
         "als": evaluate_ranking(factor_scorer(bad.user_factors, bad.item_factors), train,
-                                data.test, [10]).metrics,
-        "popularity": evaluate_ranking(popularity_scorer(train), train, data.test, [10]).metrics,
+                                test.test, [10]).metrics,
+        "popularity": evaluate_ranking(popularity_scorer(train), train, test.test, [10]).metrics,
     }
     save_metrics(models, "v-random", {"split": "random", "k": [10],
                                       "n_test_users": out["n_test_users"], "models": results})

@@ -59,6 +59,33 @@ def test_gate_rejects_missing_or_degenerate_metrics(new, why):
     assert not d.accepted and why in d.reason
 
 
+def test_gate_says_when_the_test_set_is_too_small_to_decide():
+    ev = {"n_test_users": 10, "min_test_users": 50}
+    d = decide({"ndcg@10": 0.30}, {"ndcg@10": 0.20}, None, GATE, evidence=ev)
+    assert not d.accepted
+    assert d.reason == ("test set too small to decide: 10 test users < "
+                        "evaluate.min_test_users = 50")
+    ok = decide({"ndcg@10": 0.30}, {"ndcg@10": 0.20}, None, GATE,
+                evidence={"n_test_users": 50, "min_test_users": 50})
+    assert ok.accepted and "50 test users >= 50" in ok.reason
+
+
+def test_gate_rejects_a_lift_within_noise():
+    def ev(lo, hi):
+        return {"intervals": {"confidence": 0.95,
+                              "vs_popularity": {"ndcg@10": {"diff": 0.1, "ci": [lo, hi]}}}}
+
+    noisy = decide({"ndcg@10": 0.30}, {"ndcg@10": 0.20}, None, GATE, evidence=ev(-0.01, 0.2))
+    assert not noisy.accepted
+    assert noisy.reason == ("ndcg@10 lift over popularity +0.1000 is within noise: paired 95% "
+                            "interval [-0.0100, +0.2000] includes 0")
+    clear = decide({"ndcg@10": 0.30}, {"ndcg@10": 0.20}, None, GATE, evidence=ev(0.05, 0.15))
+    assert clear.accepted and "interval [+0.0500, +0.1500] above 0" in clear.reason
+    # the relative lift is checked first: a significant but too small lift still fails
+    small = decide({"ndcg@10": 0.21}, {"ndcg@10": 0.20}, None, GATE, evidence=ev(0.005, 0.02))
+    assert not small.accepted and "popularity" in small.reason
+
+
 def test_gate_uses_the_configured_metric_and_force_overrides():
     gate = GateSettings(metric="recall@20", min_lift_over_popularity=0.5, max_regression=0.0)
     d = decide({"recall@20": 0.3, "ndcg@10": 0.9}, {"recall@20": 0.25}, None, gate)

@@ -17,6 +17,7 @@ def tiny_pipeline_env(tmp_path: Path) -> dict[str, str]:
         "LAMBDAREC__DATA__SYNTHETIC_ITEMS": "300",
         "LAMBDAREC__SPARK__DRIVER_MEMORY": "1g",
         "LAMBDAREC__SPARK__SHUFFLE_PARTITIONS": "2",
+        "LAMBDAREC__TUNE__MAX_TRIALS": "4",  # a short search: the test checks the wiring
         "LAMBDAREC__AIRFLOW__RELOAD_TARGETS": '["127.0.0.1:1"]',  # nobody listens: a warning
         "OPENBLAS_NUM_THREADS": "1",
     }

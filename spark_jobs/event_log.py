@@ -1,0 +1,169 @@
+"""Silver events held in memory as integer codes, for the tuning search and the evaluation.
+
+Both need the *events*, not gold's aggregates: a per-user temporal holdout needs each
+pair's first-touch time, and the search tries strength settings (value transform, decay)
+that gold has already applied. `read_event_log` streams the lookback window of
+`silver_events` through delta-rs (partition-pruned) into an `EventLog` of a few NumPy
+columns (about 25 bytes an event), and `EventLog.matrix(params, keep)` turns any subset
+of it into the user x item strength matrix with `lake.strength` — the same definition the
+gold job applies in Spark and the online layer applies per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import scipy.sparse as sp
+
+from lake.strength import StrengthParams, epoch_seconds, user_reference
+from lake.tables import Lake
+
+SILVER = "silver_events"
+COLUMNS = ("user_id", "item_id", "event_type", "value", "ts")
+
+
+@dataclass
+class EventLog:
+    """Events as codes into sorted id maps; one entry per event, time-ordered per user."""
+
+    user_ids: np.ndarray
+    """(n_users,) sorted str ids."""
+    item_ids: np.ndarray
+    """(n_items,) sorted str ids."""
+    user: np.ndarray
+    """(n_events,) int64 row into `user_ids`."""
+    item: np.ndarray
+    """(n_events,) int64 row into `item_ids`."""
+    event_type: np.ndarray
+    """(n_events,) str."""
+    value: np.ndarray
+    """(n_events,) float64, NaN where the event had no value."""
+    ts: np.ndarray
+    """(n_events,) float64 epoch seconds."""
+
+    @property
+    def n_events(self) -> int:
+        return int(self.user.size)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.user_ids), len(self.item_ids)
+
+    def matrix(self, params: StrengthParams, keep: np.ndarray | None = None) -> sp.csr_matrix:
+        """(n_users x n_items) strengths of the events in `keep` (bool mask; default all).
+
+        The decay reference is each user's latest *kept* event, as the gold job and the
+        online layer compute it from the events they have.
+        """
+        sel = np.ones(self.n_events, bool) if keep is None else np.asarray(keep, bool)
+        u, i, ts = self.user[sel], self.item[sel], self.ts[sel]
+        ref = user_reference(u, ts, self.shape[0])
+        s = params.scores(self.event_type[sel], self.value[sel], ts, ref[u])
+        pos = s > 0
+        m = sp.csr_matrix((s[pos], (u[pos], i[pos])), shape=self.shape)
+        m.sum_duplicates()
+        m.data = params.cap(m.data)
+        m.eliminate_zeros()
+        m.sort_indices()
+        return m
+
+    def pair_first_touch(self, keep: np.ndarray | None = None) -> sp.csr_matrix:
+        """(n_users x n_items) first-touch time of each pair (seconds since the first event
+        + 1, so that every stored entry is > 0)."""
+        sel = np.ones(self.n_events, bool) if keep is None else np.asarray(keep, bool)
+        u, i, ts = self.user[sel], self.item[sel], self.ts[sel]
+        if u.size == 0:
+            return sp.csr_matrix(self.shape)
+        t = ts - ts.min() + 1.0
+        key = u * self.shape[1] + i
+        order = np.lexsort((t, key))
+        first = np.ones(order.size, bool)
+        first[1:] = key[order][1:] != key[order][:-1]
+        o = order[first]
+        m = sp.csr_matrix((t[o], (u[o], i[o])), shape=self.shape)
+        m.sort_indices()
+        return m
+
+
+@dataclass
+class Holdout:
+    """Test pairs of an `EventLog` and the events left for training."""
+
+    test: sp.csr_matrix
+    """(n_users x n_items) 1.0 for every held-out pair."""
+    train_events: np.ndarray
+    """(n_events,) bool: events of pairs that are not held out (and were candidates)."""
+    info: dict[str, object]
+
+
+def holdout(log: EventLog, protocol: str, test_fraction: float, min_items: int, seed: int,
+            keep: np.ndarray | None = None) -> Holdout:
+    """Hold out pairs of the events in `keep` (default all), per user.
+
+    `user_time`: each user's last `test_fraction` of distinct items by first-touch time
+    (`spark_jobs.splits.user_time_split`); `random`: that share at random. A held-out pair
+    loses all its events from training, as in the reference protocol.
+    """
+    from spark_jobs.splits import random_split, user_time_split
+
+    sel = np.ones(log.n_events, bool) if keep is None else np.asarray(keep, bool)
+    first = log.pair_first_touch(sel)
+    if protocol == "user_time":
+        split = user_time_split(first, test_fraction, min_items)
+    elif protocol == "random":
+        split = random_split(first, test_fraction, seed)
+        split.test.data[:] = 1.0
+    else:
+        raise ValueError(f"unknown holdout protocol {protocol!r}; expected user_time or random")
+    test = split.test.tocoo()
+    n_items = log.shape[1]
+    test_keys = np.sort(test.row.astype(np.int64) * n_items + test.col)
+    in_test = np.isin(log.user * n_items + log.item, test_keys, assume_unique=False)
+    info = dict(split.info) | {
+        "protocol": protocol,
+        "test_pairs": int(test.nnz),
+        "test_users": int(np.count_nonzero(np.diff(split.test.indptr))),
+        "candidate_events": int(sel.sum()),
+    }
+    return Holdout(split.test.tocsr(), sel & ~in_test, info)
+
+
+def end_of_day(d: date) -> datetime:
+    return datetime.combine(d + timedelta(days=1), dtime.min, tzinfo=UTC)
+
+
+def read_event_log(lake: Lake, start: date, end: date, *, version: int | None = None,
+                   event_types: list[str] | None = None) -> EventLog:
+    """Silver events with `event_date` in [start, end] and `ts` before the end of `end`."""
+    lake.ensure(SILVER)
+    dataset = lake.delta(SILVER, version).to_pyarrow_dataset()
+    flt = ((ds.field("event_date") >= pa.scalar(start, pa.date32()))
+           & (ds.field("event_date") <= pa.scalar(end, pa.date32()))
+           & (ds.field("ts") < pa.scalar(end_of_day(end), pa.timestamp("us", tz="UTC"))))
+    if event_types is not None:
+        flt = flt & ds.field("event_type").isin(event_types)
+    table = dataset.to_table(columns=list(COLUMNS), filter=flt)
+    return event_log_from_table(table)
+
+
+def event_log_from_table(table: pa.Table) -> EventLog:
+    """An `EventLog` from an Arrow table with `user_id, item_id, event_type, value, ts`."""
+    users = np.asarray(pc.cast(table.column("user_id"), pa.string())
+                       .to_numpy(zero_copy_only=False)).astype(str)
+    items = np.asarray(pc.cast(table.column("item_id"), pa.string())
+                       .to_numpy(zero_copy_only=False)).astype(str)
+    user_ids, u = np.unique(users, return_inverse=True)
+    item_ids, i = np.unique(items, return_inverse=True)
+    value = np.asarray(pc.fill_null(pc.cast(table.column("value"), pa.float64()), float("nan"))
+                       .to_numpy(zero_copy_only=False), dtype=np.float64)
+    ts = epoch_seconds(table.column("ts")) if table.num_rows else np.empty(0)
+    types = np.asarray(table.column("event_type").to_numpy(zero_copy_only=False)).astype(str)
+    order = np.lexsort((ts, u))
+    return EventLog(user_ids, item_ids, u[order].astype(np.int64), i[order].astype(np.int64),
+                    types[order], value[order], ts[order])

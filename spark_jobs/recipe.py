@@ -1,0 +1,128 @@
+"""A model recipe: everything that turns events into served scores, and its offline score.
+
+    Recipe(strength, train, blend)
+
+* `strength` — how events become interaction strengths (`lake.strength`),
+* `train`    — the ALS backend and its hyper-parameters (`lake.config.TrainSettings`),
+* `blend`    — the popularity mix for short histories (`lake.blend`).
+
+The tuning search proposes recipes, the evaluation scores the chosen one against the
+baselines, the gold job and the trainer apply it to all data, and the bundle carries its
+strength and blend so the online layer scores exactly as the evaluation did.
+`fit_and_score` is the one offline path from (events, recipe) to ranking metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from lake.blend import BlendParams, blended_scores, popularity_prior
+from lake.config import Settings, TrainSettings
+from lake.strength import StrengthParams
+from spark_jobs.als import ALSFactors, make_trainer
+from spark_jobs.matrix import InteractionMatrix
+from spark_jobs.metrics import RankingResult, ScoreFn, evaluate_ranking
+
+TRAIN_KEYS = ("backend", "factors", "regularization", "iterations", "alpha", "reg_exponent",
+              "seed")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    strength: StrengthParams
+    train: TrainSettings
+    blend: BlendParams
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Recipe:
+        return cls(StrengthParams.from_settings(settings.interactions), settings.train,
+                   BlendParams())
+
+    def to_dict(self) -> dict[str, Any]:
+        t = self.train
+        return {"strength": self.strength.to_dict(),
+                "train": {"backend": t.backend, "factors": t.factors,
+                          "regularization": t.effective_regularization,
+                          "iterations": t.iterations, "alpha": t.alpha,
+                          "reg_exponent": t.reg_exponent, "seed": t.seed},
+                "blend": self.blend.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], base: TrainSettings) -> Recipe:
+        train = base.model_copy(update={k: v for k, v in d["train"].items() if k in TRAIN_KEYS})
+        return cls(StrengthParams.from_dict(d["strength"]), train,
+                   BlendParams.from_dict(d.get("blend")))
+
+    def summary(self) -> str:
+        t, s = self.train, self.strength
+        tf = ",".join(f"{k}:{v}" for k, v in sorted(s.transforms.items())
+                      if v != "none") or "none"
+        return (f"{t.backend} f={t.factors} lambda={t.effective_regularization:.4g}"
+                + (f" nu={t.reg_exponent:g}" if t.backend == "ials" else "")
+                + f" alpha={t.alpha:.3g} it={t.iterations} half_life={s.half_life_days}"
+                f" values={tf} blend(beta={self.blend.beta:g}, n0={self.blend.n0:g})")
+
+
+def item_prior(train: sp.csr_matrix) -> np.ndarray:
+    """The blend's popularity prior: training users per item, scaled to [0, 1]."""
+    x = sp.csr_matrix(train)
+    return popularity_prior(np.bincount(x.indices, minlength=x.shape[1]))
+
+
+def recipe_scorer(fitted: ALSFactors, train: sp.csr_matrix, blend: BlendParams) -> ScoreFn:
+    """Scores as served: x_u . y_i + w(n_u) * prior_i."""
+    prior = item_prior(train)
+    n_hist = np.diff(sp.csr_matrix(train).indptr)
+    u, v = fitted.user_factors, fitted.item_factors
+
+    def score(rows: np.ndarray) -> np.ndarray:
+        return blended_scores(u[rows], v, n_hist[rows], prior, blend)
+
+    return score
+
+
+def score_batch_size(n_items: int) -> int:
+    return max(64, min(2048, 20_000_000 // max(1, n_items)))
+
+
+@dataclass
+class Scored:
+    fitted: ALSFactors
+    result: RankingResult
+    fit_seconds: float
+    seconds: float
+
+
+def fit_and_score(
+    matrix: sp.csr_matrix,
+    test: sp.csr_matrix,
+    recipe: Recipe,
+    ks: Sequence[int],
+    users: np.ndarray,
+    *,
+    spark: Any = None,
+) -> Scored:
+    """Fit `recipe.train` on the strength matrix, score `users` against `test`."""
+    t0 = time.perf_counter()
+    m = InteractionMatrix(np.arange(matrix.shape[0]).astype(str),
+                          np.arange(matrix.shape[1]).astype(str), matrix)
+    fitted = make_trainer(recipe.train, spark).fit(m)
+    fit_s = time.perf_counter() - t0
+    result = evaluate_ranking(recipe_scorer(fitted, matrix, recipe.blend), matrix, test, ks,
+                              users=users, batch_size=score_batch_size(matrix.shape[1]))
+    return Scored(fitted, result, round(fit_s, 3), round(time.perf_counter() - t0, 3))
+
+
+def sample_users(test: sp.csr_matrix, max_users: int, seed: int) -> np.ndarray:
+    """Rows with at least one test item; a seeded sample of `max_users` when more."""
+    users = np.flatnonzero(np.diff(sp.csr_matrix(test).indptr) > 0)
+    if len(users) > max_users:
+        rng = np.random.default_rng(seed)
+        users = np.sort(rng.choice(users, size=max_users, replace=False))
+    return users

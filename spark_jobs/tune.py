@@ -1,0 +1,368 @@
+"""Nightly hyper-parameter search: a bounded, seeded search for the best `Recipe`.
+
+    python -m spark_jobs.tune --as-of 2026-11-21 --version v20261121-ab12
+
+Data: the events of the lookback window (`spark_jobs.event_log`). The evaluation's test
+pairs are removed first (the same holdout `spark_jobs.evaluate` uses), and a validation
+holdout is carved from what remains, by the same per-user protocol, so the search never
+sees a test item. Each trial fits ALS on the rest and scores the validation users on the
+gate metric.
+
+Search (deterministic for `tune.seed`; `tune.budget_s` and `tune.max_trials` bound it —
+no trial starts once the budget is spent):
+1. trial 0 is the configured recipe, then random draws of the single-node backend
+   (implicit / ials, alternating), factors, lambda (log-uniform, scaled for `ials` by
+   n ** nu at the median history length), nu and alpha;
+2. around the best: lambda x 1/3 and x 3 (further while it improves), then the decay
+   half-life and, for event types that carry values, the value transform; the random
+   stage uses at most half the budget and the refinement 70%, so the strength stage runs
+   even when trials are slow;
+3. the popularity blend (beta, n0) on the best trial's factors: a grid, no refit.
+
+Writes `<models>/staging/<version>/tuning.json` (the chosen recipe and every trial) and a
+`model_runs` row per trial (status `trial`, version `<version>.tNN`); the gold job and the
+trainer of the same version then apply the chosen recipe to all data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from lake.blend import BlendParams
+from lake.config import Settings
+from lake.strength import StrengthParams
+from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
+from spark_jobs.event_log import EventLog, holdout, read_event_log
+from spark_jobs.metrics import evaluate_ranking
+from spark_jobs.recipe import (
+    Recipe,
+    fit_and_score,
+    recipe_scorer,
+    sample_users,
+    score_batch_size,
+)
+from spark_jobs.staging import staged_dir
+
+if TYPE_CHECKING:
+    from lake.tables import Lake
+
+TUNING_JSON = "tuning.json"
+TRIAL_STATUS = "trial"
+FACTORS = (32, 64, 128)
+HALF_LIVES: tuple[float | None, ...] = (None, 7.0, 30.0, 180.0)
+BLEND_BETAS = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
+BLEND_N0 = (3.0, 10.0, 30.0)
+LAMBDA_AT_MEDIAN = (0.03, 300.0)
+"""Range of the effective lambda of a median-length history (log-uniform)."""
+ALPHA = (0.3, 30.0)
+SEARCH_BACKENDS = {"implicit": ("implicit", "ials"), "ials": ("ials", "implicit")}
+REG_EXPONENTS = (0.75, 1.0)
+RANDOM_SHARE, REFINE_SHARE = 0.5, 0.7
+"""Shares of the budget the random and the refine stages may use up to (the strength stage
+gets the rest), so slow trials on big data still try recency and value transforms."""
+
+
+@dataclass
+class Trial:
+    n: int
+    stage: str
+    recipe: Recipe
+    metric: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    fit_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "stage": self.stage, "recipe": self.recipe.to_dict(),
+                "summary": self.recipe.summary(), "metric": self.metric,
+                "metrics": self.metrics, "seconds": self.seconds,
+                "fit_seconds": self.fit_seconds}
+
+
+@dataclass
+class TuneResult:
+    best: Recipe
+    trials: list[Trial]
+    metric: str
+    info: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        best_metric = max((t.metric for t in self.trials if t.metric is not None),
+                          default=None)
+        return {"best": self.best.to_dict(), "best_summary": self.best.summary(),
+                "best_metric": best_metric, "metric": self.metric,
+                "trials": [t.to_dict() for t in self.trials], "info": self.info}
+
+
+def _valued_types(log: EventLog, params: StrengthParams) -> list[str]:
+    """Active event types of which some events carry a value (rating, count, quantity)."""
+    has_value = ~np.isnan(log.value)
+    return sorted({str(t) for t in np.unique(log.event_type[has_value])}
+                  & set(params.active_types))
+
+
+def _median_history(matrix: Any) -> float:
+    n = np.diff(matrix.indptr)
+    n = n[n > 0]
+    return float(np.median(n)) if n.size else 1.0
+
+
+def _with_train(recipe: Recipe, **changes: Any) -> Recipe:
+    return Recipe(recipe.strength, recipe.train.model_copy(update=changes), recipe.blend)
+
+
+def random_proposals(base: Recipe, n: int, rng: np.random.Generator,
+                     median_n: float) -> list[Recipe]:
+    """Draws of backend, factors, lambda, (nu) and alpha around nothing in particular.
+
+    The single-node backends alternate (implicit's unscaled lambda and ials's
+    frequency-scaled one each win on some data); MLlib stays MLlib."""
+    backends = SEARCH_BACKENDS.get(base.train.backend, (base.train.backend,))
+    out = []
+    for n_draw in range(n):
+        backend = backends[n_draw % len(backends)]
+        lam_eff = math.exp(rng.uniform(*np.log(LAMBDA_AT_MEDIAN)))
+        changes: dict[str, Any] = {
+            "backend": backend,
+            "factors": int(rng.choice(FACTORS)),
+            "alpha": round(math.exp(rng.uniform(*np.log(ALPHA))), 4),
+        }
+        nu = float(rng.choice(REG_EXPONENTS)) if backend == "ials" else None
+        if backend == "mllib":
+            nu = 1.0  # MLlib's own scaling: lambda x n
+        if nu is None:
+            changes["regularization"] = round(lam_eff, 5)
+        else:
+            if backend == "ials":
+                changes["reg_exponent"] = nu
+            changes["regularization"] = float(f"{lam_eff / median_n ** nu:.5g}")
+        out.append(_with_train(base, **changes))
+    return out
+
+
+def strength_proposals(best: Recipe, valued: Sequence[str], span_days: float) -> list[Recipe]:
+    """The best recipe with another half-life, or another value transform per valued type."""
+    out: list[Recipe] = []
+    s = best.strength
+    for hl in HALF_LIVES:
+        if hl != s.half_life_days and (hl is None or hl < span_days):
+            out.append(Recipe(s.with_changes(half_life_days=hl), best.train, best.blend))
+    for t in valued:
+        for tf in ("none", "linear", "log1p"):
+            if tf != s.transforms.get(t, "none"):
+                tfs = dict(s.transforms) | {t: tf}
+                out.append(Recipe(s.with_changes(transforms=tfs), best.train, best.blend))
+    return out
+
+
+def search(log: EventLog, settings: Settings, *, keep: np.ndarray | None = None,
+           now: Any = time.perf_counter) -> TuneResult:
+    """Run the search on the events in `keep` (the evaluation's training events)."""
+    cfg, ev = settings.tune, settings.evaluate
+    metric = settings.gate.metric
+    t0 = now()
+    val = holdout(log, ev.split, ev.test_fraction, ev.min_user_items, cfg.seed + 1, keep)
+    users = sample_users(val.test, cfg.max_eval_users, cfg.seed)
+    if len(users) == 0:
+        raise JobError("the validation split has no users; too few events to tune")
+    ks = sorted({int(metric.split("@")[1]), *ev.k}) if "@" in metric else list(ev.k)
+    base = Recipe.from_settings(settings)
+    rng = np.random.default_rng(cfg.seed)
+    matrices: dict[str, Any] = {}
+
+    def matrix_for(r: Recipe) -> Any:
+        key = json.dumps(r.strength.to_dict(), sort_keys=True)
+        if key not in matrices:
+            matrices.clear()  # one strength setting at a time: bounded memory
+            matrices[key] = log.matrix(r.strength, val.train_events)
+        return matrices[key]
+
+    median_n = _median_history(matrix_for(base))
+    trials: list[Trial] = []
+    best: dict[str, Any] = {"trial": None, "scored": None}
+
+    def budget_left(share: float = 1.0) -> bool:
+        """Room for another trial within `share` of the budget (the last one's length
+        is the estimate of the next)."""
+        last = trials[-1].seconds if trials else 0.0
+        return (len(trials) < cfg.max_trials
+                and (now() - t0) + last <= share * cfg.budget_s)
+
+    def run_trial(stage: str, recipe: Recipe) -> None:
+        trial = Trial(len(trials), stage, recipe)
+        trials.append(trial)
+        scored = fit_and_score(matrix_for(recipe), val.test, recipe, ks, users)
+        trial.metrics = {k: round(v, 6) for k, v in scored.result.metrics.items()}
+        trial.metric = scored.result.metrics.get(metric)
+        trial.seconds, trial.fit_seconds = scored.seconds, scored.fit_seconds
+        cur = best["trial"]
+        if trial.metric is not None and (cur is None or trial.metric > cur.metric):
+            best["trial"], best["scored"] = trial, scored
+
+    run_trial("defaults", base)
+    n_random = max(0, (cfg.max_trials - 1) // 2)
+    for r in random_proposals(base, n_random, rng, median_n):
+        if not budget_left(RANDOM_SHARE):
+            break
+        run_trial("random", r)
+    refine_lambda(run_trial, best, budget_left)
+    span_days = float((log.ts.max() - log.ts.min()) / 86400.0) if log.n_events else 0.0
+    for r in strength_proposals(best["trial"].recipe, _valued_types(log, base.strength),
+                                span_days):
+        if not budget_left():
+            break
+        run_trial("strength", r)
+    chosen: Recipe = best["trial"].recipe
+    blend_info: dict[str, Any] = {}
+    if settings.blend.enabled:
+        chosen, blend_info = choose_blend(best["scored"], matrix_for(chosen), val.test, chosen,
+                                          metric, ks, users)
+    info = {"validation": val.info, "validation_users": int(len(users)),
+            "median_history": median_n, "seconds": round(now() - t0, 3),
+            "budget_s": cfg.budget_s, "max_trials": cfg.max_trials, "seed": cfg.seed,
+            "blend": blend_info}
+    return TuneResult(chosen, trials, metric, info)
+
+
+def refine_lambda(run_trial: Any, best: dict[str, Any], budget_left: Any) -> None:
+    """lambda x 1/3 and x 3 around the best so far; one step further while it improves."""
+    lead: Recipe = best["trial"].recipe
+    lam = lead.train.effective_regularization
+    for step in (1 / 3, 3.0):
+        factor = step
+        while budget_left(REFINE_SHARE):
+            before = best["trial"]
+            run_trial("refine", _with_train(lead, regularization=float(f"{lam * factor:.5g}")))
+            if best["trial"] is before:
+                break
+            factor *= step
+        if best["trial"].recipe != lead:
+            return  # it moved one way: no need to try the other
+
+
+def choose_blend(scored: Any, matrix: Any, test: Any, recipe: Recipe, metric: str,
+                 ks: Sequence[int], users: np.ndarray) -> tuple[Recipe, dict[str, Any]]:
+    """The (beta, n0) of the grid that scores best on validation, with the trial's factors."""
+    grid: list[dict[str, Any]] = []
+    best_b, best_v = BlendParams(), -1.0
+    for beta in BLEND_BETAS:
+        for n0 in (BLEND_N0 if beta > 0 else (BlendParams().n0,)):
+            b = BlendParams(beta, n0)
+            res = evaluate_ranking(recipe_scorer(scored.fitted, matrix, b), matrix, test, ks,
+                                   users=users, batch_size=score_batch_size(matrix.shape[1]))
+            v = res.metrics[metric]
+            grid.append({"beta": beta, "n0": n0, metric: round(v, 6)})
+            if v > best_v + 1e-9:
+                best_b, best_v = b, v
+    return Recipe(recipe.strength, recipe.train, best_b), {"grid": grid,
+                                                          "chosen": best_b.to_dict()}
+
+
+# -- persistence --------------------------------------------------------------------------
+def tuning_path(models_dir: Path | str, version: str) -> Path:
+    return staged_dir(models_dir, version) / TUNING_JSON
+
+
+def load_recipe(settings: Settings, version: str | None) -> Recipe:
+    """The tuned recipe of `version` when its search ran, else the configured one."""
+    if version:
+        p = tuning_path(settings.model.dir, version)
+        if p.exists():
+            return Recipe.from_dict(json.loads(p.read_text())["best"], settings.train)
+    return Recipe.from_settings(settings)
+
+
+def record_trials(lake: Lake, version: str, as_of: date, result: TuneResult) -> None:
+    """One `model_runs` row per trial (status `trial`, version `<version>.tNN`)."""
+    now = datetime.now(UTC)
+    rows = [{
+        "model_version": f"{version}.t{t.n:02d}", "created_at": now, "as_of": as_of,
+        "backend": t.recipe.train.backend,
+        "params": json.dumps(t.recipe.to_dict() | {"stage": t.stage}, sort_keys=True),
+        "metrics": json.dumps({"validation": t.metrics, "seconds": t.seconds},
+                              sort_keys=True),
+        "status": TRIAL_STATUS, "gate_reason": None, "bundle_path": None,
+    } for t in result.trials]
+    if rows:
+        lake.upsert("model_runs", pa.Table.from_pylist(rows))
+
+
+def trials_plot(result: TuneResult, path: Path) -> Path:
+    """Validation metric per trial, coloured by stage, the chosen one marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for stage in dict.fromkeys(t.stage for t in result.trials):
+        pts = [(t.n, t.metric) for t in result.trials if t.stage == stage and t.metric]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), label=stage)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"validation {result.metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def run(settings: Settings, *, as_of: date, version: str,
+        log: EventLog | None = None) -> dict[str, Any]:
+    """Search, write tuning.json and the trial rows; returns a summary."""
+    from lake.tables import Lake
+    from spark_jobs.evaluate import REPORTS, eval_holdout
+
+    t0 = time.perf_counter()
+    lake = Lake.from_settings(settings.lake)
+    if log is None:
+        start = as_of - timedelta(days=settings.interactions.lookback_days)
+        log = read_event_log(lake, start, as_of)
+    if log.n_events == 0:
+        raise JobError(f"silver_events has no events up to {as_of}; run compact first")
+    test = eval_holdout(log, settings)
+    result = search(log, settings, keep=test.train_events)
+    path = tuning_path(settings.model.dir, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot = trials_plot(result, Path(settings.model.dir) / REPORTS / version / "trials.png")
+    payload = result.to_dict() | {"version": version, "as_of": as_of.isoformat(),
+                                  "plot": str(plot)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(path)
+    record_trials(lake, version, as_of, result)
+    return {"job": "tune", "version": version, "as_of": as_of, "trials": len(result.trials),
+            "best": result.best.summary(), "best_metric": payload["best_metric"],
+            "metric": result.metric, "tuning": str(path),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = job_parser("spark_jobs.tune", "Search the model recipe on a validation split.")
+    p.add_argument("--as-of", dest="as_of", type=parse_date, required=True)
+    p.add_argument("--version", required=True, help="model version the recipe is for")
+    p.add_argument("--budget-s", dest="budget_s", type=float, default=None,
+                   help="wall-clock budget of the search (default tune.budget_s)")
+
+    def body(args: Any) -> dict[str, Any]:
+        tune = {"budget_s": args.budget_s} if args.budget_s is not None else {}
+        return run(settings_from_args(args, tune=tune), as_of=args.as_of, version=args.version)
+
+    return run_main(p, argv, body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

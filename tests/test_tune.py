@@ -1,0 +1,93 @@
+"""The tuning search: seeded and deterministic, bounded, never sees the evaluation's test."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+
+from lake.config import load_settings
+from spark_jobs.evaluate import eval_holdout
+from spark_jobs.event_log import event_log_from_table
+from spark_jobs.tune import load_recipe, search
+
+END = datetime(2024, 3, 31, 20, tzinfo=UTC)
+
+
+def block_log(seed: int = 0):
+    """4 taste blocks of 30 users x 12 items, one event every 2 days; ratings as values."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(120):
+        block = u // 30
+        items = [i for i in range(block * 12, block * 12 + 12) if rng.random() < 0.75]
+        for n, i in enumerate(rng.permutation(items)):
+            rows.append((f"u{u:03d}", f"i{i:03d}", "rating", float(rng.integers(1, 6)),
+                         END - timedelta(days=2 * int(n))))
+    u, i, t, v, ts = zip(*rows, strict=True)
+    return event_log_from_table(pa.table({
+        "user_id": u, "item_id": i, "event_type": t, "value": v,
+        "ts": pa.array(ts, pa.timestamp("us", tz="UTC"))}))
+
+
+def settings(seed: int = 0, max_trials: int = 9):
+    return load_settings(env={}, overrides={
+        "train": {"factors": 8, "iterations": 4},
+        "tune": {"seed": seed, "max_trials": max_trials, "budget_s": 600},
+        "evaluate": {"k": [10]},
+    })
+
+
+def test_search_is_deterministic_for_a_seed_and_bounded():
+    log = block_log()
+    s = settings()
+    test = eval_holdout(log, s)
+    a = search(log, s, keep=test.train_events)
+    b = search(log, s, keep=test.train_events)
+    assert len(a.trials) == 9  # max_trials bounds it
+    assert [t.recipe for t in a.trials] == [t.recipe for t in b.trials]
+    assert [t.metric for t in a.trials] == [t.metric for t in b.trials]
+    assert a.best == b.best
+    assert a.trials[0].stage == "defaults" and a.trials[0].recipe.train == s.train
+    # the chosen recipe is the best trial's (plus its blend)
+    top = max(a.trials, key=lambda t: t.metric)
+    assert (a.best.train, a.best.strength) == (top.recipe.train, top.recipe.strength)
+    other = search(log, settings(seed=1), keep=test.train_events)
+    assert [t.recipe for t in other.trials[1:]] != [t.recipe for t in a.trials[1:]]
+
+
+def test_budget_stops_new_trials():
+    log = block_log()
+    s = load_settings(env={}, overrides={"train": {"factors": 8, "iterations": 4},
+                                         "tune": {"budget_s": 0.001, "max_trials": 16}})
+    clock = iter(range(1000))
+    res = search(log, s, now=lambda: float(next(clock)))  # each reading is 1 s later
+    assert len(res.trials) == 1  # the defaults always run; then the budget is spent
+
+
+def test_validation_never_contains_a_test_pair():
+    log = block_log()
+    s = settings()
+    test = eval_holdout(log, s)
+    res = search(log, s, keep=test.train_events)
+    assert res.info["validation"]["candidate_events"] == int(test.train_events.sum())
+    test_pairs = set(zip(*test.test.nonzero(), strict=True))
+    kept = set(zip(log.user[test.train_events].tolist(), log.item[test.train_events].tolist(),
+                   strict=True))
+    assert test_pairs and not (test_pairs & kept)
+
+
+def test_load_recipe_reads_the_tuned_one(tmp_path):
+    s = load_settings(env={}, overrides={"model": {"dir": str(tmp_path)}})
+    assert load_recipe(s, "v1").train == s.train  # no search ran: the configured recipe
+    log = block_log()
+    res = search(log, settings(max_trials=3))
+    d = tmp_path / "staging" / "v1"
+    d.mkdir(parents=True)
+    (d / "tuning.json").write_text(json.dumps(res.to_dict()))
+    got = load_recipe(s, "v1")
+    assert got.train.factors == res.best.train.factors
+    assert got.train.effective_regularization == res.best.train.effective_regularization
+    assert got.strength == res.best.strength and got.blend == res.best.blend
