@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,13 +51,9 @@ def load_ml1m(data_dir: Path) -> sp.csr_matrix:
     The file lists all 1,000,209 pairs (ratings and times are known for part of them only,
     see `lake.movielens`; a binary matrix needs neither).
     """
-    df = pd.read_csv(data_dir / "interactions.all.csv.gz")
-    u = df.iloc[:, 0].astype("category").cat.codes.to_numpy()
-    i = df.iloc[:, 1].astype("category").cat.codes.to_numpy()
-    x = sp.csr_matrix((np.ones(len(df)), (u, i)), shape=(u.max() + 1, i.max() + 1))
-    x.sum_duplicates()
-    x.data[:] = 1.0
-    return x
+    from bench.tune_als_movielens import load
+
+    return load(data_dir / "interactions.all.csv.gz")
 
 
 class BusyMeter:

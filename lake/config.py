@@ -63,6 +63,12 @@ class SparkSettings(_Strict):
 Transform = Literal["none", "linear", "log1p"]
 
 
+def _check_event_types(per_type: Mapping[str, Any]) -> None:
+    unknown = sorted(set(per_type) - set(EVENT_TYPES))
+    if unknown:
+        raise ValueError(f"unknown event type(s) {unknown}; known: {list(EVENT_TYPES)}")
+
+
 def _log1p_for_every_type() -> dict[str, Transform]:
     return {t: "log1p" for t in EVENT_TYPES}
 
@@ -92,17 +98,13 @@ class InteractionSettings(_Strict):
     @field_validator("value_transforms")
     @classmethod
     def _known_transform_types(cls, v: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(v) - set(EVENT_TYPES))
-        if unknown:
-            raise ValueError(f"unknown event type(s) {unknown}; known: {list(EVENT_TYPES)}")
+        _check_event_types(v)
         return v
 
     @field_validator("weights")
     @classmethod
     def _known_event_types(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(v) - set(EVENT_TYPES))
-        if unknown:
-            raise ValueError(f"unknown event type(s) {unknown}; known: {list(EVENT_TYPES)}")
+        _check_event_types(v)
         negative = sorted(k for k, w in v.items() if w < 0)
         if negative:
             raise ValueError(f"weights must be >= 0, negative for {negative}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ from lake.config import Settings
 from lake.tables import Lake
 from spark_jobs.baselines import ease_scorer, itemknn_scorer, popularity, popularity_scorer
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
-from spark_jobs.event_log import EventLog, Holdout, holdout, read_event_log
+from spark_jobs.event_log import EventLog, Holdout, holdout, lookback_log
 from spark_jobs.intervals import bootstrap_ci, paired_diff_ci
 from spark_jobs.metrics import RankingResult, evaluate_ranking, popularity_deciles
 from spark_jobs.recipe import Recipe, fit_and_score, sample_users, score_batch_size
@@ -238,10 +238,7 @@ def run(
         if "recipe" in staged.params else Recipe.from_settings(settings)
     lake = Lake.from_settings(settings.lake)
     if log is None:
-        start = as_of - timedelta(days=settings.interactions.lookback_days)
-        log = read_event_log(lake, start, as_of)
-    if log.n_events == 0:
-        raise JobError(f"silver_events has no events up to {as_of}")
+        log = lookback_log(lake, as_of, settings.interactions.lookback_days)
     test = eval_holdout(log, settings)
     results, facts, train = evaluate_recipe(log, test, recipe, settings, spark=spark)
     ci = intervals(results, settings)

@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 from lake.strength import StrengthParams, epoch_seconds, user_reference
 from lake.tables import Lake
+from spark_jobs.cli import JobError
 
 SILVER = "silver_events"
 COLUMNS = ("user_id", "item_id", "event_type", "value", "ts")
@@ -150,6 +151,14 @@ def read_event_log(lake: Lake, start: date, end: date, *, version: int | None = 
         flt = flt & ds.field("event_type").isin(event_types)
     table = dataset.to_table(columns=list(COLUMNS), filter=flt)
     return event_log_from_table(table)
+
+
+def lookback_log(lake: Lake, as_of: date, lookback_days: int) -> EventLog:
+    """The events of the `lookback_days` window up to the end of `as_of` (never empty)."""
+    log = read_event_log(lake, as_of - timedelta(days=lookback_days), as_of)
+    if log.n_events == 0:
+        raise JobError(f"silver_events has no events up to {as_of}; run compact first")
+    return log
 
 
 def event_log_from_table(table: pa.Table) -> EventLog:

@@ -111,6 +111,21 @@ def _current_metrics(
     return als, f"{current} as recorded at its own evaluation"
 
 
+GATE_SECTION = "## Gate decision"
+
+
+def record_decision(report: str | None, decision: Decision, status: str) -> None:
+    """Write the gate's decision at the end of the evaluation report (replacing an earlier
+    one), so the report says whether the model went live and why."""
+    if not report or not Path(report).exists():
+        return
+    path = Path(report)
+    text = path.read_text().split(f"\n{GATE_SECTION}\n")[0].rstrip("\n")
+    verdict = "ACCEPTED" if decision.accepted else "REJECTED"
+    path.write_text(f"{text}\n\n{GATE_SECTION}\n\n**{verdict}** (status `{status}`): "
+                    f"{decision.reason}\n")
+
+
 def _ensure_bundle(
     settings: Settings, model: TrainedModel, metrics: dict[str, Any]
 ) -> tuple[Path, bool]:
@@ -174,6 +189,7 @@ def run(settings: Settings, *, version: str, force: bool = False) -> dict[str, A
         status = CURRENT if decision.accepted else REJECTED
 
     bundle, reused = _ensure_bundle(settings, model, metrics)
+    record_decision(metrics.get("report"), decision, status)
     part = [{"model_version": version}]
     lake.overwrite("user_factors", factor_table(model.user_ids, model.user_factors, version,
                                                 "user_id"), partitions=part)

@@ -10,13 +10,14 @@ gate metric.
 
 Search (deterministic for `tune.seed`; `tune.budget_s` and `tune.max_trials` bound it —
 no trial starts once the budget is spent):
-1. trial 0 is the configured recipe, then random draws of the single-node backend
-   (implicit / ials, alternating), factors, lambda (log-uniform, scaled for `ials` by
-   n ** nu at the median history length), nu and alpha;
-2. around the best: lambda x 1/3 and x 3 (further while it improves), then the decay
-   half-life and, for event types that carry values, the value transform; the random
-   stage uses at most half the budget and the refinement 70%, so the strength stage runs
-   even when trials are slow;
+1. trial 0 is the configured recipe, trial 1 the other single-node backend at its
+   customary settings, then random draws of backend (implicit / ials, alternating),
+   factors, lambda (log-uniform, scaled for `ials` by n ** nu at the median history
+   length), nu and alpha — at most half the budget;
+2. around the best: lambda x 1/3 and x 3 (further while it improves) and twice the
+   factors — up to 70% of the budget; then the decay half-life and, for event types that
+   carry values, the value transform, so recency and values get tried even when trials
+   are slow;
 3. the popularity blend (beta, n0) on the best trial's factors: a grid, no refit.
 
 Writes `<models>/staging/<version>/tuning.json` (the chosen recipe and every trial) and a
@@ -31,7 +32,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,7 @@ from lake.blend import BlendParams
 from lake.config import Settings
 from lake.strength import StrengthParams
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
-from spark_jobs.event_log import EventLog, holdout, read_event_log
+from spark_jobs.event_log import EventLog, holdout, lookback_log
 from spark_jobs.metrics import evaluate_ranking
 from spark_jobs.recipe import (
     Recipe,
@@ -66,6 +67,14 @@ LAMBDA_AT_MEDIAN = (0.03, 300.0)
 """Range of the effective lambda of a median-length history (log-uniform)."""
 ALPHA = (0.3, 30.0)
 SEARCH_BACKENDS = {"implicit": ("implicit", "ials"), "ials": ("ials", "implicit")}
+ANCHORS: dict[str, dict[str, Any]] = {
+    # Spark's customary lambda 0.1 x n with alpha 1 (the best ials region on MovieLens-1M)
+    "ials": {"backend": "ials", "factors": 128, "regularization": 0.1, "alpha": 1.0,
+             "reg_exponent": 1.0},
+    # implicit at lambda 100, alpha 6 (the best implicit region on the synthetic shop data)
+    "implicit": {"backend": "implicit", "factors": 64, "regularization": 100.0, "alpha": 6.0},
+}
+MAX_FACTORS = 256
 REG_EXPONENTS = (0.75, 1.0)
 RANDOM_SHARE, REFINE_SHARE = 0.5, 0.7
 """Shares of the budget the random and the refine stages may use up to (the strength stage
@@ -150,6 +159,12 @@ def random_proposals(base: Recipe, n: int, rng: np.random.Generator,
     return out
 
 
+def anchor_proposals(base: Recipe) -> list[Recipe]:
+    """The other single-node backend at its customary settings (a strong first guess)."""
+    return [_with_train(base, **ANCHORS[b]) for b in SEARCH_BACKENDS.get(base.train.backend, ())
+            if b != base.train.backend]
+
+
 def strength_proposals(best: Recipe, valued: Sequence[str], span_days: float) -> list[Recipe]:
     """The best recipe with another half-life, or another value transform per valued type."""
     out: list[Recipe] = []
@@ -210,12 +225,18 @@ def search(log: EventLog, settings: Settings, *, keep: np.ndarray | None = None,
             best["trial"], best["scored"] = trial, scored
 
     run_trial("defaults", base)
-    n_random = max(0, (cfg.max_trials - 1) // 2)
+    for r in anchor_proposals(base):
+        if budget_left(RANDOM_SHARE):
+            run_trial("anchor", r)
+    n_random = max(0, (cfg.max_trials - 2) // 2)
     for r in random_proposals(base, n_random, rng, median_n):
         if not budget_left(RANDOM_SHARE):
             break
         run_trial("random", r)
     refine_lambda(run_trial, best, budget_left)
+    lead: Recipe = best["trial"].recipe
+    if lead.train.factors < MAX_FACTORS and budget_left(REFINE_SHARE):
+        run_trial("refine", _with_train(lead, factors=2 * lead.train.factors))
     span_days = float((log.ts.max() - log.ts.min()) / 86400.0) if log.n_events else 0.0
     for r in strength_proposals(best["trial"].recipe, _valued_types(log, base.strength),
                                 span_days):
@@ -329,10 +350,7 @@ def run(settings: Settings, *, as_of: date, version: str,
     t0 = time.perf_counter()
     lake = Lake.from_settings(settings.lake)
     if log is None:
-        start = as_of - timedelta(days=settings.interactions.lookback_days)
-        log = read_event_log(lake, start, as_of)
-    if log.n_events == 0:
-        raise JobError(f"silver_events has no events up to {as_of}; run compact first")
+        log = lookback_log(lake, as_of, settings.interactions.lookback_days)
     test = eval_holdout(log, settings)
     result = search(log, settings, keep=test.train_events)
     path = tuning_path(settings.model.dir, version)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +74,11 @@ def test_pipeline_end_to_end_then_bad_model_is_rejected(spark, tmp_path):
     trials = sorted(v for v, st in runs.items() if st == "trial")
     assert trials == [f"v-good.t{n:02d}" for n in range(out["tune"]["trials"])]
     assert out["tune"]["trials"] >= 2 and "tune" in out["steps_seconds"]
+    report = Path(out["report"])
+    assert "## Gate decision\n\n**ACCEPTED** (status `current`): ndcg@10" in report.read_text()
+    assert publish.run(settings, version="v-good")["accepted"]  # a rerun keeps one section
+    assert report.read_text().count("## Gate decision") == 1
+    assert (report.parent / "trials.png").stat().st_size > 1000
 
     # A model with random factors, scored by the real metric code on the real holdout.
     from spark_jobs.baselines import factor_scorer, popularity_scorer
