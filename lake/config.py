@@ -191,11 +191,11 @@ class TuneSettings(_Strict):
     """Search hyper-parameters nightly on a validation split carved from the training data."""
     budget_s: float = Field(default=60.0, gt=0)
     """Wall-clock budget of the search (trials stop starting once it is spent)."""
-    max_trials: int = Field(default=16, ge=1)
+    max_trials: int = Field(default=20, ge=1)
     """Most trials of the search (the first is always the configured defaults)."""
     seed: int = 0
     """Seed of the search: the same data and seed give the same trials."""
-    max_eval_users: int = Field(default=3_000, ge=100)
+    max_eval_users: int = Field(default=10_000, ge=100)
     """Validation users scored per trial (sampled, seeded)."""
 
 

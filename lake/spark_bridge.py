@@ -413,7 +413,8 @@ def write_table(
     lake.ensure(name)
     root = lake.path(name)
     _sweep_stale_staging(root / STAGING_DIR)
-    staging = root / STAGING_DIR / f"{int(time.time() * 1000)}-{uuid.uuid4().hex}"
+    write_id = uuid.uuid4().hex
+    staging = root / STAGING_DIR / f"{int(time.time() * 1000)}-{write_id}"
     moved: list[Path] = []
     try:
         writer = df.write.mode("errorifexists")
@@ -425,7 +426,8 @@ def write_table(
             return lake.version(name)
         schema = lake.delta(name).schema()
         props = CommitProperties(max_commit_retries=lake.commit_retries,
-                                 custom_metadata={"lambdarec.writer": "spark_bridge"})
+                                 custom_metadata={"lambdarec.writer": "spark_bridge",
+                                                  WRITE_ID: write_id})
         filters, by_remove = _overwrite_filters(cols, wanted)
 
         def commit() -> int:
@@ -439,12 +441,24 @@ def write_table(
                 todo, mode=commit_mode, schema=schema, partition_by=cols or None,
                 partition_filters=filters, commit_properties=props,
             )
-            return lake.version(name)
+            # our own commit's version, not whatever is latest once a concurrent writer
+            # committed after us
+            version = commit_version(lake, name, write_id)
+            if version is None:
+                raise LakeError(f"{name}: commit {write_id} is not in the table's history")
+            return version
 
         return lake._commit(commit)
     except BaseException:
-        for f in moved:
-            f.unlink(missing_ok=True)
+        # Once the commit is in the log its files are table data: never delete them, even
+        # if something failed after it landed.
+        try:
+            landed = commit_version(lake, name, write_id) is not None
+        except Exception:  # the log cannot tell: keep the files (an orphan costs disk only)
+            landed = True
+        if not landed:
+            for f in moved:
+                f.unlink(missing_ok=True)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -452,6 +466,20 @@ def write_table(
             (root / STAGING_DIR).rmdir()
         except OSError:
             pass
+
+
+WRITE_ID = "lambdarec.write_id"
+"""Commit metadata key naming the `write_table` call that made a commit."""
+HISTORY_SCAN = 1000
+"""How many recent commits `commit_version` searches for a write id."""
+
+
+def commit_version(lake: Lake, name: str, write_id: str) -> int | None:
+    """The version of the commit `write_id` made in table `name`, or None if none did."""
+    for entry in lake.delta(name).history(HISTORY_SCAN):
+        if entry.get(WRITE_ID) == write_id:
+            return int(entry["version"])
+    return None
 
 
 def _overwrite_filters(

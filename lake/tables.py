@@ -252,8 +252,13 @@ class Lake:
 
         return self._commit(go)
 
-    def upsert(self, name: str, data: pa.Table) -> int:
-        """Merge rows by the table's key: matching rows are updated, new ones inserted."""
+    def upsert(self, name: str, data: pa.Table,
+               update_columns: Sequence[str] | None = None) -> int:
+        """Merge rows by the table's key: matching rows are updated, new ones inserted.
+
+        `update_columns`: only these columns of matching rows are updated (a partial update:
+        the others keep their values); new rows are inserted whole. Default: all columns.
+        """
         s = spec(name)
         if not s.key:
             raise LakeError(f"{name} has no key to upsert by")
@@ -265,15 +270,19 @@ class Lake:
         p = str(self.path(name))
         pred = " AND ".join(f"t.{k} = s.{k}" for k in s.key)
 
+        unknown = sorted(set(update_columns or ()) - set(table.column_names))
+        if unknown:
+            raise LakeError(f"{name}: cannot update unknown column(s) {unknown}")
+
         def go() -> int:
             dt = DeltaTable(p)
-            (
-                dt.merge(table, pred, source_alias="s", target_alias="t",
-                         commit_properties=self._props())
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .execute()
-            )
+            merge = dt.merge(table, pred, source_alias="s", target_alias="t",
+                             commit_properties=self._props())
+            if update_columns is None:
+                merge = merge.when_matched_update_all()
+            else:
+                merge = merge.when_matched_update({c: f"s.{c}" for c in update_columns})
+            merge.when_not_matched_insert_all().execute()
             return dt.version()
 
         return self._commit(go)

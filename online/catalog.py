@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -43,6 +43,8 @@ class ItemInfo:
 
 
 UNKNOWN = ItemInfo(item_id="")
+ITEM_FIELDS = ("category", "price", "available", "title")
+"""The fields an upsert may set; each one it leaves out keeps its value."""
 
 
 class RowModel(Protocol):
@@ -199,23 +201,24 @@ class Catalog:
         return len(items)
 
     def upsert(self, items: Iterable[Mapping[str, Any]]) -> int:
-        """Write items to the lake (merge by item_id), then update the in-memory view."""
-        infos = [ItemInfo(str(i["item_id"]), i.get("category"), i.get("price"),
-                          bool(i.get("available", True)), i.get("title")) for i in items]
-        if not infos:
+        """Write items to the lake (merge by item_id), then update the in-memory view.
+
+        Each item carries `item_id` and only the fields it sets (`ITEM_FIELDS`): a field
+        that is absent keeps its stored value (a new item gets the defaults: available,
+        no category, price or title), so `{item_id, available: false}` touches nothing
+        but availability.
+        """
+        items = list(items)
+        if not items:
             return 0
         with self._write_lock:
             if self._lake is not None:
-                now = datetime.now(UTC)
-                table = pa.table({
-                    "item_id": [x.item_id for x in infos],
-                    "category": [x.category for x in infos],
-                    "price": [x.price for x in infos],
-                    "available": [x.available for x in infos],
-                    "title": [x.title for x in infos],
-                    "updated_at": [now] * len(infos),
-                })
-                self._lake.upsert("items", table)
+                write_items(self._lake, items)
+            infos = []
+            for i in items:
+                iid = str(i["item_id"])
+                cur = self._items.get(iid) or ItemInfo(iid)
+                infos.append(replace(cur, **{k: i[k] for k in ITEM_FIELDS if k in i}))
             for x in infos:  # each assignment is atomic; readers only ever call get()
                 self._code(x.category)
                 self._items[x.item_id] = x
@@ -228,3 +231,18 @@ class Catalog:
                         view.category[r] = self._code(x.category)
                 view.version += 1
         return len(infos)
+
+
+def write_items(lake: Lake, items: Sequence[Mapping[str, Any]]) -> None:
+    """One lake merge per set of fields given: matched rows update just those fields."""
+    now = datetime.now(UTC)
+    groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+    for i in items:
+        groups.setdefault(tuple(k for k in ITEM_FIELDS if k in i), []).append(i)
+    for fields, rows in groups.items():
+        table = pa.table({
+            "item_id": [str(r["item_id"]) for r in rows],
+            **{k: [r.get(k, getattr(UNKNOWN, k)) for r in rows] for k in ITEM_FIELDS},
+            "updated_at": [now] * len(rows),
+        })
+        lake.upsert("items", table, update_columns=[*fields, "updated_at"])

@@ -305,13 +305,16 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             category = it.category if it.HasField("category") else None
             if category is not None:
                 category = self.v.id(f"items[{i}].category", category)
-            rows.append({
-                "item_id": item_id,
-                "category": category,
-                "price": price,
-                "available": it.available if it.HasField("available") else True,
-                "title": it.title if it.HasField("title") else None,
-            })
+            row: dict[str, Any] = {"item_id": item_id}  # absent fields keep their values
+            if it.HasField("category"):
+                row["category"] = category
+            if it.HasField("price"):
+                row["price"] = price
+            if it.HasField("available"):
+                row["available"] = it.available
+            if it.HasField("title"):
+                row["title"] = it.title
+            rows.append(row)
         deadline_check(context)("upsert")
         n = self.engine.catalog.upsert(rows)
         return pb.UpsertItemsResponse(upserted=n)

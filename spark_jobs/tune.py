@@ -14,10 +14,10 @@ no trial starts once the budget is spent):
    customary settings, then random draws of backend (implicit / ials, alternating),
    factors, lambda (log-uniform, scaled for `ials` by n ** nu at the median history
    length), nu and alpha — at most half the budget;
-2. around the best: lambda x 1/3 and x 3 (further while it improves) and twice the
-   factors — up to 70% of the budget; then the decay half-life and, for event types that
-   carry values, the value transform, so recency and values get tried even when trials
-   are slow;
+2. around the best: lambda x 1/3 and x 3, then alpha x 1/2 and x 2 (further while it
+   improves), and twice the factors — up to 70% of the budget; then the decay half-life
+   and, for event types that carry values, the value transform, so recency and values
+   get tried even when trials are slow;
 3. the popularity blend (beta, n0) on the best trial's factors: a grid, no refit.
 
 Writes `<models>/staging/<version>/tuning.json` (the chosen recipe and every trial) and a
@@ -233,7 +233,8 @@ def search(log: EventLog, settings: Settings, *, keep: np.ndarray | None = None,
         if not budget_left(RANDOM_SHARE):
             break
         run_trial("random", r)
-    refine_lambda(run_trial, best, budget_left)
+    refine(run_trial, best, budget_left, "regularization", (1 / 3, 3.0))
+    refine(run_trial, best, budget_left, "alpha", (0.5, 2.0))
     lead: Recipe = best["trial"].recipe
     if lead.train.factors < MAX_FACTORS and budget_left(REFINE_SHARE):
         run_trial("refine", _with_train(lead, factors=2 * lead.train.factors))
@@ -255,20 +256,23 @@ def search(log: EventLog, settings: Settings, *, keep: np.ndarray | None = None,
     return TuneResult(chosen, trials, metric, info)
 
 
-def refine_lambda(run_trial: Any, best: dict[str, Any], budget_left: Any) -> None:
-    """lambda x 1/3 and x 3 around the best so far; one step further while it improves."""
+def refine(run_trial: Any, best: dict[str, Any], budget_left: Any, key: str,
+           steps: tuple[float, float]) -> None:
+    """`key` (regularization or alpha) x steps[0] and x steps[1] around the best so far,
+    one step further while it improves; the other direction only if the first did not."""
     lead: Recipe = best["trial"].recipe
-    lam = lead.train.effective_regularization
-    for step in (1 / 3, 3.0):
+    start = lead.train.effective_regularization if key == "regularization" \
+        else float(getattr(lead.train, key))
+    for step in steps:
         factor = step
         while budget_left(REFINE_SHARE):
             before = best["trial"]
-            run_trial("refine", _with_train(lead, regularization=float(f"{lam * factor:.5g}")))
+            run_trial("refine", _with_train(lead, **{key: float(f"{start * factor:.5g}")}))
             if best["trial"] is before:
                 break
             factor *= step
         if best["trial"].recipe != lead:
-            return  # it moved one way: no need to try the other
+            return
 
 
 def choose_blend(scored: Any, matrix: Any, test: Any, recipe: Recipe, metric: str,

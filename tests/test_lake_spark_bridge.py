@@ -277,3 +277,41 @@ def test_files_outside_hive_dirs_get_partition_values_from_the_log(spark, lake: 
     df = read_table(spark, lake, "item_factors")
     assert sorted((r.item_id, r.model_version) for r in df.collect()) == [("i1", "v9"),
                                                                            ("i2", "v9")]
+
+
+def test_a_failure_after_the_commit_keeps_the_committed_files(spark, lake: Lake,
+                                                             monkeypatch) -> None:
+    """Fault injection: the commit lands, then the call fails (e.g. a lost connection)."""
+    from deltalake import DeltaTable
+
+    real = DeltaTable.create_write_transaction
+
+    def commit_then_fail(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        raise RuntimeError("connection lost after the commit")
+
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", commit_then_fail)
+    with pytest.raises(RuntimeError, match="after the commit"):
+        write_table(events_df(spark), lake, "bronze_events", mode="append")
+    monkeypatch.undo()
+    # the commit is in the log and every file it references is still there
+    assert lake.count("bronze_events") == len(EVENTS)
+    assert sorted(spark_rows(read_table(spark, lake, "bronze_events"))) == \
+        sorted(expected_rows())
+
+
+def test_write_returns_its_own_commit_version(spark, lake: Lake, monkeypatch) -> None:
+    """Another writer commits right after us: we still report our commit's version."""
+    from deltalake import DeltaTable
+
+    write_table(events_df(spark), lake, "bronze_events", mode="append")
+    before = lake.version("bronze_events")
+    real = DeltaTable.create_write_transaction
+
+    def commit_then_other_writer(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        lake.append("bronze_events", events_arrow())  # the concurrent writer
+
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", commit_then_other_writer)
+    v = write_table(events_df(spark), lake, "bronze_events", mode="append")
+    assert v == before + 1 and lake.version("bronze_events") == before + 2

@@ -496,3 +496,32 @@ def test_restart_keeps_real_time_state_from_the_lake(tmp_path: Path) -> None:
         assert resp.strategy == pb.STRATEGY_PERSONALISED and ids(resp) == ["C0", "C1"]
     finally:
         r.close()
+
+
+def test_partial_upsert_keeps_the_fields_it_does_not_set(tmp_path: Path) -> None:
+    r = Running(tmp_path)
+    try:
+        r.client.upsert_items([{"item_id": "A3", "category": "shoes", "price": 9.5,
+                                "title": "Red shoes", "available": True}])
+        r.client.upsert_items([{"item_id": "A3", "available": False}])  # availability only
+        r.client.upsert_items([{"item_id": "A3", "title": "Red shoes v2"}])  # title only
+        r.client.upsert_items([{"item_id": "NEW-X", "price": 1.0}])  # new: defaults
+        info = r.server.engine.catalog.get("A3")
+        assert (info.category, info.price, info.available, info.title) == (
+            "shoes", 9.5, False, "Red shoes v2")
+        # still in its category for the filters, but not offered while unavailable
+        resp = r.client.recommend("uA0", k=5, include_categories=["shoes"], only_available=False)
+        assert ids(resp) == ["A3"]
+        assert ids(r.client.recommend("uA0", k=5, include_categories=["shoes"])) == []
+    finally:
+        r.close()
+    rows = {x["item_id"]: x for x in r.server.lake.read("items").to_pylist()}
+    assert (rows["A3"]["category"], rows["A3"]["price"], rows["A3"]["available"],
+            rows["A3"]["title"]) == ("shoes", 9.5, False, "Red shoes v2")
+    assert (rows["NEW-X"]["available"], rows["NEW-X"]["category"]) == (True, None)
+    r = Running(tmp_path)  # a restart reloads the catalogue from the lake
+    try:
+        assert r.server.engine.catalog.get("A3").category == "shoes"
+        assert r.server.engine.catalog.get("A3").available is False
+    finally:
+        r.close()

@@ -185,7 +185,8 @@ def test_catalog_row_view_follows_upserts_and_new_items() -> None:
     assert view.available.tolist() == [True, False, True]  # x0 unknown: available
     assert view.category.tolist() == [0, shoes, hats]
     cat.upsert([{"item_id": "x0", "category": "socks"}, {"item_id": "x1", "category": None}])
-    assert view.available.tolist() == [True, True, True]
+    # a field left out keeps its value: x1 stays unavailable; a field given as None clears
+    assert view.available.tolist() == [True, False, True]
     assert view.category.tolist() == [cat.category_code("socks"), 0, hats]
     model.add("later")  # added to the model online after its catalogue entry was written
     assert cat.rows(model) is view and len(view) == 4
