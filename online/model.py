@@ -28,6 +28,7 @@ import numpy as np
 from lake.blend import index_vectors, popularity_prior, query_vector
 from lake.bundle import Bundle, BundleError, check_version_name, current_version, read_bundle
 from lake.config import IndexSettings, Settings
+from lake.training_cut import TrainingCut
 from lake.vector_index import FaissIndex
 from online.errors import ModelLoadError, NotFound
 
@@ -151,6 +152,8 @@ class LoadedModel:
         self._factors = np.ascontiguousarray(bundle.item_factors, dtype=np.float32)
         self.blend = bundle.blend
         self.strength = bundle.strength
+        self.cut = TrainingCut.from_manifest(bundle.manifest)
+        """The events the model was trained on (None: unknown; every event counts online)."""
         # What the index holds: the factors, plus the popularity prior when blending.
         self._index_vectors = (
             index_vectors(self._factors, popularity_prior(bundle.item_popularity))

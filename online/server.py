@@ -25,13 +25,14 @@ from typing import Any  # noqa: E402
 
 import grpc  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
+import pyarrow.dataset as ds  # noqa: E402
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection  # noqa: E402
 
 from lake.bundle import current_version  # noqa: E402
 from lake.config import Settings, load_settings  # noqa: E402
 from lake.tables import Lake  # noqa: E402
+from lake.training_cut import TrainingCut  # noqa: E402
 from online.catalog import Catalog  # noqa: E402
 from online.ingest import IngestPipeline, erased_users  # noqa: E402
 from online.metrics import Metrics, configure_logging  # noqa: E402
@@ -45,7 +46,7 @@ from online.service import (  # noqa: E402
     Validator,
     service_names,
 )
-from online.state import OnlineState, batch_cutoff  # noqa: E402
+from online.state import OnlineState  # noqa: E402
 
 log = logging.getLogger(__name__)
 WARM_START_MAX_EVENTS = 2_000_000
@@ -54,7 +55,8 @@ WARM_START_MAX_EVENTS = 2_000_000
 def trained_from(manifest: dict[str, Any]) -> datetime | None:
     """The earliest instant the model's training could have read the lake: the end of its
     data or its creation, whichever is first (None: unknown, so every erasure counts)."""
-    times = [batch_cutoff(manifest)]
+    cut = TrainingCut.from_manifest(manifest)
+    times = [cut.ts_before if cut is not None else None]
     if manifest.get("created_at"):
         created = datetime.fromisoformat(str(manifest["created_at"]).replace("Z", "+00:00"))
         times.append(created if created.tzinfo else created.replace(tzinfo=UTC))
@@ -107,26 +109,32 @@ class OnlineServer:
                                           "model": getattr(self.manager.current, "version", None)})
 
     def warm_start(self, max_events: int = WARM_START_MAX_EVENTS) -> int:
-        """Rebuild online state from bronze events newer than the model's training data.
+        """Rebuild online state from the bronze events the model was not trained on.
 
         After a restart, users keep what they did since the last batch run (read-your-writes
-        survives restarts). Skipped when the bundle does not say what it was trained on.
+        survives restarts), late arrivals included. Skipped when the bundle does not say
+        what it was trained on.
         """
         model = self.manager.current
-        cutoff = batch_cutoff(model.bundle.manifest) if model is not None else None
-        if model is None or cutoff is None or not self.lake.exists("bronze_events"):
+        cut = model.cut if model is not None else None
+        if model is None or cut is None or not self.lake.exists("bronze_events"):
             return 0
+        ts_type = pa.timestamp("us", tz="UTC")
+        newer = ds.field("ts") >= pa.scalar(cut.ts_before, ts_type)
+        if cut.received_until is not None:  # late events live in old event dates
+            newer = newer | (ds.field("received_at") > pa.scalar(cut.received_until, ts_type))
+        else:
+            newer = newer & (ds.field("event_date") >= pa.scalar(cut.ts_before.date()))
         table = self.lake.read(
-            "bronze_events", columns=["user_id", "item_id", "event_type", "ts"],
-            filters=[("event_date", ">=", cutoff.date())],
-        )
-        table = table.filter(pc.greater_equal(table["ts"], pa.scalar(cutoff, table["ts"].type)))
+            "bronze_events",
+            columns=["user_id", "item_id", "event_type", "value", "ts", "received_at"],
+            filters=newer)
         if table.num_rows > max_events:
             table = table.sort_by("ts").slice(table.num_rows - max_events)
         events = table.sort_by("ts").to_pylist()
         if events:
             self.engine.apply_events(events)
-        log.info("warm start", extra={"events": len(events), "since": cutoff.isoformat(),
+        log.info("warm start", extra={"events": len(events), "since": cut.ts_before.isoformat(),
                                       "users": len(self.engine.state)})
         return len(events)
 
@@ -226,6 +234,7 @@ def create_server(
         return state.refold(new)
 
     def swapped(new: LoadedModel) -> None:
+        state.trim(new)  # only now: until the swap the old model still needs every event
         m.set_model(new.version)
         m.online_items.set(new.online_items)
 

@@ -19,8 +19,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as dtime
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -43,6 +42,8 @@ class RecentEvent:
     ts: datetime
     value: float
     """The event's value (rating, count, quantity); NaN when it had none."""
+    received_at: datetime | None
+    """When the lake got it (decides whether a model's training saw it)."""
 
 
 @dataclass
@@ -184,7 +185,7 @@ class OnlineState:
             lags.append(max(0.0, (now - ts).total_seconds()))
             st = self._get_or_create(user_id)
             with self._stripe(user_id):
-                st.events.append(RecentEvent(item_id, etype, ts, value))
+                st.events.append(RecentEvent(item_id, etype, ts, value, e.get("received_at")))
                 if etype in self.seen_types:
                     st.seen.add(item_id)
                 st.version += 1
@@ -209,7 +210,9 @@ class OnlineState:
         a user whose history arrives only online gets what the trainer would have given
         them for the same events.
         """
-        events = list(st.events)
+        cut = model.cut
+        events = [ev for ev in st.events  # what the batch history already holds counts once
+                  if cut is None or not cut.covers(ev.ts, ev.received_at)]
         params = model.strength or self.strength
         found = [model.item_row.get(ev.item_id) for ev in events]
         known = [j for j, r in enumerate(found) if r is not None]
@@ -316,24 +319,12 @@ class OnlineState:
 
     # -- model swap --------------------------------------------------------------------
     def refold(self, model: LoadedModel) -> int:
-        """Prepare `model` before it is swapped in: drop events the batch already learned
-        from, fold new items it lacks, and fold every online user onto its factors."""
-        cutoff = batch_cutoff(model.bundle.manifest)
+        """Prepare `model` before it is swapped in: fold new items it lacks and fold every
+        online user onto its factors. Changes no shared state: the model being served
+        keeps every event until the swap has happened (`trim`)."""
         users = self.users()
-        if cutoff is not None:
-            for uid in users:
-                st = self._users.get(uid)
-                if st is None:
-                    continue
-                with self._stripe(uid):
-                    kept = [ev for ev in st.events if ev.ts >= cutoff]
-                    if len(kept) != len(st.events):
-                        st.events = deque(kept, maxlen=self.recent_cap)
-                        st.version += 1
         with self._pending_lock:
-            for item_id in [i for i in self._pending if i in model.item_row]:
-                del self._pending[item_id]
-            pending = list(self._pending)
+            pending = [i for i in self._pending if i not in model.item_row]
         for uid in users:
             self.profile(model, uid)
         self.fold_new_items(model, pending)
@@ -341,16 +332,23 @@ class OnlineState:
             self.profile(model, uid)
         return len(users)
 
-
-def batch_cutoff(manifest: Mapping[str, Any]) -> datetime | None:
-    """Events before this instant are in the bundle's training data (None: unknown)."""
-    for key in ("events_until", "data_until"):
-        v = manifest.get(key)
-        if v:
-            ts = datetime.fromisoformat(str(v).replace("Z", "+00:00"))
-            return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-    as_of = manifest.get("as_of")
-    if as_of:
-        d = date.fromisoformat(str(as_of)[:10])
-        return datetime.combine(d + timedelta(days=1), dtime.min, tzinfo=UTC)
-    return None
+    def trim(self, model: LoadedModel) -> int:
+        """After `model` went live: forget the events and pending items it learned from
+        (they are in its batch history now); returns the events dropped."""
+        cut = model.cut
+        dropped = 0
+        if cut is not None:
+            for uid in self.users():
+                st = self._users.get(uid)
+                if st is None:
+                    continue
+                with self._stripe(uid):
+                    kept = [ev for ev in st.events if not cut.covers(ev.ts, ev.received_at)]
+                    if len(kept) != len(st.events):
+                        dropped += len(st.events) - len(kept)
+                        st.events = deque(kept, maxlen=self.recent_cap)
+                        st.version += 1
+        with self._pending_lock:
+            for item_id in [i for i in self._pending if i in model.item_row]:
+                del self._pending[item_id]
+        return dropped

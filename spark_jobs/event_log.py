@@ -161,6 +161,26 @@ def lookback_log(lake: Lake, as_of: date, lookback_days: int) -> EventLog:
     return log
 
 
+def silver_received_until(lake: Lake, start: date, end: date) -> datetime | None:
+    """The latest `received_at` among silver events dated [start, end], from the Delta
+    log's file statistics alone (no data read); None when there are none."""
+    if not lake.exists(SILVER):
+        return None
+    actions = pa.table(lake.delta(SILVER).get_add_actions(flatten=True))
+    if actions.num_rows == 0 or "max.received_at" not in actions.column_names:
+        return None
+    day = pc.cast(actions.column("partition.event_date"), pa.date32())
+    keep = pc.and_(pc.greater_equal(day, pa.scalar(start, pa.date32())),
+                   pc.less_equal(day, pa.scalar(end, pa.date32())))
+    latest = pc.max(actions.column("max.received_at").filter(keep)).as_py()
+    if latest is None:
+        return None
+    latest = latest if latest.tzinfo else latest.replace(tzinfo=UTC)
+    # Delta file statistics keep timestamps truncated to the millisecond: the true latest
+    # arrival lies within the next millisecond
+    return latest + timedelta(microseconds=999)
+
+
 def event_log_from_table(table: pa.Table) -> EventLog:
     """An `EventLog` from an Arrow table with `user_id, item_id, event_type, value, ts`."""
     users = np.asarray(pc.cast(table.column("user_id"), pa.string())

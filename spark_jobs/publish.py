@@ -41,6 +41,7 @@ from lake.bundle import (
 )
 from lake.config import Settings
 from lake.tables import Lake
+from lake.training_cut import RECEIVED_UNTIL, TS_BEFORE
 from spark_jobs.cli import JobError, job_parser, run_main, settings_from_args
 from spark_jobs.gate import Decision, decide
 from spark_jobs.staging import TrainedModel, load_metrics, load_staged
@@ -154,7 +155,8 @@ def _ensure_bundle(
         metrics=metrics,
         write_index=lambda f, p: build_and_save(f, p, settings.index),
         extra={"as_of": model.as_of.isoformat() if model.as_of else None,
-               **recipe_manifest(model.params)},
+               **recipe_manifest(model.params),
+               **{k: model.info[k] for k in (TS_BEFORE, RECEIVED_UNTIL) if k in model.info}},
     )
     return path, False
 

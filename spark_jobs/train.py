@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 from lake.config import Settings
 from lake.tables import Lake
+from lake.training_cut import TrainingCut, end_of_day
 from spark_jobs.als import MLlibTrainer, make_trainer
 from spark_jobs.baselines import popularity
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
+from spark_jobs.event_log import silver_received_until
 from spark_jobs.matrix import GOLD, InteractionMatrix, read_gold
 from spark_jobs.staging import TrainedModel, save_staged
 from spark_jobs.tune import load_recipe
@@ -100,6 +102,10 @@ def run(
         raise JobError(f"gold_interactions has no rows for as_of={as_of}")
     model = train_model(settings, matrix, version=version, as_of=as_of, spark=spark, lake=lake,
                         gold_version=gold_version)
+    # What the model learned from, for the servers: events after this cut stay online.
+    start = as_of - timedelta(days=settings.interactions.lookback_days)
+    cut = TrainingCut(end_of_day(as_of), silver_received_until(lake, start, as_of))
+    model.info.update(cut.to_manifest())
     path = save_staged(settings.model.dir, model)
     return {
         "job": "train",

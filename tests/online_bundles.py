@@ -31,8 +31,10 @@ def cluster_items(c: str) -> list[str]:
 
 
 def build(models_dir: Path, version: str, *, shuffle_seed: int | None = None,
-          make_current: bool = True, as_of: str | None = None) -> Path:
-    """Write the known bundle. `shuffle_seed` permutes item rows (same ids, new order)."""
+          make_current: bool = True, as_of: str | None = None,
+          manifest: dict | None = None) -> Path:
+    """Write the known bundle. `shuffle_seed` permutes item rows (same ids, new order);
+    `manifest`: extra manifest entries (e.g. the training cut)."""
     item_ids, item_vecs = [], []
     for c, axis in CLUSTERS.items():
         for i in range(PER_CLUSTER):
@@ -71,7 +73,7 @@ def build(models_dir: Path, version: str, *, shuffle_seed: int | None = None,
         user_items=user_items, item_popularity=popularity, foldin=FOLDIN,
         backend="implicit", params={"factors": DIM}, metrics={"ndcg@10": 0.5},
         write_index=lambda f, p: build_and_save(f, p, IndexSettings()),
-        extra={"as_of": as_of} if as_of else None,
+        extra=({"as_of": as_of} if as_of else {}) | (manifest or {}),
     )
     if make_current:
         set_current(models_dir, version)

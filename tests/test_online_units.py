@@ -13,13 +13,14 @@ import pytest
 
 from lake.bundle import BundleError, check_version_name
 from lake.config import load_settings
+from lake.training_cut import TrainingCut
 from online import recommender as rec_mod
 from online.catalog import Catalog
 from online.errors import DeadlineExceeded, InvalidArgument, ModelLoadError, status_of
 from online.model import ModelManager, RWLock, load_model
 from online.recommender import FilterSpec, Recommender
 from online.service import deadline_check
-from online.state import OnlineState, batch_cutoff
+from online.state import OnlineState
 
 
 @pytest.fixture(params=[0, 20_000], ids=["faiss-selector", "exact-subset"])
@@ -62,26 +63,43 @@ def test_user_vector_is_the_fold_in_of_batch_plus_recent(engine: Recommender) ->
     assert after.seen_ids == {"C3"}
 
 
-def test_refold_drops_events_the_new_batch_model_already_learned(
+def test_refold_changes_nothing_and_trim_drops_only_what_the_new_model_learned(
     engine: Recommender, tmp_path: Path
 ) -> None:
-    old = datetime(2026, 1, 1, 12, tzinfo=UTC)
-    engine.apply_events([ev("u-cut", "B1", "purchase", old),
-                         ev("u-cut", "C1", "purchase", old + timedelta(days=3))])
+    jan = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    engine.apply_events([
+        ev("u-cut", "B1", "purchase", jan) | {"received_at": jan},
+        ev("u-cut", "C1", "purchase", jan + timedelta(days=3)) | {
+            "received_at": jan + timedelta(days=3)},
+        # a late arrival: old ts, but it reached the lake after training read it
+        ev("u-cut", "A5", "purchase", jan) | {"received_at": jan + timedelta(days=9)},
+    ])
     st = engine.state.get("u-cut")
-    assert st is not None and len(st.events) == 2
+    assert st is not None and len(st.events) == 3
     path = kb.build(Path(engine.settings.model.dir), "v2", make_current=False)
     model = load_model(path)
-    model.bundle.manifest["as_of"] = "2026-01-02"  # learned everything before Jan 3rd
+    # trained on events before Jan 3rd that had arrived by Jan 5th
+    model.cut = TrainingCut(datetime(2026, 1, 3, tzinfo=UTC), jan + timedelta(days=4))
     engine.state.refold(model)
-    assert [e.item_id for e in st.events] == ["C1"]
+    assert len(st.events) == 3  # not swapped yet: the served model still needs them all
+    rows = engine.state.profile(model, "u-cut").rows
+    assert {model.item_ids[r] for r in rows.tolist()} == {"C1", "A5"}  # B1 is in the batch
+    assert engine.state.trim(model) == 1
+    assert [e.item_id for e in st.events] == ["C1", "A5"]
 
 
-def test_batch_cutoff_from_manifest() -> None:
-    assert batch_cutoff({"as_of": "2026-03-04"}) == datetime(2026, 3, 5, tzinfo=UTC)
-    assert batch_cutoff({"events_until": "2026-03-04T10:00:00Z"}) == \
-        datetime(2026, 3, 4, 10, tzinfo=UTC)
-    assert batch_cutoff({}) is None
+def test_training_cut_from_manifest() -> None:
+    legacy = TrainingCut.from_manifest({"as_of": "2026-03-04"})
+    assert legacy == TrainingCut(datetime(2026, 3, 5, tzinfo=UTC), None)
+    cut = TrainingCut.from_manifest({"events_ts_before": "2026-03-05T00:00:00+00:00",
+                                     "events_received_until": "2026-03-05T01:30:00Z"})
+    assert cut is not None and cut.received_until == datetime(2026, 3, 5, 1, 30, tzinfo=UTC)
+    assert TrainingCut.from_manifest(cut.to_manifest()) == cut
+    assert TrainingCut.from_manifest({}) is None
+    t = datetime(2026, 3, 4, 23, tzinfo=UTC)
+    assert cut.covers(t, t)  # before both cuts
+    assert not cut.covers(t, datetime(2026, 3, 5, 2, tzinfo=UTC))  # arrived too late
+    assert not cut.covers(datetime(2026, 3, 5, tzinfo=UTC), t)  # after the as-of day
 
 
 def test_corrupt_bundle_is_refused_without_touching_the_serving_model(

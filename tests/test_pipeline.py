@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from lake.bundle import current_version, list_versions, read_bundle
 from lake.config import load_settings
 from lake.tables import Lake
+from lake.training_cut import TrainingCut
 from spark_jobs import pipeline, publish
 from spark_jobs.pipeline import dataset_settings
 
@@ -66,6 +68,12 @@ def test_pipeline_end_to_end_then_bad_model_is_rejected(spark, tmp_path):
     models = settings.model.dir
     assert current_version(models) == "v-good"
     bundle = read_bundle(models / "v-good")
+    # what the model learned from, for the servers: the as-of day and the latest arrival
+    cut = TrainingCut.from_manifest(bundle.manifest)
+    assert cut is not None and cut.ts_before.date() == out["as_of"] + timedelta(days=1)
+    silver = Lake.from_settings(settings.lake).read("silver_events", columns=["received_at"])
+    latest = max(silver.column("received_at").to_pylist())
+    assert timedelta(0) <= cut.received_until - latest < timedelta(milliseconds=1)
     lake = Lake.from_settings(settings.lake)
     assert lake.count("user_factors") == len(bundle.user_ids)
     assert lake.count("item_factors") == len(bundle.item_ids)

@@ -1,0 +1,62 @@
+"""Which events a model was trained on: the cut the batch layer writes and the server reads.
+
+An event is in a model's training data when both hold:
+
+* its `ts` is before `ts_before` (the end of the as-of day: gold counts nothing later), and
+* it had reached the lake when training read it: `received_at <= received_until` (the
+  latest arrival in the silver events the model was built from).
+
+The online layer keeps every other event — late arrivals with an old `ts`, events still in
+a server's WAL when the pipeline ran — and folds them in on top of the batch history, so a
+reload never drops an event the new model has not seen, and never counts one twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
+from typing import Any
+
+TS_BEFORE = "events_ts_before"
+RECEIVED_UNTIL = "events_received_until"
+
+
+def _parse(v: Any) -> datetime:
+    t = datetime.fromisoformat(str(v).replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def end_of_day(d: date) -> datetime:
+    return datetime.combine(d + timedelta(days=1), dtime.min, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class TrainingCut:
+    ts_before: datetime
+    received_until: datetime | None = None
+    """None: unknown (a bundle from before it was recorded): `ts` alone decides."""
+
+    def covers(self, ts: datetime, received_at: datetime | None) -> bool:
+        """True when an event with this `ts` / `received_at` is in the training data."""
+        if ts >= self.ts_before:
+            return False
+        if self.received_until is None or received_at is None:
+            return True
+        return received_at <= self.received_until
+
+    def to_manifest(self) -> dict[str, str | None]:
+        return {TS_BEFORE: self.ts_before.isoformat(),
+                RECEIVED_UNTIL: self.received_until.isoformat() if self.received_until else None}
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> TrainingCut | None:
+        """The cut a bundle records; bundles without one fall back to their as-of date."""
+        if manifest.get(TS_BEFORE):
+            received = manifest.get(RECEIVED_UNTIL)
+            return cls(_parse(manifest[TS_BEFORE]), _parse(received) if received else None)
+        as_of = manifest.get("as_of")
+        if as_of:
+            return cls(end_of_day(date.fromisoformat(str(as_of)[:10])))
+        return None
