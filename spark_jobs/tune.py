@@ -61,7 +61,7 @@ TUNING_JSON = "tuning.json"
 TRIAL_STATUS = "trial"
 FACTORS = (32, 64, 128)
 HALF_LIVES: tuple[float | None, ...] = (None, 7.0, 30.0, 180.0)
-BLEND_BETAS = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
+BLEND_BETAS = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 BLEND_N0 = (3.0, 10.0, 30.0)
 LAMBDA_AT_MEDIAN = (0.03, 300.0)
 """Range of the effective lambda of a median-length history (log-uniform)."""
