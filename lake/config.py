@@ -254,6 +254,14 @@ class ServerSettings(_Strict):
     """gRPC max message size."""
     max_id_length: int = Field(default=256, ge=1)
     """Longest user/item/event id accepted."""
+    max_event_value: float = Field(default=1e6, gt=0)
+    """Largest magnitude of an event's `value` (rating, play count, quantity) accepted."""
+    max_properties_bytes: int = Field(default=4096, ge=2)
+    """Largest event `properties` accepted, in bytes of JSON."""
+    max_properties_keys: int = Field(default=64, ge=0)
+    """Most keys in one event's `properties`."""
+    max_title_length: int = Field(default=1024, ge=1)
+    """Longest item title accepted by UpsertItems."""
     overfetch: int = Field(default=4, ge=1)
     """ANN over-fetch factor so filters still leave k results."""
     exact_filter_max_rows: int = Field(default=20_000, ge=0)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -35,13 +37,43 @@ class EventValidationError(ValueError):
         self.reason = message
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class EventLimits:
+    """Bounds on what one event may carry (`server.*` keys; the defaults are theirs)."""
+
+    max_id_length: int = MAX_ID_LENGTH
+    max_value: float = 1e6
+    max_properties_bytes: int = 4096
+    max_properties_keys: int = 64
+
+    @classmethod
+    def from_settings(cls, server: Any) -> EventLimits:
+        """From `lake.config.ServerSettings`; ids never longer than bronze accepts."""
+        return cls(min(server.max_id_length, MAX_ID_LENGTH), server.max_event_value,
+                   server.max_properties_bytes, server.max_properties_keys)
+
+
+def id_problem(v: str, max_len: int) -> str | None:
+    """What is wrong with an id (user, item, event, session, category), or None."""
+    if not v or not v.strip():
+        return "must not be empty"
+    if len(v) > max_len:
+        return f"longer than {max_len} characters"
+    bad = _CONTROL.search(v)
+    if bad:
+        return f"contains the control character U+{ord(bad.group()):04X}"
+    return None
+
+
 def _check_id(row: int, name: str, v: Any, max_len: int) -> str:
     if not isinstance(v, str):
         raise EventValidationError(row, name, f"must be a string, got {type(v).__name__}")
-    if not v or not v.strip():
-        raise EventValidationError(row, name, "must not be empty")
-    if len(v) > max_len:
-        raise EventValidationError(row, name, f"longer than {max_len} characters")
+    problem = id_problem(v, max_len)
+    if problem:
+        raise EventValidationError(row, name, problem)
     return v
 
 
@@ -70,10 +102,12 @@ def validate_event(
     event: Mapping[str, Any],
     *,
     now: datetime | None = None,
-    max_id_length: int = MAX_ID_LENGTH,
+    limits: EventLimits | None = None,
 ) -> dict[str, Any]:
     """Check one event and return it normalised to the bronze schema's columns."""
     now = now or datetime.now(UTC)
+    limits = limits or EventLimits()
+    max_id_length = limits.max_id_length
     unknown = sorted(set(event) - set(REQUIRED) - set(OPTIONAL) - {"event_date"})
     if unknown:
         raise EventValidationError(row, unknown[0], "unknown field")
@@ -98,6 +132,10 @@ def validate_event(
             )
         if not math.isfinite(value):
             raise EventValidationError(row, "value", f"must be finite, got {value}")
+        if abs(value) > limits.max_value:
+            raise EventValidationError(
+                row, "value", f"magnitude {value:g} above server.max_event_value "
+                              f"{limits.max_value:g}")
         value = float(value)
     if etype == "rating" and value is not None and not (0 <= value <= 10):
         raise EventValidationError(row, "value", f"rating {value} outside [0, 10]")
@@ -122,6 +160,14 @@ def validate_event(
                 raise EventValidationError(row, "properties", "must be a JSON object")
         else:
             raise EventValidationError(row, "properties", "must be a JSON object or mapping")
+        n_keys = len(json.loads(props))
+        if n_keys > limits.max_properties_keys:
+            raise EventValidationError(row, "properties", f"{n_keys} keys, more than "
+                                       f"server.max_properties_keys {limits.max_properties_keys}")
+        size = len(props.encode())
+        if size > limits.max_properties_bytes:
+            raise EventValidationError(row, "properties", f"{size} bytes of JSON, more than "
+                                       f"server.max_properties_bytes {limits.max_properties_bytes}")
     out["properties"] = props
     out["event_date"] = out["ts"].date()
     return out

@@ -54,7 +54,7 @@ from lake.schemas import (
     USER_FACTORS,
 )
 from lake.tables import Lake, sql_literal
-from lake.validation import MAX_ID_LENGTH, EventValidationError, validate_event
+from lake.validation import EventLimits, EventValidationError, validate_event
 from online.wal import WALError, WriteAheadLog
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class IngestPipeline:
         self.app_id = f"lambdarec-wal-{node_id}"
         self.segment_bytes = segment_bytes
         # Bronze enforces MAX_ID_LENGTH on append: never accept what a flush would reject.
-        self.max_id_length = min(self.server.max_id_length, MAX_ID_LENGTH)
+        self.limits = EventLimits.from_settings(self.server)
         self.max_pending_events = max_pending_events or 20 * self.server.flush_max_events
         self._seen = _SeenSet(dedupe_max_ids, dedupe_ttl_s)
         self._wal: WriteAheadLog | None = None
@@ -342,7 +342,7 @@ class IngestPipeline:
                 rejected.append((i, f"row {i}: event must be a mapping, got {type(raw).__name__}"))
                 continue
             try:
-                ev = validate_event(i, raw, now=now, max_id_length=self.max_id_length)
+                ev = validate_event(i, raw, now=now, limits=self.limits)
             except EventValidationError as exc:
                 rejected.append((i, str(exc)))
                 continue

@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lake.bundle import BundleError, check_version_name
 from lake.config import Settings
-from lake.validation import MAX_ID_LENGTH, validate_event
+from lake.validation import EventLimits, id_problem, validate_event
 from online.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -124,12 +124,13 @@ class Validator:
         self.max_k = s.max_k
         self.max_batch = s.max_batch
         self.max_id = s.max_id_length
+        self.max_title = s.max_title_length
+        self.event_limits = EventLimits.from_settings(s)  # what bronze and ingest accept
 
     def id(self, field: str, value: str) -> str:
-        if not value or not value.strip():
-            raise InvalidArgument(field, "must not be empty")
-        if len(value) > self.max_id:
-            raise InvalidArgument(field, f"longer than {self.max_id} characters")
+        problem = id_problem(value, self.max_id)
+        if problem:
+            raise InvalidArgument(field, problem)
         return value
 
     def ids(self, field: str, values: Iterable[str]) -> list[str]:
@@ -265,9 +266,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         events = [event_to_dict(e) for e in request.events]
         if request.atomic:  # all or nothing: check every event before any is stored
             now = datetime.now(UTC)
-            max_id = min(self.v.max_id, MAX_ID_LENGTH)  # what bronze (and ingest) accept
             for i, e in enumerate(events):
-                validate_event(i, e, now=now, max_id_length=max_id)  # raises -> 400
+                validate_event(i, e, now=now, limits=self.v.event_limits)  # raises -> 400
         deadline_check(context)("ingest")
         result = self.ingest.ingest(events)
         if request.atomic and result.rejected:  # the pipeline disagrees with our check
@@ -313,6 +313,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             if it.HasField("available"):
                 row["available"] = it.available
             if it.HasField("title"):
+                if len(it.title) > self.v.max_title:
+                    raise InvalidArgument(f"items[{i}].title", f"longer than "
+                                          f"server.max_title_length {self.v.max_title}")
                 row["title"] = it.title
             rows.append(row)
         deadline_check(context)("upsert")

@@ -265,6 +265,19 @@ def test_malformed_requests_are_invalid_argument_naming_the_field(srv: Running) 
         "items[1].item_id": lambda: c.upsert_items([{"item_id": "q"}, {"item_id": "q"}]),
         "items[0].price": lambda: c.upsert_items([{"item_id": "q", "price": -1.0}]),
         "items[0].category": lambda: c.upsert_items([{"item_id": "q", "category": ""}]),
+        # payload limits: control characters in ids, absurd values, huge payloads
+        "user_id::": lambda: c.recommend("\x00", k=3),
+        "item_id:": lambda: c.similar("A1\nA2", k=3),
+        "events[0].item_id": lambda: c.ingest([{**ev("u", "x"), "item_id": "a\rb"}],
+                                              atomic=True),
+        "events[0].value": lambda: c.ingest([ev("u", "A1", "purchase", value=1e308)],
+                                            atomic=True),
+        "events[0].properties": lambda: c.ingest(
+            [ev("u", "A1", properties={f"k{i}": "v" for i in range(10_000)})], atomic=True),
+        "events[0].properties:": lambda: c.ingest(
+            [ev("u", "A1", properties={"blob": "z" * 5000})], atomic=True),
+        "items[0].title": lambda: c.upsert_items([{"item_id": "q", "title": "t" * 2000}]),
+        "items[0].category:": lambda: c.upsert_items([{"item_id": "q", "category": "a\x00"}]),
     }
     for field, call in cases.items():
         code, msg = code_of(call)
