@@ -470,15 +470,21 @@ def write_table(
 
 WRITE_ID = "lambdarec.write_id"
 """Commit metadata key naming the `write_table` call that made a commit."""
-HISTORY_SCAN = 1000
-"""How many recent commits `commit_version` searches for a write id."""
+HISTORY_SCANS = (8, 1000)
+"""How many recent commits `commit_version` reads for a write id: a few first (the own
+commit is nearly always among the newest), then many (a burst of concurrent writers)."""
 
 
 def commit_version(lake: Lake, name: str, write_id: str) -> int | None:
     """The version of the commit `write_id` made in table `name`, or None if none did."""
-    for entry in lake.delta(name).history(HISTORY_SCAN):
-        if entry.get(WRITE_ID) == write_id:
-            return int(entry["version"])
+    table = lake.delta(name)
+    for limit in HISTORY_SCANS:
+        history = table.history(limit)
+        for entry in history:
+            if entry.get(WRITE_ID) == write_id:
+                return int(entry["version"])
+        if len(history) < limit:
+            return None  # the whole log was read
     return None
 
 

@@ -137,6 +137,11 @@ class OnlineState:
     def __len__(self) -> int:
         return len(self._users)
 
+    def params(self, model: LoadedModel) -> StrengthParams:
+        """The strength settings `model` was trained with (the configured ones for a bundle
+        that does not record them)."""
+        return model.strength or self.strength
+
     def users(self) -> list[str]:
         with self._users_lock:
             return list(self._users)
@@ -176,12 +181,14 @@ class OnlineState:
         unknown_items: dict[str, None] = {}
         lags: list[float] = []
         now = datetime.now(UTC)
-        for e in events:
+        events = list(events)
+        values = [float("nan") if e.get("value") is None else float(e["value"]) for e in events]
+        # one vectorised call for the batch, not one per event (this is the ingest path)
+        weights = self.strength.base(np.array([e["event_type"] for e in events]),
+                                     np.array(values, dtype=np.float64)).tolist()
+        for e, value, w in zip(events, values, weights, strict=True):
             user_id, item_id, etype = e["user_id"], e["item_id"], e["event_type"]
             ts: datetime = e["ts"]
-            raw = e.get("value")
-            value = float("nan") if raw is None else float(raw)
-            w = float(self.strength.base(np.array([etype]), np.array([value]))[0])
             lags.append(max(0.0, (now - ts).total_seconds()))
             st = self._get_or_create(user_id)
             with self._stripe(user_id):
@@ -213,7 +220,7 @@ class OnlineState:
         cut = model.cut
         events = [ev for ev in st.events  # what the batch history already holds counts once
                   if cut is None or not cut.covers(ev.ts, ev.received_at)]
-        params = model.strength or self.strength
+        params = self.params(model)
         found = [model.item_row.get(ev.item_id) for ev in events]
         known = [j for j, r in enumerate(found) if r is not None]
         if not known:
@@ -268,7 +275,7 @@ class OnlineState:
                model: LoadedModel) -> tuple[np.ndarray, np.ndarray]:
         if not recent:
             return b_rows, b_vals
-        cap = (model.strength or self.strength).max_confidence
+        cap = self.params(model).max_confidence
         merged = dict(zip(b_rows.tolist(), b_vals.tolist(), strict=True))
         for r, w in recent.items():
             merged[r] = min(cap, merged.get(r, 0.0) + w)
@@ -297,7 +304,7 @@ class OnlineState:
             if len(vecs) < self.new_item_min:
                 continue
             u = np.vstack(vecs).astype(np.float32)
-            cap = (model.strength or self.strength).max_confidence
+            cap = self.params(model).max_confidence
             vec = fold_in(u, model.bundle.user_gram, np.arange(len(vecs)),
                           np.minimum(np.asarray(strengths), cap), model.foldin)
             if np.all(np.isfinite(vec)) and np.any(vec):

@@ -224,7 +224,7 @@ def write_report(
 # -- job ----------------------------------------------------------------------------------
 def run(
     settings: Settings, *, as_of: date, version: str, spark: SparkSession | None = None,
-    log: EventLog | None = None,
+    log: EventLog | None = None, test: Holdout | None = None,
 ) -> dict[str, Any]:
     """Evaluate staged model `version` (its recipe) on the holdout of the events to `as_of`.
 
@@ -239,7 +239,8 @@ def run(
     lake = Lake.from_settings(settings.lake)
     if log is None:
         log = lookback_log(lake, as_of, settings.interactions.lookback_days)
-    test = eval_holdout(log, settings)
+    if test is None:
+        test = eval_holdout(log, settings)
     results, facts, train = evaluate_recipe(log, test, recipe, settings, spark=spark)
     ci = intervals(results, settings)
     ev = settings.evaluate

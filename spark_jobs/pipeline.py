@@ -160,14 +160,16 @@ def run(
         c = timed("compact", compact.run, settings, start=start, end=as_of, spark=spark)
         log = timed("read_events", read_event_log, Lake.from_settings(settings.lake),
                     start, as_of)
+        test = timed("holdout", evaluate.eval_holdout, log, settings)  # for tune + evaluate
         tu = None
         if settings.tune.enabled:
-            tu = timed("tune", tune.run, settings, as_of=as_of, version=version, log=log)
+            tu = timed("tune", tune.run, settings, as_of=as_of, version=version, log=log,
+                       test=test)
         g = timed("interactions", interactions.run, settings, as_of=as_of, spark=spark,
                   version=version)
         tr = timed("train", train.run, settings, as_of=as_of, version=version, spark=spark)
         ev = timed("evaluate", evaluate.run, settings, as_of=as_of, version=version,
-                   spark=spark, log=log)
+                   spark=spark, log=log, test=test)
     finally:
         if own_session:
             spark.stop()

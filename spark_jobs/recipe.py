@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from lake.blend import BlendParams, blended_scores, popularity_prior
 from lake.config import Settings, TrainSettings
 from lake.strength import StrengthParams
-from spark_jobs.als import ALSFactors, make_trainer
+from spark_jobs.als import ALSFactors, make_trainer, train_params
 from spark_jobs.matrix import InteractionMatrix
 from spark_jobs.metrics import RankingResult, ScoreFn, evaluate_ranking
 
@@ -45,12 +45,7 @@ class Recipe:
                    BlendParams())
 
     def to_dict(self) -> dict[str, Any]:
-        t = self.train
-        return {"strength": self.strength.to_dict(),
-                "train": {"backend": t.backend, "factors": t.factors,
-                          "regularization": t.effective_regularization,
-                          "iterations": t.iterations, "alpha": t.alpha,
-                          "reg_exponent": t.reg_exponent, "seed": t.seed},
+        return {"strength": self.strength.to_dict(), "train": train_params(self.train),
                 "blend": self.blend.to_dict()}
 
     @classmethod

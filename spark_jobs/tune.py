@@ -43,7 +43,7 @@ from lake.blend import BlendParams
 from lake.config import Settings
 from lake.strength import StrengthParams
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
-from spark_jobs.event_log import EventLog, holdout, lookback_log
+from spark_jobs.event_log import EventLog, Holdout, holdout, lookback_log
 from spark_jobs.metrics import evaluate_ranking
 from spark_jobs.recipe import (
     Recipe,
@@ -345,8 +345,8 @@ def trials_plot(result: TuneResult, path: Path) -> Path:
     return path
 
 
-def run(settings: Settings, *, as_of: date, version: str,
-        log: EventLog | None = None) -> dict[str, Any]:
+def run(settings: Settings, *, as_of: date, version: str, log: EventLog | None = None,
+        test: Holdout | None = None) -> dict[str, Any]:
     """Search, write tuning.json and the trial rows; returns a summary."""
     from lake.tables import Lake
     from spark_jobs.evaluate import REPORTS, eval_holdout
@@ -355,7 +355,8 @@ def run(settings: Settings, *, as_of: date, version: str,
     lake = Lake.from_settings(settings.lake)
     if log is None:
         log = lookback_log(lake, as_of, settings.interactions.lookback_days)
-    test = eval_holdout(log, settings)
+    if test is None:
+        test = eval_holdout(log, settings)
     result = search(log, settings, keep=test.train_events)
     path = tuning_path(settings.model.dir, version)
     path.parent.mkdir(parents=True, exist_ok=True)
