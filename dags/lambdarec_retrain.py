@@ -181,7 +181,7 @@ def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
                       description="search strength / ALS / blend settings before training "
                                   "(the params above are its first trial)"),
         "tune_budget_s": Param(_S.tune.budget_s, type="number", exclusiveMinimum=0,
-                               description="wall-clock budget of the search (seconds)"),
+                               description="CPU-seconds budget of the search"),
         "lookback_days": Param(3, type="integer", minimum=1, maximum=3660,
                                description="silver dates recompacted, ending at as_of "
                                            "(late events land in earlier dates)"),

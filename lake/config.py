@@ -189,8 +189,9 @@ class GateSettings(_Strict):
 class TuneSettings(_Strict):
     enabled: bool = True
     """Search hyper-parameters nightly on a validation split carved from the training data."""
-    budget_s: float = Field(default=60.0, gt=0)
-    """Wall-clock budget of the search (trials stop starting once it is spent)."""
+    budget_s: float = Field(default=150.0, gt=0)
+    """CPU seconds (all threads) the search may use; trials stop starting once it is spent.
+    CPU time, not wall clock, so a busy box runs the same trials as an idle one."""
     max_trials: int = Field(default=20, ge=1)
     """Most trials of the search (the first is always the configured defaults)."""
     seed: int = 0
