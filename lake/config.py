@@ -198,6 +198,9 @@ class TuneSettings(_Strict):
     """Seed of the search: the same data and seed give the same trials."""
     max_eval_users: int = Field(default=10_000, ge=100)
     """Validation users scored per trial (sampled, seeded)."""
+    validation_users: float = Field(default=0.5, gt=0, lt=1)
+    """Share of the users (by a seeded hash of the id) whose held-out items the search scores;
+    the evaluation of a searched recipe scores only the other users."""
 
 
 class BlendSettings(_Strict):

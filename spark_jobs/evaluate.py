@@ -37,6 +37,7 @@ from spark_jobs.event_log import EventLog, Holdout, holdout, lookback_log
 from spark_jobs.intervals import bootstrap_ci, paired_diff_ci
 from spark_jobs.metrics import RankingResult, evaluate_ranking, popularity_deciles
 from spark_jobs.recipe import Recipe, fit_and_score, sample_users, score_batch_size
+from spark_jobs.splits import tuning_users
 from spark_jobs.staging import load_staged, save_metrics
 
 if TYPE_CHECKING:
@@ -50,6 +51,16 @@ def eval_holdout(log: EventLog, settings: Settings) -> Holdout:
     """The evaluation's test pairs (the tuning search removes the same ones)."""
     ev = settings.evaluate
     return holdout(log, ev.split, ev.test_fraction, ev.min_user_items, settings.train.seed)
+
+
+def searched_users(log: EventLog, settings: Settings, version: str) -> np.ndarray | None:
+    """The users the recipe search of `version` scored (None when no search ran): the
+    evaluation leaves them out, so the recipe is never judged on the users it was picked on."""
+    from spark_jobs.tune import tuning_path
+
+    if not tuning_path(settings.model.dir, version).exists():
+        return None
+    return tuning_users(log.user_ids, settings.tune.validation_users, settings.train.seed)
 
 
 def ci_metrics(settings: Settings) -> list[str]:
@@ -66,18 +77,28 @@ def evaluate_recipe(
     settings: Settings,
     *,
     spark: SparkSession | None = None,
+    exclude: np.ndarray | None = None,
 ) -> tuple[dict[str, RankingResult], dict[str, Any], sp.csr_matrix]:
     """Fit `recipe` on the training events, score it and the baselines on the test users.
+
+    Args:
+        exclude: bool mask over users not to score (the users the recipe search scored).
 
     Returns per-model results, run facts and the training strength matrix.
     """
     ev = settings.evaluate
     matrix = log.matrix(recipe.strength, test.train_events)
-    users = sample_users(test.test, ev.max_eval_users, settings.train.seed)
+    candidates = test.test
+    if exclude is not None:
+        candidates = sp.diags((~exclude).astype(np.float64)) @ test.test
+        candidates.eliminate_zeros()
+    users = sample_users(candidates, ev.max_eval_users, settings.train.seed)
     users = users[np.diff(matrix.indptr)[users] > 0]  # users with nothing to train on: cold
     if len(users) == 0:
         raise JobError("the holdout has no test users with training events")
-    facts: dict[str, Any] = {"n_test_users": int(len(users))}
+    facts: dict[str, Any] = {"n_test_users": int(len(users)),
+                             "excluded_tuning_users": int(exclude.sum()) if exclude is not None
+                             else 0}
     results: dict[str, RankingResult] = {}
     ks = sorted(ev.k)
     scored = fit_and_score(matrix, test.test, recipe, ks, users, spark=spark)
@@ -184,7 +205,9 @@ def write_report(
         f"- train: {train.shape[0]} users x {train.shape[1]} items, {train.nnz} interactions; "
         f"test: {int(test.nnz)} held-out pairs",
         f"- evaluated users: {facts['n_test_users']} (full ranking over all items, "
-        "training items excluded)",
+        "training items excluded"
+        + (f"; the {facts['excluded_tuning_users']} users the recipe search scored are left "
+           "out)" if facts.get("excluded_tuning_users") else ")"),
         f"- recipe: {recipe.summary()}",
         f"- ALS fit: {facts.get('als_fit_seconds')} s ({facts.get('als_info', {}).get('device')})",
     ]
@@ -241,7 +264,8 @@ def run(
         log = lookback_log(lake, as_of, settings.interactions.lookback_days)
     if test is None:
         test = eval_holdout(log, settings)
-    results, facts, train = evaluate_recipe(log, test, recipe, settings, spark=spark)
+    results, facts, train = evaluate_recipe(log, test, recipe, settings, spark=spark,
+                                            exclude=searched_users(log, settings, version))
     ci = intervals(results, settings)
     ev = settings.evaluate
     out_dir = Path(settings.model.dir) / REPORTS / version

@@ -181,7 +181,7 @@ def run(
         "job": "pipeline",
         "data": settings.data.source,
         "master": settings.spark.master,
-        "backend": settings.train.backend,
+        "backend": tr["backend"],  # the trained one (the tuned recipe may change it)
         "as_of": as_of,
         "compacted": {"start": start, "end": as_of},
         "version": version,

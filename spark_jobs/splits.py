@@ -92,3 +92,22 @@ def user_time_split(first_touch: sp.csr_matrix, test_fraction: float, min_items:
                         {"test_fraction": test_fraction, "min_items": min_items})
     split.test.data[:] = 1.0
     return split
+
+
+def tuning_users(user_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Bool mask over `user_ids`: the users the recipe search scores (True) and the users
+    the evaluation scores (False), by a seeded hash of the id.
+
+    Both sides are tested on their own latest items of the same holdout, so the search
+    validates on the very time slice and history depth the evaluation tests on (a split
+    carved from earlier items preferred other settings than the test did: on MovieLens-1M
+    alpha 0.03 over 0.5, which lost 1.3% NDCG on the test). Hashing the id keeps a user on
+    one side as the log grows and across the processes of one DAG run.
+    """
+    import pandas as pd
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"tuning users fraction must be in (0, 1), got {fraction}")
+    ids = np.asarray(user_ids, dtype=object)
+    h = pd.util.hash_array(ids, hash_key=f"lambdarec{seed:07d}"[-16:], categorize=False)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction

@@ -2,11 +2,13 @@
 
     python -m spark_jobs.tune --as-of 2026-11-21 --version v20261121-ab12
 
-Data: the events of the lookback window (`spark_jobs.event_log`). The evaluation's test
-pairs are removed first (the same holdout `spark_jobs.evaluate` uses), and a validation
-holdout is carved from what remains, by the same per-user protocol, so the search never
-sees a test item. Each trial fits ALS on the rest and scores the validation users on the
-gate metric.
+Data: the events of the lookback window (`spark_jobs.event_log`) and the evaluation's
+holdout (`spark_jobs.evaluate.eval_holdout`). The users are split in two by a seeded hash
+of their id (`spark_jobs.splits.tuning_users`, share `tune.validation_users`): each trial
+fits ALS on the evaluation's training events and scores the *tuning* users' held-out items
+on the gate metric; the evaluation then scores only the other users. The search thus
+validates on the same time slice and history depth the evaluation tests on, and never
+sees an evaluated user's test items.
 
 Search (deterministic for `tune.seed`; `tune.budget_s` — CPU seconds of this process, so
 that a busy box runs the same trials as an idle one — and `tune.max_trials` bound it; no
@@ -39,12 +41,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import scipy.sparse as sp
 
 from lake.blend import BlendParams
 from lake.config import Settings
 from lake.strength import StrengthParams
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
-from spark_jobs.event_log import EventLog, Holdout, holdout, lookback_log
+from spark_jobs.event_log import EventLog, Holdout, lookback_log
 from spark_jobs.metrics import evaluate_ranking
 from spark_jobs.recipe import (
     Recipe,
@@ -53,6 +56,7 @@ from spark_jobs.recipe import (
     sample_users,
     score_batch_size,
 )
+from spark_jobs.splits import tuning_users
 from spark_jobs.staging import staged_dir
 
 if TYPE_CHECKING:
@@ -193,14 +197,17 @@ def strength_proposals(best: Recipe, valued: Sequence[str], span_days: float) ->
     return out
 
 
-def search(log: EventLog, settings: Settings, *, keep: np.ndarray | None = None,
+def search(log: EventLog, settings: Settings, test: Holdout, *,
            now: Any = time.process_time) -> TuneResult:
-    """Run the search on the events in `keep` (the evaluation's training events)."""
+    """Search on the training events of the evaluation's holdout `test`, scoring the
+    tuning users' test items."""
     cfg, ev = settings.tune, settings.evaluate
     metric = settings.gate.metric
     t0 = now()
-    val = holdout(log, ev.split, ev.test_fraction, ev.min_user_items, cfg.seed + 1, keep)
-    users = sample_users(val.test, cfg.max_eval_users, cfg.seed)
+    tuning = tuning_users(log.user_ids, cfg.validation_users, settings.train.seed)
+    val_test = sp.diags(tuning.astype(np.float64)) @ test.test
+    val_test.eliminate_zeros()
+    users = sample_users(val_test, cfg.max_eval_users, cfg.seed)
     if len(users) == 0:
         raise JobError("the validation split has no users; too few events to tune")
     ks = sorted({int(metric.split("@")[1]), *ev.k}) if "@" in metric else list(ev.k)
@@ -212,7 +219,7 @@ def search(log: EventLog, settings: Settings, *, keep: np.ndarray | None = None,
         key = json.dumps(r.strength.to_dict(), sort_keys=True)
         if key not in matrices:
             matrices.clear()  # one strength setting at a time: bounded memory
-            matrices[key] = log.matrix(r.strength, val.train_events)
+            matrices[key] = log.matrix(r.strength, test.train_events)
         return matrices[key]
 
     median_n = _median_history(matrix_for(base))
@@ -230,7 +237,7 @@ def search(log: EventLog, settings: Settings, *, keep: np.ndarray | None = None,
         trial = Trial(len(trials), stage, recipe)
         trials.append(trial)
         started = now()
-        scored = fit_and_score(matrix_for(recipe), val.test, recipe, ks, users)
+        scored = fit_and_score(matrix_for(recipe), val_test, recipe, ks, users)
         trial.metrics = {k: round(v, 6) for k, v in scored.result.metrics.items()}
         trial.metric = scored.result.metrics.get(metric)
         trial.seconds, trial.fit_seconds = scored.seconds, scored.fit_seconds
@@ -264,9 +271,13 @@ def search(log: EventLog, settings: Settings, *, keep: np.ndarray | None = None,
     chosen: Recipe = best["trial"].recipe
     blend_info: dict[str, Any] = {}
     if settings.blend.enabled:
-        chosen, blend_info = choose_blend(best["scored"], matrix_for(chosen), val.test, chosen,
+        chosen, blend_info = choose_blend(best["scored"], matrix_for(chosen), val_test, chosen,
                                           metric, ks, users)
-    info = {"validation": val.info, "validation_users": int(len(users)),
+    info = {"validation": {"protocol": "tuning users' holdout items",
+                           "users_fraction": cfg.validation_users,
+                           "tuning_users": int(tuning.sum()),
+                           "candidate_events": int(test.train_events.sum())},
+            "validation_users": int(len(users)),
             "median_history": median_n, "budget_seconds_used": round(now() - t0, 3),
             "budget_s": cfg.budget_s, "max_trials": cfg.max_trials, "seed": cfg.seed,
             "blend": blend_info}
@@ -374,7 +385,7 @@ def run(settings: Settings, *, as_of: date, version: str, log: EventLog | None =
         log = lookback_log(lake, as_of, settings.interactions.lookback_days)
     if test is None:
         test = eval_holdout(log, settings)
-    result = search(log, settings, keep=test.train_events)
+    result = search(log, settings, test)
     path = tuning_path(settings.model.dir, version)
     path.parent.mkdir(parents=True, exist_ok=True)
     plot = trials_plot(result, Path(settings.model.dir) / REPORTS / version / "trials.png")

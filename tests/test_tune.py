@@ -7,9 +7,11 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from lake.config import load_settings
-from spark_jobs.evaluate import eval_holdout
+from spark_jobs.evaluate import eval_holdout, evaluate_recipe
+from spark_jobs.splits import tuning_users
 from spark_jobs.event_log import event_log_from_table
 from spark_jobs.tune import load_recipe, search
 
@@ -44,8 +46,8 @@ def test_search_is_deterministic_for_a_seed_and_bounded():
     log = block_log()
     s = settings()
     test = eval_holdout(log, s)
-    a = search(log, s, keep=test.train_events)
-    b = search(log, s, keep=test.train_events)
+    a = search(log, s, test)
+    b = search(log, s, test)
     assert len(a.trials) == 9  # max_trials bounds it
     assert [t.recipe for t in a.trials] == [t.recipe for t in b.trials]
     assert [t.metric for t in a.trials] == [t.metric for t in b.trials]
@@ -58,7 +60,7 @@ def test_search_is_deterministic_for_a_seed_and_bounded():
         if t.metric > top.metric * 1.005:
             top = t
     assert (a.best.train, a.best.strength) == (top.recipe.train, top.recipe.strength)
-    other = search(log, settings(seed=1), keep=test.train_events)
+    other = search(log, settings(seed=1), test)
     assert [t.recipe for t in other.trials[1:]] != [t.recipe for t in a.trials[1:]]
 
 
@@ -67,27 +69,51 @@ def test_budget_stops_new_trials():
     s = load_settings(env={}, overrides={"train": {"factors": 8, "iterations": 4},
                                          "tune": {"budget_s": 0.001, "max_trials": 16}})
     clock = iter(range(1000))
-    res = search(log, s, now=lambda: float(next(clock)))  # each reading is 1 s later
+    res = search(log, s, eval_holdout(log, s), now=lambda: float(next(clock)))  # 1 s a reading
     assert len(res.trials) == 1  # the defaults always run; then the budget is spent
 
 
-def test_validation_never_contains_a_test_pair():
+def test_search_and_evaluation_score_disjoint_users():
     log = block_log()
     s = settings()
     test = eval_holdout(log, s)
-    res = search(log, s, keep=test.train_events)
+    res = search(log, s, test)
+    # trials train on the evaluation's training events only: no test pair among them
     assert res.info["validation"]["candidate_events"] == int(test.train_events.sum())
     test_pairs = set(zip(*test.test.nonzero(), strict=True))
     kept = set(zip(log.user[test.train_events].tolist(), log.item[test.train_events].tolist(),
                    strict=True))
     assert test_pairs and not (test_pairs & kept)
+    # the search scores the tuning users, the evaluation of a searched recipe the others
+    tuned = tuning_users(log.user_ids, s.tune.validation_users, s.train.seed)
+    assert res.info["validation"]["tuning_users"] == int(tuned.sum())
+    assert 0 < res.info["validation_users"] <= int(tuned.sum()) < len(log.user_ids)
+    recipe = res.best
+    results, facts, _ = evaluate_recipe(log, test, recipe, s, exclude=tuned)
+    assert facts["excluded_tuning_users"] == int(tuned.sum())
+    assert facts["n_test_users"] == len(results["als"].per_user["ndcg@10"])
+    assert facts["n_test_users"] <= int((~tuned).sum())
+
+
+def test_tuning_users_are_a_stable_seeded_share():
+    ids = np.array([f"user-{n}" for n in range(20_000)])
+    a = tuning_users(ids, 0.5, seed=7)
+    assert 0.48 < a.mean() < 0.52
+    assert np.array_equal(a, tuning_users(ids, 0.5, seed=7))  # deterministic
+    assert not np.array_equal(a, tuning_users(ids, 0.5, seed=8))  # the seed matters
+    # a user keeps its side when the log grows or is read in another order
+    grown = np.concatenate([ids[::-1], np.array([f"new-{n}" for n in range(500)])])
+    assert np.array_equal(tuning_users(grown, 0.5, seed=7)[:20_000], a[::-1])
+    assert 0.18 < tuning_users(ids, 0.2, seed=7).mean() < 0.22
+    with pytest.raises(ValueError, match="fraction"):
+        tuning_users(ids, 1.0, seed=7)
 
 
 def test_load_recipe_reads_the_tuned_one(tmp_path):
     s = load_settings(env={}, overrides={"model": {"dir": str(tmp_path)}})
     assert load_recipe(s, "v1").train == s.train  # no search ran: the configured recipe
     log = block_log()
-    res = search(log, settings(max_trials=3))
+    res = search(log, settings(max_trials=3), eval_holdout(log, settings(max_trials=3)))
     d = tmp_path / "staging" / "v1"
     d.mkdir(parents=True)
     (d / "tuning.json").write_text(json.dumps(res.to_dict()))
