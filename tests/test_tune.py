@@ -11,8 +11,8 @@ import pytest
 
 from lake.config import load_settings
 from spark_jobs.evaluate import eval_holdout, evaluate_recipe
-from spark_jobs.splits import tuning_users
 from spark_jobs.event_log import event_log_from_table
+from spark_jobs.splits import tuning_users
 from spark_jobs.tune import load_recipe, search
 
 END = datetime(2024, 3, 31, 20, tzinfo=UTC)
