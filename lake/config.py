@@ -241,7 +241,11 @@ class ServerSettings(_Strict):
     workers: int = Field(default=8, ge=1)
     """gRPC handler threads."""
     wal_dir: Path = Path("var/wal")
-    """Write-ahead log directory for acknowledged events."""
+    """Write-ahead log directory for acknowledged events (one per replica)."""
+    node_id: str | None = None
+    """This replica's ingest node id (its bronze app transaction). Null: the id recorded in
+    `<wal_dir>/NODE`, made at first start. A second live process with the same WAL directory
+    or node id on one lake is refused."""
     wal_fsync_interval_ms: float = Field(default=2.0, ge=0)
     """Group-commit window: concurrent ingests share one fsync."""
     flush_interval_s: float = Field(default=5.0, gt=0)

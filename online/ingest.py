@@ -55,6 +55,7 @@ from lake.schemas import (
 )
 from lake.tables import Lake, sql_literal
 from lake.validation import EventLimits, EventValidationError, validate_event
+from online.node_identity import NodeClaim, check_node_id
 from online.wal import WALError, WriteAheadLog
 
 log = logging.getLogger(__name__)
@@ -189,19 +190,21 @@ class IngestPipeline:
         settings: Settings,
         lake: Lake,
         *,
-        node_id: str = "node-0",
+        node_id: str | None = None,
         dedupe_max_ids: int = 500_000,
         dedupe_ttl_s: float = 24 * 3600.0,
         segment_bytes: int = 16 * 1024 * 1024,
         max_pending_events: int | None = None,
     ) -> None:
-        if not node_id or not node_id.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"node_id must be a non-empty [A-Za-z0-9_-] name, got {node_id!r}")
         self.settings = settings
         self.server = settings.server
         self.lake = lake
-        self.node_id = node_id
-        self.app_id = f"lambdarec-wal-{node_id}"
+        # None: `server.node_id`, else the id recorded in (or made for) the WAL directory.
+        self._configured_node_id = node_id if node_id is not None else self.server.node_id
+        if self._configured_node_id is not None:
+            check_node_id(self._configured_node_id)
+        self._claim: NodeClaim | None = None
+        self._node_id: str | None = None
         self.segment_bytes = segment_bytes
         # Bronze enforces MAX_ID_LENGTH on append: never accept what a flush would reject.
         self.limits = EventLimits.from_settings(self.server)
@@ -239,6 +242,10 @@ class IngestPipeline:
         """Recover the WAL, commit what bronze lacks (exactly once), start the flusher."""
         if self._wal is not None or self._closed:
             raise IngestError("IngestPipeline.start() may be called once")
+        if self._claim is None:
+            self._claim = NodeClaim.acquire(self.server.wal_dir, self.lake.root,
+                                            self._configured_node_id)
+            self._node_id = self._claim.node_id
         committed = self._table_txn_version()
         wal = WriteAheadLog.open(
             self.server.wal_dir,
@@ -278,6 +285,7 @@ class IngestPipeline:
             self.flush()
         except BaseException:  # leave nothing half-loaded: start() may be retried
             wal.close()
+            self._release_claim()
             self._wal = None
             self._pending.clear()
             self._pending_events = 0
@@ -299,6 +307,7 @@ class IngestPipeline:
             self._thread.join()
         wal = self._wal
         if wal is None:
+            self._release_claim()
             return
         try:
             self.flush()
@@ -306,6 +315,24 @@ class IngestPipeline:
             with self._ingest_lock:
                 drained = not self._pending and wal.last_seq <= self._committed_seq
             wal.close(delete_all=drained)
+            self._release_claim()
+
+    @property
+    def node_id(self) -> str:
+        """This process's node id (known once `start()` has claimed it)."""
+        if self._node_id is None:
+            raise IngestError("the node id is claimed by IngestPipeline.start()")
+        return self._node_id
+
+    @property
+    def app_id(self) -> str:
+        """The Delta app transaction this node's WAL flushes under."""
+        return f"lambdarec-wal-{self.node_id}"
+
+    def _release_claim(self) -> None:
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
 
     def __enter__(self) -> IngestPipeline:
         self.start()

@@ -275,7 +275,7 @@ def test_replay_redoes_lake_deletes_of_an_uncommitted_tombstone(env) -> None:  #
     _seed_user_tables(lake)
     with IngestPipeline(settings, lake) as p:
         p.ingest([ev("a1", "u1"), ev("b1", "u2")])
-    committed = lake.delta("bronze_events").transaction_version("lambdarec-wal-node-0")
+    committed = lake.delta("bronze_events").transaction_version(p.app_id)
     wal = WriteAheadLog.open(settings.server.wal_dir, min_seq=committed + 1)
     wal.append(REC_FORGET, json.dumps({"user_id": "u1"}).encode())
     wal.close()
