@@ -121,8 +121,9 @@ def test_a_live_process_holding_the_wal_dir_or_the_node_id_is_refused(tmp_path: 
         with pytest.raises(NodeIdentityError, match=r"server.wal_dir: .*wal-a is in use by "
                                                      r"another live process"):
             IngestPipeline(replica(tmp_path, "a"), lake).start()
-        with pytest.raises(NodeIdentityError, match=r"server.node_id: 'n1' is held by another "
-                                                     rf"live process on this lake \(pid {proc.pid}\)"):
+        held = (r"server.node_id: 'n1' is held by another live process on this lake "
+                rf"\(pid {proc.pid}\)")
+        with pytest.raises(NodeIdentityError, match=held):
             IngestPipeline(replica(tmp_path, "b", node_id="n1"), lake).start()
     finally:
         assert proc.stdin is not None
