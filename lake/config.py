@@ -244,6 +244,10 @@ class ServerSettings(_Strict):
     """Write-ahead log directory for acknowledged events."""
     wal_fsync_interval_ms: float = Field(default=2.0, ge=0)
     """Group-commit window: concurrent ingests share one fsync."""
+    dedupe_window_days: float = Field(default=7.0, ge=0)
+    """IngestEvents stays idempotent by event_id for at least this many days of arrival,
+    across restarts and crashes (ids bronze received in the window are loaded at start,
+    18 bytes each); 0 = only ids still in the WAL or seen since start."""
     flush_interval_s: float = Field(default=5.0, gt=0)
     """Flush the WAL to bronze at least this often."""
     flush_max_events: int = Field(default=10_000, ge=1)
