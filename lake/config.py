@@ -282,6 +282,12 @@ class ServerSettings(_Strict):
     """Event types that make an item "seen" for exclude-seen."""
     popularity_half_life_days: float = Field(default=7.0, gt=0)
     """Decay of real-time popularity counts for the fallback."""
+    popularity_max_items: int = Field(default=100_000, ge=1000)
+    """Most items with real-time popularity counts (the least popular tenth is dropped
+    when more arrive): bounds memory against floods of made-up item ids."""
+    max_pending_items: int = Field(default=100_000, ge=10)
+    """Most items unknown to the model remembered until they have enough interactions to
+    be folded in (those touched by the fewest users are dropped first)."""
 
 
 class DataSettings(_Strict):
