@@ -40,7 +40,9 @@ from online.model import LoadedModel, ModelManager  # noqa: E402
 from online.pb import admin_pb2_grpc, recommender_pb2_grpc  # noqa: E402
 from online.recommender import Recommender  # noqa: E402
 from online.service import (  # noqa: E402
+    UNDECODABLE_LOG_INTERVAL_S,
     AdminServicer,
+    EveryInterval,
     RecommenderServicer,
     ServiceInterceptor,
     Validator,
@@ -245,8 +247,11 @@ def create_server(
 
     public_health = health.HealthServicer()
     admin_health = health.HealthServicer()
-    public = _make_grpc_server(settings, srv.workers, ServiceInterceptor(m))
-    admin = _make_grpc_server(settings, 2, ServiceInterceptor(m, admin_token=srv.admin_token))
+    undecodable_log = EveryInterval(UNDECODABLE_LOG_INTERVAL_S)
+    public = _make_grpc_server(settings, srv.workers,
+                               ServiceInterceptor(m, undecodable_log=undecodable_log))
+    admin = _make_grpc_server(settings, 2, ServiceInterceptor(
+        m, admin_token=srv.admin_token, undecodable_log=undecodable_log))
     server = OnlineServer(settings, public, admin, public_health, admin_health, manager,
                           engine, ingest, m, lake, metrics_enabled=metrics)
 
