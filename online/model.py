@@ -148,6 +148,8 @@ class LoadedModel:
         self.n_base_items = len(bundle.item_ids)
         self.item_ids: list[str] = bundle.item_ids.tolist()
         self.item_row: dict[str, int] = {iid: i for i, iid in enumerate(self.item_ids)}
+        self.longest_item_id_bytes = max((len(i.encode()) for i in self.item_ids), default=0)
+        """UTF-8 length of the longest item id (bounds the size of an answer)."""
         self.user_row: dict[str, int] = {uid: i for i, uid in enumerate(bundle.user_ids.tolist())}
         self._factors = np.ascontiguousarray(bundle.item_factors, dtype=np.float32)
         self.blend = bundle.blend
@@ -280,6 +282,8 @@ class LoadedModel:
                 self._factors = factors
                 self._index_vectors = all_indexed
                 self.item_ids.extend(new_ids)
+                self.longest_item_id_bytes = max(self.longest_item_id_bytes,
+                                                 *(len(i.encode()) for i in new_ids))
                 for j, iid in enumerate(new_ids):
                     self.item_row[iid] = self.n_items - len(new_ids) + j
         return rows

@@ -330,6 +330,16 @@ class Recommender:
         self._fb_cache = (key, out)
         return out
 
+    def answer_bounds(self) -> tuple[int, int, int]:
+        """(most items one answer can hold, longest item id it can name in UTF-8 bytes,
+        model version length): what bounds the size of a Recommend answer."""
+        model = self.manager.current
+        pop = self.state.popularity
+        items = len(pop) + (model.n_items if model is not None else 0)
+        longest = max(pop.longest_id_bytes,
+                      model.longest_item_id_bytes if model is not None else 0)
+        return items, longest, len(model.version.encode()) if model is not None else 0
+
     # -- SimilarItems ------------------------------------------------------------------
     def similar(self, item_id: str, k: int, f: FilterSpec,
                 check: DeadlineCheck = _no_deadline) -> Result:

@@ -33,7 +33,7 @@ from online.errors import (
 from online.metrics import Metrics
 from online.pb import admin_pb2, admin_pb2_grpc, recommender_pb2_grpc
 from online.pb import recommender_pb2 as pb
-from online.recommender import FALLBACK, FilterSpec, Recommender, Result
+from online.recommender import FALLBACK, MAX_BECAUSE, FilterSpec, Recommender, Result
 from online.state import OnlineState
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,10 @@ class Validator:
         )
 
 
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
 def _add_items(items: Any, result: Result) -> None:
     """Append `result`'s items to a repeated ScoredItem field (`add` is about twice as
     fast as constructing ScoredItem messages and a list of them)."""
@@ -310,6 +314,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self.v.batch("requests", len(request.requests))
         calls = [self._recommend_call(r, f"requests[{i}].")
                  for i, r in enumerate(request.requests)]  # all valid before any work
+        self._check_answer_fits(calls)
         check = deadline_check(context)
         resp = pb.RecommendBatchResponse()
         add = resp.responses.add
@@ -317,6 +322,28 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             check("recommend")
             self._answer(call, check, add())
         return resp
+
+    def _check_answer_fits(self, calls: list[tuple[str, int, FilterSpec, list[str], bool]]
+                           ) -> None:
+        """Refuse up front a batch whose answer may exceed `server.max_message_bytes`
+        (rather than computing it and failing on the way out)."""
+        items, id_bytes, version_bytes = self.engine.answer_bounds()
+        # wire bytes: ScoredItem = tag + length + (tag + length + id) + float; explain adds
+        # up to MAX_BECAUSE ids; each answer adds its wrapper, version and strategy
+        per_item = 4 + _varint_len(id_bytes) + id_bytes + 5
+        per_because = 1 + _varint_len(id_bytes) + id_bytes
+        total = 0
+        for _, k, _, _, explain in calls:
+            n = min(k, items)
+            item_bytes = per_item + (MAX_BECAUSE * per_because if explain else 0)
+            answer = n * item_bytes + version_bytes + 4
+            total += answer + 1 + _varint_len(answer)
+        limit = self.settings.server.max_message_bytes
+        if total > limit:
+            raise InvalidArgument("requests", f"the answer may take {total} bytes "
+                                  f"({len(calls)} requests, up to {sum(c[1] for c in calls)} "
+                                  f"items), above server.max_message_bytes {limit}: send "
+                                  "fewer requests per call or a smaller k")
 
     def _recommend_call(self, request: pb.RecommendRequest,
                         prefix: str = "") -> tuple[str, int, FilterSpec, list[str], bool]:

@@ -91,6 +91,8 @@ class Popularity:
         self._top: dict[str, float] = {}
         self._floor = 0.0
         self._max = 0.0
+        self.longest_id_bytes = 0
+        """UTF-8 length of the longest item id ever counted (bounds an answer's size)."""
         self._lock = threading.Lock()
         self._version = 0
         self._cache: tuple[int, tuple[list[tuple[str, float]], float]] = (0, ([], 0.0))
@@ -100,7 +102,10 @@ class Popularity:
         exponent = (ts.timestamp() - self._t0) * self._rate
         v = weight * math.exp(min(exponent, 700.0))
         with self._lock:
-            score = self._scores.get(item_id, 0.0) + v
+            old = self._scores.get(item_id)
+            if old is None:
+                self.longest_id_bytes = max(self.longest_id_bytes, len(item_id.encode()))
+            score = (old or 0.0) + v
             self._scores[item_id] = score
             self._max = max(self._max, score)
             if item_id in self._top or score > self._floor or len(self._top) < self.top_n:
