@@ -47,12 +47,10 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from lake.config import Settings
+from lake.erasure import USER_TABLES
 from lake.schemas import (
     BRONZE_EVENTS,
-    GOLD_INTERACTIONS,
-    SILVER_EVENTS,
     USER_ERASURES,
-    USER_FACTORS,
 )
 from lake.tables import Lake, sql_literal
 from lake.validation import EventLimits, EventValidationError, validate_event
@@ -64,9 +62,6 @@ log = logging.getLogger(__name__)
 REC_EVENTS = 1
 REC_FORGET = 2
 BRONZE = BRONZE_EVENTS.name
-FORGET_TABLES: tuple[str, ...] = (
-    BRONZE_EVENTS.name, SILVER_EVENTS.name, GOLD_INTERACTIONS.name, USER_FACTORS.name,
-)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _WAL_FIELDS = ("event_id", "user_id", "item_id", "event_type", "value", "ts", "received_at",
@@ -75,18 +70,6 @@ _WAL_FIELDS = ("event_id", "user_id", "item_id", "event_type", "value", "ts", "r
 
 class IngestError(RuntimeError):
     """Ingest cannot proceed (not started, closed, WAL failure)."""
-
-
-def erased_users(lake: Lake, since: datetime | None = None) -> set[str]:
-    """Users erased at or after `since` (all when None): a model trained on data up to
-    `since` may still hold their vectors, so servers must not serve them."""
-    if not lake.exists(USER_ERASURES.name):
-        return set()
-    table = lake.read(USER_ERASURES.name, columns=["user_id", "requested_at"])
-    if since is not None:
-        requested = table["requested_at"]
-        table = table.filter(pc.greater_equal(requested, pa.scalar(since, requested.type)))
-    return set(table["user_id"].to_pylist())
 
 
 class IngestOverloadedError(IngestError):
@@ -505,7 +488,7 @@ class IngestPipeline:
             schema=USER_ERASURES.schema))
         predicate = f"user_id = {sql_literal(user_id)}"
         counts: dict[str, int] = {}
-        for name in FORGET_TABLES:
+        for name in USER_TABLES:
             metrics = self.lake.delete(name, predicate)
             counts[name] = int(metrics.get("num_deleted_rows", 0) or 0)
         return counts
