@@ -140,6 +140,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_meta(path: Path) -> dict[str, Any]:
+    """A bundle file's manifest entry: its sha256 and size."""
+    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -206,10 +211,7 @@ def write_bundle(
         vectors = (index_vectors(item_factors, popularity_prior(item_popularity))
                    if blend.active else item_factors)
         index_info = write_index(vectors, tmp / INDEX_FILE)
-        files = {
-            p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(tmp.iterdir())
-        }
+        files = {p.name: file_meta(p) for p in sorted(tmp.iterdir())}
         manifest = {
             "format": FORMAT_VERSION,
             "version": version,

@@ -8,12 +8,17 @@ Precedence (lowest to highest): model defaults < YAML file < environment variabl
 The YAML file is `$LAMBDAREC_CONFIG` if set, else `infra/lambdarec.yaml` when present.
 Environment overrides use `LAMBDAREC__<SECTION>__<KEY>` (double underscores), e.g.
 `LAMBDAREC__SERVER__PORT=50052` or `LAMBDAREC__SPARK__MASTER=spark://127.0.0.1:7077`.
-Values are parsed as YAML scalars, so `true`, `3` and `0.5` get their natural types.
+Each value is parsed by its field's type: text fields (strings, paths, choices) take the
+value verbatim (`0755` and `no` stay text), numbers and booleans are read by pydantic
+(`3`, `0.5`, `true`/`no`), `null` clears an optional field, and lists and mappings are
+written as YAML/JSON (`[view, click]`, `{"view": 2}`). An error names the variable.
 """
 
 from __future__ import annotations
 
 import os
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -248,6 +253,10 @@ class ServerSettings(_Strict):
     or node id on one lake is refused."""
     wal_fsync_interval_ms: float = Field(default=2.0, ge=0)
     """Group-commit window: concurrent ingests share one fsync."""
+    dedupe_window_days: float = Field(default=7.0, ge=0)
+    """IngestEvents stays idempotent by event_id for at least this many days of arrival,
+    across restarts and crashes (ids bronze received in the window are loaded at start,
+    18 bytes each); 0 = only ids still in the WAL or seen since start."""
     flush_interval_s: float = Field(default=5.0, gt=0)
     """Flush the WAL to bronze at least this often."""
     flush_max_events: int = Field(default=10_000, ge=1)
@@ -282,6 +291,12 @@ class ServerSettings(_Strict):
     """Event types that make an item "seen" for exclude-seen."""
     popularity_half_life_days: float = Field(default=7.0, gt=0)
     """Decay of real-time popularity counts for the fallback."""
+    popularity_max_items: int = Field(default=100_000, ge=1000)
+    """Most items with real-time popularity counts (the least popular tenth is dropped
+    when more arrive): bounds memory against floods of made-up item ids."""
+    max_pending_items: int = Field(default=100_000, ge=10)
+    """Most items unknown to the model remembered until they have enough interactions to
+    be folded in (those touched by the fewest users are dropped first)."""
 
 
 class DataSettings(_Strict):
@@ -340,8 +355,48 @@ def _set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _field_annotation(keys: list[str]) -> Any:
+    """The type annotation of the setting at `keys` (None: no such setting)."""
+    model: Any = Settings
+    annotation: Any = None
+    for k in keys:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        f = model.model_fields.get(k)
+        if f is None:
+            return None
+        annotation = model = f.annotation
+    return annotation
+
+
+def _parse_env_value(name: str, raw: str, annotation: Any) -> Any:
+    """An environment string as the value its field's type expects."""
+    args = typing.get_args(annotation)
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and \
+        type(None) in args
+    if optional and raw.strip().lower() in ("", "null", "none", "~"):
+        return None
+    inner = [a for a in args if a is not type(None)] if optional else [annotation]
+    base = inner[0] if len(inner) == 1 else None
+    origin = typing.get_origin(base)
+    if origin in (list, dict) or base in (list, dict) or \
+            (isinstance(base, type) and issubclass(base, BaseModel)):
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{name}: cannot parse {raw!r} as a list or mapping: {exc}") \
+                from exc
+        want = dict if origin is dict or base is dict or origin is None else list
+        if not isinstance(value, want):
+            raise ConfigError(f"{name}: expected a {want.__name__} written as YAML/JSON, "
+                              f"got {raw!r}")
+        return value
+    return raw  # text verbatim; pydantic reads numbers and booleans from their text
+
+
 def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """Turn `LAMBDAREC__SECTION__KEY=value` variables into a nested dict."""
+    """Turn `LAMBDAREC__SECTION__KEY=value` variables into a nested dict, each value
+    parsed by its field's type."""
     tree: dict[str, Any] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX):
@@ -349,12 +404,17 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
         if len(keys) < 2:
             raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{name}: cannot parse value {raw!r}: {exc}") from exc
-        _set_dotted(tree, keys, value)
+        _set_dotted(tree, keys, _parse_env_value(name, raw, _field_annotation(keys)))
     return tree
+
+
+def env_variable(loc: tuple[Any, ...], env: Mapping[str, str]) -> str | None:
+    """The environment variable that set the setting at `loc` (or one of its parents)."""
+    for n in range(len(loc), 1, -1):
+        name = ENV_PREFIX + "__".join(str(p).upper() for p in loc[:n])
+        if name in env:
+            return name
+    return None
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -402,10 +462,16 @@ def load_settings(
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc'])}"
+            f"{_from_env(env_variable(tuple(err['loc']), env))}: {err['msg']}"
+            for err in exc.errors()
         )
         raise ConfigError(f"{source} (+ {ENV_PREFIX}* environment): {problems}") from exc
     return settings.resolved()
+
+
+def _from_env(name: str | None) -> str:
+    return f" (from {name})" if name else ""
 
 
 def settings_table() -> str:

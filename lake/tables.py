@@ -292,7 +292,15 @@ class Lake:
         if not self.exists(name):
             return {"num_deleted_rows": 0}
         p = str(self.path(name))
-        return DeltaTable(p).delete(predicate, commit_properties=self._props())
+        metrics: dict[str, Any] = {}
+
+        def go() -> int:
+            dt = DeltaTable(p)
+            metrics.update(dt.delete(predicate, commit_properties=self._props()))
+            return dt.version()
+
+        self._commit(go)  # a writer that committed first: delete again on the new snapshot
+        return metrics
 
     def _prepare(self, s: TableSpec, data: pa.Table) -> pa.Table:
         if isinstance(data, pa.RecordBatch):

@@ -60,3 +60,14 @@ class TrainingCut:
         if as_of:
             return cls(end_of_day(date.fromisoformat(str(as_of)[:10])))
         return None
+
+
+def trained_from(manifest: Mapping[str, Any]) -> datetime | None:
+    """The earliest instant the model's training could have read the lake: the end of its
+    data or its creation, whichever is first (None: unknown, so every erasure counts)."""
+    cut = TrainingCut.from_manifest(manifest)
+    times = [cut.ts_before if cut is not None else None]
+    if manifest.get("created_at"):
+        times.append(_parse(manifest["created_at"]))
+    known = [t for t in times if t is not None]
+    return min(known) if known else None

@@ -14,13 +14,14 @@
   `DeltaTable.transaction_version(app_id)` and skips WAL records at or below it, so a
   crash before, during or after a commit neither loses nor duplicates an event. Segments
   whose records are all committed are deleted.
-* **De-duplication by event_id** within a batch and against every id seen recently: the
-  seen-set is an LRU bounded by `dedupe_max_ids` entries and `dedupe_ttl_s` seconds since
-  first sight (defaults 500 000 ids / 24 h, ~100 B each). After a restart it is rebuilt
-  from the WAL records still on disk (those not yet committed, plus segments not trimmed
-  yet). Older duplicates are removed by the silver compaction ("first arrival wins").
-  A duplicate of an event still being made durable by a concurrent call is acknowledged
-  only once that event is durable.
+* **De-duplication by event_id** within a batch and against every id that arrived within
+  `server.dedupe_window_days`, across restarts: ids not yet in bronze live in the seen-set
+  (an LRU bounded by `dedupe_max_ids` entries and `dedupe_ttl_s` seconds, rebuilt from the
+  WAL after a restart); ids committed to bronze live in `CommittedIds` (128-bit hashes,
+  loaded from bronze's `received_at` window at start, extended by every flush). Older
+  duplicates are removed by the silver compaction ("first arrival wins"). A duplicate of
+  an event still being made durable by a concurrent call is acknowledged only once that
+  event is durable.
 * **Erasure.** `forget_user()` first writes a durable tombstone to the WAL and drops the
   user's pending events from memory, then deletes the user's rows from the lake tables.
   Replay applies tombstones to older pending records (so a crash can never resurrect
@@ -46,15 +47,14 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from lake.config import Settings
+from lake.erasure import USER_TABLES
 from lake.schemas import (
     BRONZE_EVENTS,
-    GOLD_INTERACTIONS,
-    SILVER_EVENTS,
     USER_ERASURES,
-    USER_FACTORS,
 )
 from lake.tables import Lake, sql_literal
 from lake.validation import EventLimits, EventValidationError, validate_event
+from online.committed_ids import CommittedIds, received_days
 from online.node_identity import NodeClaim, check_node_id
 from online.wal import WALError, WriteAheadLog
 
@@ -63,9 +63,6 @@ log = logging.getLogger(__name__)
 REC_EVENTS = 1
 REC_FORGET = 2
 BRONZE = BRONZE_EVENTS.name
-FORGET_TABLES: tuple[str, ...] = (
-    BRONZE_EVENTS.name, SILVER_EVENTS.name, GOLD_INTERACTIONS.name, USER_FACTORS.name,
-)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _WAL_FIELDS = ("event_id", "user_id", "item_id", "event_type", "value", "ts", "received_at",
@@ -74,18 +71,6 @@ _WAL_FIELDS = ("event_id", "user_id", "item_id", "event_type", "value", "ts", "r
 
 class IngestError(RuntimeError):
     """Ingest cannot proceed (not started, closed, WAL failure)."""
-
-
-def erased_users(lake: Lake, since: datetime | None = None) -> set[str]:
-    """Users erased at or after `since` (all when None): a model trained on data up to
-    `since` may still hold their vectors, so servers must not serve them."""
-    if not lake.exists(USER_ERASURES.name):
-        return set()
-    table = lake.read(USER_ERASURES.name, columns=["user_id", "requested_at"])
-    if since is not None:
-        requested = table["requested_at"]
-        table = table.filter(pc.greater_equal(requested, pa.scalar(since, requested.type)))
-    return set(table["user_id"].to_pylist())
 
 
 class IngestOverloadedError(IngestError):
@@ -210,6 +195,9 @@ class IngestPipeline:
         self.limits = EventLimits.from_settings(self.server)
         self.max_pending_events = max_pending_events or 20 * self.server.flush_max_events
         self._seen = _SeenSet(dedupe_max_ids, dedupe_ttl_s)
+        self._committed_ids = CommittedIds(self.server.dedupe_window_days)
+        self._ids_expired_at = time.monotonic()
+        self.committed_ids_load_s = 0.0
         self._wal: WriteAheadLog | None = None
         self._pending: deque[_Pending] = deque()
         self._pending_events = 0
@@ -276,6 +264,7 @@ class IngestPipeline:
                 else:
                     raise IngestError(f"WAL record {rec.seq} has unknown type {rec.rtype}")
             self._seen.trim(now)
+            self._load_committed_ids()
             self.replayed_events = self._pending_events
             self._wal = wal
             # A tombstone not yet covered by a commit may not have reached the lake: redo its
@@ -290,11 +279,28 @@ class IngestPipeline:
             self._pending.clear()
             self._pending_events = 0
             self._seen = _SeenSet(self._seen.max_ids, self._seen.ttl_s)
+            self._committed_ids = CommittedIds(self.server.dedupe_window_days)
             raise
         if self.replayed_events:
             log.info("WAL replay: %d event(s) committed to bronze", self.replayed_events)
         self._thread = threading.Thread(target=self._flush_loop, name="wal-flusher", daemon=True)
         self._thread.start()
+
+    def _load_committed_ids(self) -> None:
+        """Remember the ids bronze received within the dedupe window (from every writer)."""
+        window = self.server.dedupe_window_days
+        if window <= 0 or not self.lake.exists(BRONZE):
+            return
+        t0 = time.perf_counter()
+        ts_type = pa.timestamp("us", tz="UTC")
+        since = datetime.now(UTC) - timedelta(days=window)
+        table = self.lake.read(BRONZE, columns=["event_id", "received_at"],
+                               filters=pc.field("received_at") >= pa.scalar(since, ts_type))
+        self._committed_ids.add(table.column("event_id"),
+                                received_days(table.column("received_at")))
+        self.committed_ids_load_s = time.perf_counter() - t0
+        log.info("dedupe window loaded: %d ids from bronze in %.2f s", table.num_rows,
+                 self.committed_ids_load_s)
 
     def close(self) -> None:
         """Stop the flusher, flush what is pending to bronze, fsync and release the WAL."""
@@ -374,6 +380,8 @@ class IngestPipeline:
                 rejected.append((i, str(exc)))
                 continue
             valid.append((ev, _wal_row(ev)))
+        # Hashing outside the lock; an id committed meanwhile is still in the seen-set.
+        in_bronze = self._committed_ids.contains([ev["event_id"] for ev, _ in valid])
         # Encode optimistically outside the lock; re-encoded below only if duplicates drop out.
         encoded = _encode_rows([row for _, row in valid]) if valid else b""
         accepted: list[dict[str, Any]] = []
@@ -386,9 +394,9 @@ class IngestPipeline:
                     f"(limit {self.max_pending_events}); retry later")
             batch_ids: set[str] = set()
             rows: list[list[Any]] = []
-            for ev, row in valid:
+            for (ev, row), committed in zip(valid, in_bronze, strict=True):
                 eid = ev["event_id"]
-                if eid in batch_ids:
+                if eid in batch_ids or committed:
                     duplicates += 1
                     continue
                 prior = self._seen.get(eid)
@@ -480,10 +488,14 @@ class IngestPipeline:
                         self._pending.popleft()
                     self._pending_events -= n
                     self._committed_seq = last
+                self._committed_ids.add([e["event_id"] for r in batch for e in r.events])
                 written += len(events)
                 self.flushed_total += len(events)
                 self.last_flush_time = time.time()
                 wal.release_upto(last)
+            if time.monotonic() - self._ids_expired_at > 3600.0:
+                self._ids_expired_at = time.monotonic()
+                self._committed_ids.expire()
         return written
 
     # -- erasure -----------------------------------------------------------------------------
@@ -503,7 +515,7 @@ class IngestPipeline:
             schema=USER_ERASURES.schema))
         predicate = f"user_id = {sql_literal(user_id)}"
         counts: dict[str, int] = {}
-        for name in FORGET_TABLES:
+        for name in USER_TABLES:
             metrics = self.lake.delete(name, predicate)
             counts[name] = int(metrics.get("num_deleted_rows", 0) or 0)
         return counts
@@ -559,4 +571,6 @@ class IngestPipeline:
             "rejected_total": self.rejected_total,
             "replayed_events": self.replayed_events,
             "seen_ids": seen,
+            "committed_ids": len(self._committed_ids),
+            "committed_ids_bytes": self._committed_ids.nbytes(),
         }

@@ -28,7 +28,7 @@ import numpy as np
 from lake.blend import index_vectors, popularity_prior, query_vector
 from lake.bundle import Bundle, BundleError, check_version_name, current_version, read_bundle
 from lake.config import IndexSettings, Settings
-from lake.training_cut import TrainingCut
+from lake.training_cut import TrainingCut, trained_from
 from lake.vector_index import FaissIndex
 from online.errors import ModelLoadError, NotFound
 
@@ -148,6 +148,8 @@ class LoadedModel:
         self.n_base_items = len(bundle.item_ids)
         self.item_ids: list[str] = bundle.item_ids.tolist()
         self.item_row: dict[str, int] = {iid: i for i, iid in enumerate(self.item_ids)}
+        self.longest_item_id_bytes = max((len(i.encode()) for i in self.item_ids), default=0)
+        """UTF-8 length of the longest item id (bounds the size of an answer)."""
         self.user_row: dict[str, int] = {uid: i for i, uid in enumerate(bundle.user_ids.tolist())}
         self._factors = np.ascontiguousarray(bundle.item_factors, dtype=np.float32)
         self.blend = bundle.blend
@@ -280,6 +282,8 @@ class LoadedModel:
                 self._factors = factors
                 self._index_vectors = all_indexed
                 self.item_ids.extend(new_ids)
+                self.longest_item_id_bytes = max(self.longest_item_id_bytes,
+                                                 *(len(i.encode()) for i in new_ids))
                 for j, iid in enumerate(new_ids):
                     self.item_row[iid] = self.n_items - len(new_ids) + j
         return rows
@@ -359,6 +363,8 @@ class ModelManager:
         self._on_new_model = on_new_model
         self._on_swapped = on_swapped
         self.last_seen_current: str | None = None
+        self._erased: dict[str, datetime] = {}
+        self._swap_lock = threading.Lock()
 
     @property
     def current(self) -> LoadedModel | None:
@@ -384,7 +390,11 @@ class ModelManager:
             t0 = time.perf_counter()
             new = load_model(self.models_dir / target, self.index_settings)
             refolded = self._on_new_model(new, old) if self._on_new_model else 0
-            self._current = new  # the swap: one reference assignment
+            since = trained_from(new.bundle.manifest)
+            with self._swap_lock:  # see forget(): an erasure lands in the old or the new model
+                new.forgotten |= {u for u, at in self._erased.items()
+                                  if since is None or at >= since}
+                self._current = new  # the swap: one reference assignment
             seconds = time.perf_counter() - t0
             if self._on_swapped:
                 self._on_swapped(new)
@@ -394,6 +404,15 @@ class ModelManager:
                                              "seconds": round(seconds, 3)})
             return {"version": new.version, "previous": old.version if old else "",
                     "changed": True, "refolded_users": refolded, "load_seconds": seconds}
+
+    def forget(self, user_id: str) -> None:
+        """Stop serving the user's batch vector, in the serving model and in every model
+        trained before now that is swapped in later (also by a reload running right now)."""
+        with self._swap_lock:
+            self._erased[user_id] = datetime.now(UTC)
+            model = self._current
+            if model is not None:
+                model.forgotten.add(user_id)
 
     def poll_once(self) -> dict[str, Any] | None:
         """Reload when the CURRENT pointer changed since we last looked; None otherwise."""

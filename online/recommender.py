@@ -259,9 +259,10 @@ class Recommender:
         """Popularity: 0.5 x batch popularity + 0.5 x real-time decayed counts (each scaled
         to max 1), exact top-k under the filters.
 
-        The ranking of (top batch items + every real-time item) is cached per (model,
-        real-time version); items outside it score 0.5 x batch <= `floor`, so the walk
-        only continues down the batch order when the filters eat the whole ranking."""
+        The ranking of (top batch items + the top real-time items) is cached per (model,
+        real-time version); items outside it score at most `floor` (0.5 x the batch and
+        0.5 x the real-time bound), so the walk only continues down the batch order when
+        the filters eat the whole ranking."""
         check("popularity fallback")
         ranking, floor, walked = self._popularity_ranking(model)
 
@@ -280,13 +281,15 @@ class Recommender:
             in_ranking = {iid for iid, _ in ranking}
             found, start, chunk = 0, walked, k * self.overfetch
             order = model.popularity_order
+            realtime = self.state.popularity
             while found < k and start < order.size:
                 check("popularity fallback")
                 for r in order[start:start + chunk].tolist():
                     iid = model.item_ids[r]
                     if iid in in_ranking or not ok(iid):
                         continue
-                    picked.append((iid, 0.5 * float(model.popularity[r])))
+                    picked.append((iid, 0.5 * float(model.popularity[r])
+                                   + 0.5 * realtime.score(iid)))
                     found += 1
                 start += chunk
                 chunk *= 4
@@ -297,31 +300,45 @@ class Recommender:
     def _popularity_ranking(
         self, model: LoadedModel | None
     ) -> tuple[list[tuple[str, float]], float, int]:
-        """(ranking, floor, batch items walked), cached until the model or counts change."""
+        """(ranking, floor, batch items walked), cached until the model or counts change.
+
+        Costs O(FALLBACK_RANKED_BATCH_ITEMS + the real-time top), whatever the number of
+        items with real-time counts (`Popularity` keeps its top incrementally)."""
         pop = self.state.popularity
         key = (model.generation if model is not None else 0, pop.version)
         cached = self._fb_cache
         if cached is not None and cached[0] == key:
             return cached[1]
-        realtime = pop.normalised()
+        realtime, rt_floor = pop.ranking()
         scores: dict[str, float] = {}
-        floor, walked = 0.0, 0
+        batch_floor, walked = 0.0, 0
         if model is not None:
             walked = min(model.n_base_items, FALLBACK_RANKED_BATCH_ITEMS)
             top_rows = model.popularity_order[:walked].tolist()
             for r in top_rows:
-                scores[model.item_ids[r]] = 0.5 * float(model.popularity[r])
+                iid = model.item_ids[r]
+                scores[iid] = 0.5 * float(model.popularity[r]) + 0.5 * pop.score(iid)
             if walked < model.n_base_items:
-                floor = 0.5 * float(model.popularity[model.popularity_order[walked]])
-        for iid, rt in realtime.items():
+                batch_floor = float(model.popularity[model.popularity_order[walked]])
+        for iid, rt in realtime:
             row = model.item_row.get(iid) if model is not None else None
             batch = float(model.popularity[row]) if model is not None and row is not None \
                 and row < model.n_base_items else 0.0
             scores[iid] = 0.5 * batch + 0.5 * rt
         ranking = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-        out = (ranking, floor, walked)
+        out = (ranking, 0.5 * batch_floor + 0.5 * rt_floor, walked)
         self._fb_cache = (key, out)
         return out
+
+    def answer_bounds(self) -> tuple[int, int, int]:
+        """(most items one answer can hold, longest item id it can name in UTF-8 bytes,
+        model version length): what bounds the size of a Recommend answer."""
+        model = self.manager.current
+        pop = self.state.popularity
+        items = len(pop) + (model.n_items if model is not None else 0)
+        longest = max(pop.longest_id_bytes,
+                      model.longest_item_id_bytes if model is not None else 0)
+        return items, longest, len(model.version.encode()) if model is not None else 0
 
     # -- SimilarItems ------------------------------------------------------------------
     def similar(self, item_id: str, k: int, f: FilterSpec,

@@ -17,13 +17,18 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import yaml  # noqa: E402
+
 from lake.bundle import current_version  # noqa: E402
-from lake.config import Settings, load_settings  # noqa: E402
+from lake.config import ENV_PREFIX, PROJECT_ROOT, Settings, load_settings  # noqa: E402
 
 log = logging.getLogger("online.run")
 
@@ -34,13 +39,30 @@ def prepare(settings: Settings, *, pipeline: bool = True) -> dict[str, Any]:
 
     out: dict[str, Any] = {"data": ensure_sample_data(settings)}
     if pipeline and current_version(settings.model.dir) is None:
-        from spark_jobs import pipeline as batch
-
         print("no CURRENT model yet: running the batch pipeline once (a few minutes)...",
               flush=True)
-        out["pipeline"] = batch.run(settings)
+        out["pipeline"] = run_pipeline_process(settings)
     out["model"] = current_version(settings.model.dir)
     return out
+
+
+def run_pipeline_process(settings: Settings) -> dict[str, Any]:
+    """`spark_jobs.pipeline` with exactly `settings`, in a process of its own: its Spark
+    JVM (GBs) exits with it instead of living on next to the server. Returns the summary
+    it prints (also when the gate refused the model: `ok` false)."""
+    with tempfile.TemporaryDirectory(prefix="lambdarec-run-") as tmp:
+        config = Path(tmp) / "settings.yaml"
+        config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        env["LAMBDAREC_CONFIG"] = str(config)
+        done = subprocess.run([sys.executable, "-m", "spark_jobs.pipeline"], cwd=PROJECT_ROOT,
+                              env=env, stdout=subprocess.PIPE, text=True, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode not in (0, 1) or not lines:
+        raise RuntimeError(f"the batch pipeline failed (exit {done.returncode}); "
+                           "its messages are above")
+    summary: dict[str, Any] = json.loads(lines[-1])
+    return summary
 
 
 def usage(settings: Settings, ports: dict[str, int]) -> str:

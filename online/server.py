@@ -20,7 +20,6 @@ import signal  # noqa: E402
 import threading  # noqa: E402
 from concurrent import futures  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
 from typing import Any  # noqa: E402
 
 import grpc  # noqa: E402
@@ -31,16 +30,19 @@ from grpc_reflection.v1alpha import reflection  # noqa: E402
 
 from lake.bundle import current_version  # noqa: E402
 from lake.config import Settings, load_settings  # noqa: E402
+from lake.erasure import erased_users  # noqa: E402
 from lake.tables import Lake  # noqa: E402
-from lake.training_cut import TrainingCut  # noqa: E402
+from lake.training_cut import trained_from  # noqa: E402
 from online.catalog import Catalog  # noqa: E402
-from online.ingest import IngestPipeline, erased_users  # noqa: E402
+from online.ingest import IngestPipeline  # noqa: E402
 from online.metrics import Metrics, configure_logging  # noqa: E402
 from online.model import LoadedModel, ModelManager  # noqa: E402
 from online.pb import admin_pb2_grpc, recommender_pb2_grpc  # noqa: E402
 from online.recommender import Recommender  # noqa: E402
 from online.service import (  # noqa: E402
+    UNDECODABLE_LOG_INTERVAL_S,
     AdminServicer,
+    EveryInterval,
     RecommenderServicer,
     ServiceInterceptor,
     Validator,
@@ -50,18 +52,6 @@ from online.state import OnlineState  # noqa: E402
 
 log = logging.getLogger(__name__)
 WARM_START_MAX_EVENTS = 2_000_000
-
-
-def trained_from(manifest: dict[str, Any]) -> datetime | None:
-    """The earliest instant the model's training could have read the lake: the end of its
-    data or its creation, whichever is first (None: unknown, so every erasure counts)."""
-    cut = TrainingCut.from_manifest(manifest)
-    times = [cut.ts_before if cut is not None else None]
-    if manifest.get("created_at"):
-        created = datetime.fromisoformat(str(manifest["created_at"]).replace("Z", "+00:00"))
-        times.append(created if created.tzinfo else created.replace(tzinfo=UTC))
-    known = [t for t in times if t is not None]
-    return min(known) if known else None
 
 
 def limit_threads() -> None:
@@ -245,8 +235,11 @@ def create_server(
 
     public_health = health.HealthServicer()
     admin_health = health.HealthServicer()
-    public = _make_grpc_server(settings, srv.workers, ServiceInterceptor(m))
-    admin = _make_grpc_server(settings, 2, ServiceInterceptor(m, admin_token=srv.admin_token))
+    undecodable_log = EveryInterval(UNDECODABLE_LOG_INTERVAL_S)
+    public = _make_grpc_server(settings, srv.workers,
+                               ServiceInterceptor(m, undecodable_log=undecodable_log))
+    admin = _make_grpc_server(settings, 2, ServiceInterceptor(
+        m, admin_token=srv.admin_token, undecodable_log=undecodable_log))
     server = OnlineServer(settings, public, admin, public_health, admin_health, manager,
                           engine, ingest, m, lake, metrics_enabled=metrics)
 

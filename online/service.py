@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -32,13 +33,56 @@ from online.errors import (
 from online.metrics import Metrics
 from online.pb import admin_pb2, admin_pb2_grpc, recommender_pb2_grpc
 from online.pb import recommender_pb2 as pb
-from online.recommender import FALLBACK, FilterSpec, Recommender, Result
+from online.recommender import FALLBACK, MAX_BECAUSE, FilterSpec, Recommender, Result
 from online.state import OnlineState
 
 log = logging.getLogger(__name__)
 
 DEADLINE_MARGIN_S = 0.0005
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+UNDECODABLE_LOG_INTERVAL_S = 60.0
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message: gRPC itself would log a
+    traceback and answer INTERNAL; the handler wrapper answers INVALID_ARGUMENT instead."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class EveryInterval:
+    """Logs a warning at most once per interval, with how many occurrences it stands for."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last = -interval_s
+        self._count = 0
+
+    def __call__(self, message: str, **extra: Any) -> None:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._last < self.interval_s:
+                return
+            count, self._count, self._last = self._count, 0, now
+        log.warning(message, extra={**extra, "occurrences": count,
+                                    "interval_s": self.interval_s})
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's bytes
+            return _Undecodable(exc)
+    return parse
 
 
 # -- the one place exceptions become status codes --------------------------------------
@@ -50,10 +94,13 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     call's metadata), so a call costs one dict lookup here on top of the handler.
     """
 
-    def __init__(self, metrics: Metrics, *, admin_token: str | None = None) -> None:
+    def __init__(self, metrics: Metrics, *, admin_token: str | None = None,
+                 undecodable_log: EveryInterval | None = None) -> None:
         self.metrics = metrics
         self._token = f"Bearer {admin_token}".encode() if admin_token is not None else None
         self._wrapped: dict[str, tuple[Any, Any]] = {}
+        # shared by a server's ports: one line per interval for the whole process
+        self._undecodable_log = undecodable_log or EveryInterval(UNDECODABLE_LOG_INTERVAL_S)
 
     def _authorised(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
         for key, value in metadata or ():
@@ -65,12 +112,15 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable[..., Any],
                           details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming RPCs (reflection, health Watch) pass through
+        if handler is None:
+            return None
         cached = self._wrapped.get(details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(handler, details.method)
+        if handler.unary_unary is not None:
+            wrapped = self._wrap(handler, details.method)
+        else:  # streaming RPCs (reflection, health Watch): only undecodable bytes are mapped
+            wrapped = self._wrap_streaming(handler, details.method)
         self._wrapped[details.method] = (handler, wrapped)
         return wrapped
 
@@ -87,6 +137,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
             t0 = clock()
             try:
+                if isinstance(request, _Undecodable):
+                    raise self._undecodable(full_method, request)
                 if needs_token and not self._authorised(context.invocation_metadata()):
                     raise Unauthenticated("missing or invalid 'authorization: Bearer <token>'")
                 out = inner(request, context)
@@ -104,9 +156,46 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             wrapper,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+    def _undecodable(self, full_method: str, request: _Undecodable) -> InvalidArgument:
+        self._undecodable_log("undecodable requests answered INVALID_ARGUMENT",
+                              method=full_method, error=str(request.error)[:200])
+        return InvalidArgument("request", f"not a valid message for {full_method}")
+
+    def _wrap_streaming(self, handler: Any, full_method: str) -> Any:
+        def reject(request: _Undecodable, context: grpc.ServicerContext) -> None:
+            code, message = status_of(self._undecodable(full_method, request))
+            context.abort(code, message)
+
+        def checked(requests: Iterable[Any], context: grpc.ServicerContext) -> Any:
+            for request in requests:
+                if isinstance(request, _Undecodable):
+                    reject(request, context)
+                yield request
+
+        deserialize = _tolerant(handler.request_deserializer)
+        serialize = handler.response_serializer
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            def unary_stream(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    reject(request, context)
+                return inner_us(request, context)
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=deserialize, response_serializer=serialize)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+            return grpc.stream_unary_rpc_method_handler(
+                lambda it, context: inner_su(checked(it, context), context),
+                request_deserializer=deserialize, response_serializer=serialize)
+        inner_ss = handler.stream_stream
+        return grpc.stream_stream_rpc_method_handler(
+            lambda it, context: inner_ss(checked(it, context), context),
+            request_deserializer=deserialize, response_serializer=serialize)
 
 
 def deadline_check(context: grpc.ServicerContext) -> Callable[[str], None]:
@@ -167,6 +256,10 @@ class Validator:
         )
 
 
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
 def _add_items(items: Any, result: Result) -> None:
     """Append `result`'s items to a repeated ScoredItem field (`add` is about twice as
     fast as constructing ScoredItem messages and a list of them)."""
@@ -221,6 +314,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self.v.batch("requests", len(request.requests))
         calls = [self._recommend_call(r, f"requests[{i}].")
                  for i, r in enumerate(request.requests)]  # all valid before any work
+        self._check_answer_fits(calls)
         check = deadline_check(context)
         resp = pb.RecommendBatchResponse()
         add = resp.responses.add
@@ -228,6 +322,28 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             check("recommend")
             self._answer(call, check, add())
         return resp
+
+    def _check_answer_fits(self, calls: list[tuple[str, int, FilterSpec, list[str], bool]]
+                           ) -> None:
+        """Refuse up front a batch whose answer may exceed `server.max_message_bytes`
+        (rather than computing it and failing on the way out)."""
+        items, id_bytes, version_bytes = self.engine.answer_bounds()
+        # wire bytes: ScoredItem = tag + length + (tag + length + id) + float; explain adds
+        # up to MAX_BECAUSE ids; each answer adds its wrapper, version and strategy
+        per_item = 4 + _varint_len(id_bytes) + id_bytes + 5
+        per_because = 1 + _varint_len(id_bytes) + id_bytes
+        total = 0
+        for _, k, _, _, explain in calls:
+            n = min(k, items)
+            item_bytes = per_item + (MAX_BECAUSE * per_because if explain else 0)
+            answer = n * item_bytes + version_bytes + 4
+            total += answer + 1 + _varint_len(answer)
+        limit = self.settings.server.max_message_bytes
+        if total > limit:
+            raise InvalidArgument("requests", f"the answer may take {total} bytes "
+                                  f"({len(calls)} requests, up to {sum(c[1] for c in calls)} "
+                                  f"items), above server.max_message_bytes {limit}: send "
+                                  "fewer requests per call or a smaller k")
 
     def _recommend_call(self, request: pb.RecommendRequest,
                         prefix: str = "") -> tuple[str, int, FilterSpec, list[str], bool]:
@@ -376,9 +492,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def ForgetUser(self, request: admin_pb2.ForgetUserRequest,  # noqa: N802
                    context: grpc.ServicerContext) -> admin_pb2.ForgetUserResponse:
         user_id = self.v.id("user_id", request.user_id)
-        model = self.engine.manager.current
-        if model is not None:
-            model.forgotten.add(user_id)  # stop serving their batch vector until retrain
+        self.engine.manager.forget(user_id)  # their batch vector, until a retrain
         removed = self.state.forget(user_id)
         lake = self.ingest.forget_user(user_id)
         log.info("user forgotten", extra={"user_id": user_id, "lake": lake})

@@ -13,6 +13,7 @@ joins the index.
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 import time
@@ -70,42 +71,91 @@ class UserProfile:
 
 
 class Popularity:
-    """Exponentially decayed event counts per item (weight x 0.5 ** (age / half_life))."""
+    """Exponentially decayed event counts per item (weight x 0.5 ** (age / half_life)),
+    bounded to `max_items` items, with the `top_n` most popular maintained incrementally.
 
-    def __init__(self, half_life_days: float) -> None:
+    Scores only grow (they are stored relative to a fixed epoch), so every item outside the
+    kept top set scores at most `floor` -- the invariant that lets the fallback rank the
+    top set alone. The top set holds up to 2 x top_n items and is cut back to top_n when
+    it fills (amortised O(log n) per event); when more than `max_items` items have counts
+    the least popular tenth is dropped (amortised O(1) per event).
+    """
+
+    def __init__(self, half_life_days: float, *, max_items: int = 100_000,
+                 top_n: int = 1000) -> None:
         self._rate = math.log(2) / (half_life_days * 86400.0)
         self._t0 = time.time()
+        self.max_items = max_items
+        self.top_n = top_n
         self._scores: dict[str, float] = {}
+        self._top: dict[str, float] = {}
+        self._floor = 0.0
+        self._max = 0.0
+        self.longest_id_bytes = 0
+        """UTF-8 length of the longest item id ever counted (bounds an answer's size)."""
         self._lock = threading.Lock()
         self._version = 0
-        self._cache: tuple[int, dict[str, float]] = (0, {})
+        self._cache: tuple[int, tuple[list[tuple[str, float]], float]] = (0, ([], 0.0))
 
     def add(self, item_id: str, weight: float, ts: datetime) -> None:
         # Stored relative to a fixed epoch, so adding never touches the other items.
         exponent = (ts.timestamp() - self._t0) * self._rate
         v = weight * math.exp(min(exponent, 700.0))
         with self._lock:
-            self._scores[item_id] = self._scores.get(item_id, 0.0) + v
+            old = self._scores.get(item_id)
+            if old is None:
+                self.longest_id_bytes = max(self.longest_id_bytes, len(item_id.encode()))
+            score = (old or 0.0) + v
+            self._scores[item_id] = score
+            self._max = max(self._max, score)
+            if item_id in self._top or score > self._floor or len(self._top) < self.top_n:
+                self._top[item_id] = score
+                if len(self._top) >= 2 * self.top_n:
+                    self._cut_top()
+            if len(self._scores) > self.max_items:
+                self._drop_least_popular()
             self._version += 1
+
+    def _cut_top(self) -> None:
+        kept = heapq.nlargest(self.top_n, self._top.items(), key=lambda kv: kv[1])
+        self._top = dict(kept)
+        self._floor = max(self._floor, kept[-1][1])
+
+    def _drop_least_popular(self) -> None:
+        keep = max(1, self.max_items - self.max_items // 10)
+        items = list(self._scores.items())
+        scores = np.fromiter((v for _, v in items), dtype=np.float64, count=len(items))
+        kept = np.argpartition(scores, len(items) - keep)[len(items) - keep:]
+        self._scores = dict(items[i] for i in kept.tolist())
+        self._top = {k: v for k, v in self._top.items() if k in self._scores}
 
     @property
     def version(self) -> int:
         """Bumped by every `add`; lets callers cache what they derive from the scores."""
         return self._version
 
-    def normalised(self) -> dict[str, float]:
-        """Scores scaled so the most popular item is 1.0 (empty when nothing was ingested).
+    def score(self, item_id: str) -> float:
+        """The item's score scaled so the most popular item is 1.0 (0 when unknown)."""
+        top = self._max
+        return self._scores.get(item_id, 0.0) / top if top > 0 else 0.0
 
-        Cached until the next event; the returned dict is shared: do not modify it.
-        """
+    def ranking(self) -> tuple[list[tuple[str, float]], float]:
+        """(the top_n items by score, best first; a bound on every other item's score),
+        scores scaled so the most popular item is 1.0. Cached until the next event; the
+        returned list is shared: do not modify it."""
         cached = self._cache
         if cached[0] == self._version:
             return cached[1]
         with self._lock:
             version = self._version
-            snapshot = dict(self._scores)
-        top = max(snapshot.values(), default=0.0)
-        out = {k: v / top for k, v in snapshot.items()} if top > 0 else {}
+            top_items = list(self._top.items())
+            floor, top = self._floor, self._max
+        if top <= 0:
+            return [], 0.0
+        best = heapq.nlargest(self.top_n, top_items, key=lambda kv: kv[1])
+        if len(top_items) > self.top_n:
+            floor = max(floor, best[-1][1])
+        out = ([(k, v / top) for k, v in best], floor / top)
         self._cache = (version, out)
         return out
 
@@ -122,7 +172,9 @@ class OnlineState:
         self.recent_cap = srv.recent_events_per_user
         self.seen_types = set(srv.seen_event_types)
         self.new_item_min = srv.new_item_min_interactions
-        self.popularity = Popularity(srv.popularity_half_life_days)
+        self.popularity = Popularity(srv.popularity_half_life_days,
+                                     max_items=srv.popularity_max_items)
+        self.max_pending_items = srv.max_pending_items
         self._users: OrderedDict[str, UserState] = OrderedDict()
         self._users_lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
@@ -203,6 +255,8 @@ class OnlineState:
                     with self._pending_lock:
                         users = self._pending.setdefault(item_id, {})
                         users[user_id] = users.get(user_id, 0.0) + w
+                        if len(self._pending) > self.max_pending_items:
+                            self._drop_least_followed_pending()
                     unknown_items[item_id] = None
         new_items: list[str] = []
         if model is not None:  # touched users fold in lazily, at their next request
@@ -284,6 +338,16 @@ class OnlineState:
         return rows, vals
 
     # -- new items ---------------------------------------------------------------------
+    def _drop_least_followed_pending(self) -> None:
+        """Forget the tenth of unknown items with the fewest users (junk ids touched once)
+        so a flood of made-up ids cannot grow memory without bound. Caller holds the lock."""
+        keep = max(1, self.max_pending_items - self.max_pending_items // 10)
+        ranked = sorted(self._pending.items(), key=lambda kv: len(kv[1]), reverse=True)
+        self._pending = dict(ranked[:keep])
+
+    def pending_items(self) -> int:
+        return len(self._pending)
+
     def fold_new_items(self, model: LoadedModel, item_ids: list[str]) -> list[str]:
         """Give unknown items with enough interactions a vector and add them to the index."""
         ready_ids: list[str] = []

@@ -85,3 +85,33 @@ def test_invalid_values_rejected(tmp_path: Path) -> None:
         load_settings(tmp_path / "missing.yaml", env={})
     with pytest.raises(ConfigError, match="mapping"):
         load_settings(_yaml(tmp_path, "- a\n- b\n"), env={})
+
+
+def test_env_values_are_parsed_by_their_field_type() -> None:
+    s = load_settings(env={
+        "LAMBDAREC__SERVER__ADMIN_TOKEN": "0755",  # YAML would read an octal number
+        "LAMBDAREC__SPARK__APP_NAME": "no",  # ...and a boolean
+        "LAMBDAREC__SPARK__DRIVER_MEMORY": "1e3",  # ...and a float
+        "LAMBDAREC__TUNE__ENABLED": "no",
+        "LAMBDAREC__TRAIN__REGULARIZATION": "null",
+        "LAMBDAREC__SERVER__SEEN_EVENT_TYPES": "[view, click]",
+        "LAMBDAREC__INTERACTIONS__WEIGHTS": '{"view": 2}',
+        "LAMBDAREC__SERVER__WAL_DIR": "/tmp/0755",
+    }, path=None)
+    assert s.server.admin_token == "0755" and s.spark.app_name == "no"
+    assert s.spark.driver_memory == "1e3"
+    assert s.tune.enabled is False and s.train.regularization is None
+    assert s.server.seen_event_types == ["view", "click"]
+    assert s.interactions.weights["view"] == 2.0
+    assert s.server.wal_dir == Path("/tmp/0755")
+
+
+@pytest.mark.parametrize("name,value", [
+    ("LAMBDAREC__SERVER__PORT", "abc"),
+    ("LAMBDAREC__DATA__SOURCE", "no"),
+    ("LAMBDAREC__SERVER__PROT", "1"),
+    ("LAMBDAREC__SERVER__SEEN_EVENT_TYPES", "view"),
+])
+def test_env_errors_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_settings(env={name: value}, path=None)

@@ -61,7 +61,7 @@ def dagbag() -> Any:
 def test_every_dag_file_imports_without_errors(dagbag: Any) -> None:
     assert DAG_FILES, "no DAG files found"
     assert dagbag.import_errors == {}
-    assert set(dagbag.dag_ids) == {"lambdarec_retrain", "lambdarec_rollback"}
+    assert set(dagbag.dag_ids) == {"lambdarec_erasure", "lambdarec_retrain", "lambdarec_rollback"}
 
 
 def test_helper_module_is_ignored_by_the_dag_processor() -> None:
@@ -87,7 +87,7 @@ def test_parsing_imports_nothing_heavy(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["errors"] == {}
-    assert result["dags"] == ["lambdarec_retrain", "lambdarec_rollback"]
+    assert result["dags"] == ["lambdarec_erasure", "lambdarec_retrain", "lambdarec_rollback"]
     assert result["heavy"] == [], f"imported at parse time: {result['heavy']}"
     assert result["seconds"] < 30
 

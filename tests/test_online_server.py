@@ -325,6 +325,22 @@ def test_message_size_limit_is_enforced(tmp_path: Path) -> None:
         r.close()
 
 
+def test_recommend_batch_that_cannot_fit_is_refused_up_front(tmp_path: Path) -> None:
+    r = Running(tmp_path, max_message_bytes=16 * 1024)
+    try:
+        stub = r.client.stub
+        too_big = pb.RecommendBatchRequest(requests=[
+            pb.RecommendRequest(user_id=f"nobody{i}", k=30) for i in range(100)])
+        code, msg = code_of(lambda: stub.RecommendBatch(too_big, timeout=10))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert msg.startswith("requests: ") and "server.max_message_bytes 16384" in msg
+        fits = pb.RecommendBatchRequest(requests=[
+            pb.RecommendRequest(user_id=f"nobody{i}", k=5) for i in range(10)])
+        assert [len(a.items) for a in stub.RecommendBatch(fits, timeout=10).responses] == [5] * 10
+    finally:
+        r.close()
+
+
 # -- admin, health, reflection, metrics ----------------------------------------------------
 def test_admin_requires_bearer_token(srv: Running) -> None:
     stub = admin_pb2_grpc.AdminStub(srv.client.admin_channel)
