@@ -17,11 +17,13 @@ DATA ?=
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@$(MAKE) --no-print-directory java
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@echo "installing the client package and lambdarec (~2 min on a cold cache)..."
+	$(PY) -m pip install --progress-bar on -e ./clients/python -e '.[dev]' \
+		| grep -E '^(Collecting|Successfully|ERROR)' ; exit $${PIPESTATUS[0]}
 	@touch $(STAMP)
 
 setup: $(STAMP) protos ## Create the venv and install everything (idempotent)
@@ -29,9 +31,8 @@ setup: $(STAMP) protos ## Create the venv and install everything (idempotent)
 java: ## Check system packages: Java >= 17, OpenMP, native BLAS (apt-installs them when root)
 	@bash infra/scripts/ensure_system.sh
 
-protos: $(STAMP) ## Generate gRPC code + .pyi stubs from protos/ into online/generated/
-	@if [ -d protos/lambdarec ] && ls protos/lambdarec/v1/*.proto >/dev/null 2>&1; then \
-		$(PY) -m online.protogen; fi
+protos: $(STAMP) ## Generate gRPC code + .pyi stubs from protos/ into clients/python/lambdarec/
+	@$(PY) clients/python/protogen.py --if-stale
 
 run: setup ## Bring the system up on the embedded default (lake, sample model, gRPC server)
 	$(PY) -m online.run
@@ -49,8 +50,8 @@ test-gpu: setup ## GPU-only checks (needs CUDA)
 	$(PY) -m pytest -m "gpu" -q
 
 lint: setup ## ruff + mypy
-	$(PY) -m ruff check lake spark_jobs online dags tests
-	$(PY) -m mypy lake spark_jobs online
+	$(PY) -m ruff check lake spark_jobs online dags tests clients/python
+	$(PY) -m mypy lake spark_jobs online clients/python/lambdarec_client
 
 pipeline: setup ## Run the batch pipeline end to end (DATA=synthetic|ml-100k|ml-1m)
 	$(PY) -m spark_jobs.pipeline $(if $(DATA),--data $(DATA),)

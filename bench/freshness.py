@@ -27,7 +27,8 @@ MAX_WAIT_S = 30.0
 
 def run(report: Report, *, n_items: int = 1_000_000, n_users: int = 100_000,
         trials: int = 200) -> dict[str, Any]:
-    from online.client import Client
+    from lambdarec_client import Client
+
     from online.pb import recommender_pb2 as pb
 
     bb, _ = ensure_bundle(n_items, n_users=n_users)

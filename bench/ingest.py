@@ -99,7 +99,8 @@ def pipeline(base: Path, events: list[dict[str, Any]], batch: int,
 
 
 def grpc_payloads(events: list[dict[str, Any]], batch: int) -> list[bytes]:
-    from online.client import make_event
+    from lambdarec_client import make_event
+
     from online.pb import recommender_pb2 as pb
 
     return [pb.IngestEventsRequest(events=[make_event(e) for e in events[i:i + batch]])

@@ -181,7 +181,7 @@ def _wait_port(target: str, proc: subprocess.Popen, timeout: float = 30.0) -> No
 
 
 def ingest_events(target: str, events: list[dict[str, Any]], batch: int = 500) -> float:
-    from online.client import Client
+    from lambdarec_client import Client
 
     t0 = time.perf_counter()
     with Client(target, timeout=60.0) as c:
@@ -466,7 +466,8 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
 
 def _sanity(target: str, specs: list[dict[str, Any]]) -> None:
     """A few parsed answers: k items, personalised, category filter respected."""
-    from online.client import Client
+    from lambdarec_client import Client
+
     from online.pb import recommender_pb2 as pb
 
     with Client(target, timeout=30.0) as c:

@@ -282,11 +282,11 @@ def notify_reload(
     """
     outcome: dict[str, str] = {}
     try:
-        from online.client import Client, to_dict  # grpc + generated code: run time only
+        from lambdarec_client import Client, to_dict  # grpc + generated code: run time only
     except ImportError as exc:
-        log.warning("online.client not importable (%s): servers will pick the model up "
+        log.warning("lambdarec_client not importable (%s): servers will pick the model up "
                     "from CURRENT on their next start or poll", exc)
-        return {"targets": {t: f"skipped: online.client not importable: {exc}" for t in targets}}
+        return {"targets": {t: f"skipped: lambdarec_client not importable: {exc}" for t in targets}}
     import grpc
 
     failures = []

@@ -1,22 +1,13 @@
-"""The one place that imports the generated protobuf / gRPC modules.
+"""The generated protobuf / gRPC modules the server uses, from the client package.
 
-The generated code (see `online.protogen`) imports itself as `lambdarec.v1...`, so its
-root, `online/generated`, goes on `sys.path` here, once. Import messages and stubs from
-this module only (`from online.pb import recommender_pb2 as pb`): importing the same
-files under a second module name would register their descriptors twice.
+`lambdarec.v1` is generated into `clients/python/` (`make protos`) and installed with the
+light client package the server depends on; the server imports it from here so one
+module names what it uses.
 """
 
 from __future__ import annotations
 
-import sys
-
-from online.protogen import OUT_DIR, ensure_generated
-
-ensure_generated()
-if str(OUT_DIR) not in sys.path:
-    sys.path.insert(0, str(OUT_DIR))
-
-from lambdarec.v1 import (  # noqa: E402
+from lambdarec.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     recommender_pb2,

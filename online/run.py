@@ -68,7 +68,7 @@ def run_pipeline_process(settings: Settings) -> dict[str, Any]:
 def usage(settings: Settings, ports: dict[str, int]) -> str:
     srv = settings.server
     g, a = f"{srv.host}:{ports['grpc']}", f"{srv.host}:{ports['admin']}"
-    c = f"python -m online.client --target {g} --admin-target {a}"
+    c = f"python -m lambdarec_client --target {g} --admin-target {a}"
     return "\n".join([
         f"lambdarec online layer: Recommender on {g}, Admin on {a} "
         f"(token from server.admin_token), metrics on http://{srv.host}:{ports.get('metrics')}/metrics",

@@ -14,11 +14,11 @@ import grpc
 import online_bundles as kb
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from lambdarec_client import Client
+from lambdarec_client.cli import main as cli_main
 
 from lake.config import load_settings
 from lake.training_cut import TrainingCut
-from online.client import Client
-from online.client import main as cli_main
 from online.pb import admin_pb2, admin_pb2_grpc
 from online.pb import recommender_pb2 as pb
 from online.server import create_server
@@ -405,6 +405,12 @@ def test_client_cli_prints_json(srv: Running, capsys: pytest.CaptureFixture[str]
     assert json.loads(capsys.readouterr().out)["items"][0]["item_id"] == "C1"
     assert cli_main([*base, "ingest", "--user", "cli-user", "--item", "A4"]) == 0
     assert json.loads(capsys.readouterr().out)["accepted"] == 1
+    bad = tmp_path / "events.jsonl"
+    bad.write_text('{"user_id": "cli-user", "item_id": "A4", "event_type": "teleport"}\n')
+    assert cli_main([*base, "ingest", "--file", str(bad)]) == 1  # was 0: lost events unnoticed
+    printed = capsys.readouterr()
+    assert [r["index"] for r in json.loads(printed.out)["rejected"]] == [0]
+    assert printed.err == 'error: 1 event(s) rejected (see "rejected" above)\n'
     assert cli_main([*base, "upsert-items", "--item", "A9", "--category", "cli"]) == 0
     assert json.loads(capsys.readouterr().out)["upserted"] == 1
     assert cli_main([*base, "health"]) == 0

@@ -24,7 +24,7 @@ import online_bundles as kb
 import pytest
 
 from lake.config import load_settings
-from online.client import Client
+from lambdarec_client import Client
 from online.server import create_server
 
 TOKEN = "reload-token"

@@ -1,0 +1,199 @@
+"""CLI over the lambdarec online API; prints the reply as JSON.
+
+    python -m lambdarec_client recommend u1 -k 10 --explain --context i3 --category shoes
+    python -m lambdarec_client recommend-batch --file requests.jsonl   # {"user_id", "k", ...}
+    python -m lambdarec_client similar i42 -k 5
+    python -m lambdarec_client ingest --user u1 --item i3 --type view     # or --file events.jsonl
+    python -m lambdarec_client upsert-items --item i3 --category shoes --unavailable
+    python -m lambdarec_client health
+    python -m lambdarec_client model-info | reload [--version V] | forget-user u1   (admin port)
+
+Targets: `--target` / `--admin-target`, else the server's own settings from the environment
+(LAMBDAREC__SERVER__HOST, __PORT, __ADMIN_PORT), else 127.0.0.1:50051 / 127.0.0.1:50052.
+Admin calls send `authorization: Bearer <token>`: `--token`, else
+LAMBDAREC__SERVER__ADMIN_TOKEN, else the server's default token.
+
+Exit status: 0 done; 1 the server answered with an error (printed as {"error": ...}) or,
+for `ingest`, rejected some events; 2 bad input (a flag, an unreadable JSON lines file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from lambdarec_client.client import Client, to_dict
+
+# The server's defaults (its `server.*` settings), so a bare CLI reaches a bare server.
+DEFAULT_HOST, DEFAULT_PORT, DEFAULT_ADMIN_PORT, DEFAULT_TOKEN = "127.0.0.1", 50051, 50052, \
+    "change-me"
+
+
+class UsageError(Exception):
+    """Bad input on the command line or in a file: one line, exit status 2."""
+
+
+def default_targets(env: Mapping[str, str]) -> tuple[str, str, str]:
+    host = env.get("LAMBDAREC__SERVER__HOST", DEFAULT_HOST)
+    port = env.get("LAMBDAREC__SERVER__PORT", str(DEFAULT_PORT))
+    admin_port = env.get("LAMBDAREC__SERVER__ADMIN_PORT", str(DEFAULT_ADMIN_PORT))
+    token = env.get("LAMBDAREC__SERVER__ADMIN_TOKEN", DEFAULT_TOKEN)
+    return f"{host}:{port}", f"{host}:{admin_port}", token
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lambdarec_client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", help="host:port of the Recommender service")
+    p.add_argument("--admin-target", help="host:port of the Admin service")
+    p.add_argument("--token", help="admin bearer token")
+    p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add_filters(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-k", type=int, default=10)
+        sp.add_argument("--include-seen", action="store_true", help="do not exclude seen items")
+        sp.add_argument("--include-unavailable", action="store_true")
+        sp.add_argument("--exclude", action="append", default=[], metavar="ITEM")
+        sp.add_argument("--category", action="append", default=[], help="only these")
+        sp.add_argument("--not-category", action="append", default=[])
+
+    r = sub.add_parser("recommend", help="recommendations for a user")
+    r.add_argument("user_id")
+    add_filters(r)
+    r.add_argument("--context", action="append", default=[], metavar="ITEM",
+                   help="session/basket item folded in for this request only")
+    r.add_argument("--explain", action="store_true")
+    rb = sub.add_parser("recommend-batch",
+                        help="many Recommend requests in one call (JSON lines from --file)")
+    rb.add_argument("--file", type=Path, required=True,
+                    help="JSON lines: user_id, k, context_item_ids, explain, exclude_seen, "
+                         "exclude_item_ids, include_categories, exclude_categories, "
+                         "only_available ('-' for stdin)")
+    s = sub.add_parser("similar", help="items similar to an item")
+    s.add_argument("item_id")
+    add_filters(s)
+    i = sub.add_parser("ingest", help="send events (one from flags, or JSON lines from --file)")
+    i.add_argument("--file", type=Path, help="JSON lines of events ('-' for stdin)")
+    i.add_argument("--user")
+    i.add_argument("--item")
+    i.add_argument("--type", default="view")
+    i.add_argument("--value", type=float)
+    i.add_argument("--event-id")
+    i.add_argument("--atomic", action="store_true")
+    u = sub.add_parser("upsert-items", help="insert/update catalogue items")
+    u.add_argument("--file", type=Path, help="JSON lines of items ('-' for stdin)")
+    u.add_argument("--item")
+    u.add_argument("--category")
+    u.add_argument("--price", type=float)
+    u.add_argument("--title")
+    u.add_argument("--unavailable", action="store_true")
+    h = sub.add_parser("health", help="standard gRPC health check")
+    h.add_argument("--service", default="")
+    h.add_argument("--admin", action="store_true", help="check the admin port")
+    sub.add_parser("model-info", help="(admin) the serving model")
+    rl = sub.add_parser("reload", help="(admin) load a model version (default: CURRENT)")
+    rl.add_argument("--version")
+    fu = sub.add_parser("forget-user", help="(admin) erase a user online and in the lake")
+    fu.add_argument("user_id")
+    return p
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """JSON objects, one a line ('-' reads stdin); a bad line is a `UsageError` naming it."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    except OSError as exc:
+        raise UsageError(f"{name}: cannot read: {exc.strerror or exc}") from exc
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{name}:{n}: not valid JSON ({exc.msg} at column {exc.colno})"
+                             ) from exc
+        if not isinstance(row, dict):
+            raise UsageError(f"{name}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def run_cli(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dict[str, Any], int]:
+    """The reply as a dict and the exit status."""
+    target, admin_target, token = default_targets(env)
+    target, admin_target = args.target or target, args.admin_target or admin_target
+    token = token if args.token is None else args.token
+    cmd = args.cmd
+    with Client(target, admin_target, token=token, timeout=args.timeout) as c:
+        if cmd in ("recommend", "similar"):
+            filters = dict(exclude_item_ids=args.exclude, include_categories=args.category,
+                           exclude_categories=args.not_category,
+                           only_available=not args.include_unavailable)
+            if cmd == "recommend":
+                return to_dict(c.recommend(args.user_id, args.k, context_item_ids=args.context,
+                                           explain=args.explain,
+                                           exclude_seen=not args.include_seen, **filters)), 0
+            return to_dict(c.similar(args.item_id, args.k, **filters)), 0
+        if cmd == "recommend-batch":
+            return to_dict(c.recommend_batch(read_jsonl(args.file))), 0
+        if cmd == "ingest":
+            if args.file:
+                events = read_jsonl(args.file)
+            elif args.user and args.item:
+                events = [{"event_id": args.event_id, "user_id": args.user,
+                           "item_id": args.item, "event_type": args.type, "value": args.value}]
+            else:
+                raise UsageError("ingest: give --file, or --user and --item")
+            reply = to_dict(c.ingest(events, atomic=args.atomic))
+            # A caller scripting ingest must notice lost events without parsing the JSON.
+            return reply, 1 if reply.get("rejected") else 0
+        if cmd == "upsert-items":
+            if args.file:
+                items = read_jsonl(args.file)
+            elif args.item:
+                items = [{"item_id": args.item, "category": args.category, "price": args.price,
+                          "title": args.title, "available": not args.unavailable}]
+            else:
+                raise UsageError("upsert-items: give --file or --item")
+            return to_dict(c.upsert_items(items)), 0
+        if cmd == "health":
+            return {"status": c.health(args.service, admin=args.admin)}, 0
+        if cmd == "model-info":
+            return to_dict(c.model_info()), 0
+        if cmd == "reload":
+            return to_dict(c.reload(args.version)), 0
+        if cmd == "forget-user":
+            return to_dict(c.forget_user(args.user_id)), 0
+    raise UsageError(f"unknown command {cmd}")
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        out, status = run_cli(args, os.environ if env is None else env)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        code = exc.code().name if exc.code() is not None else "UNKNOWN"
+        print(json.dumps({"error": {"code": code, "message": exc.details()}}))
+        return 1
+    print(json.dumps(out, indent=2))
+    if status and args.cmd == "ingest":
+        n = len(out.get("rejected", []))
+        print(f"error: {n} event(s) rejected (see \"rejected\" above)", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The light client package: builds on its own, needs only grpcio + protobuf, clear CLI errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from lambdarec_client.cli import main as cli_main
+
+CLIENT_DIR = Path(__file__).resolve().parent.parent / "clients" / "python"
+
+
+def test_importing_the_client_loads_no_server_package() -> None:
+    code = ("import sys, lambdarec_client; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'lake', 'online', 'spark_jobs', 'dags', 'pyspark', 'airflow', 'numpy', 'faiss'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_wheel_holds_client_and_stubs_and_requires_only_grpc_and_protobuf(
+        tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(CLIENT_DIR)],
+                   check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("lambdarec_client-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        meta = next(z.read(n).decode() for n in names if n.endswith("METADATA"))
+    requires = sorted(re.match(r"Requires-Dist: *([A-Za-z0-9_.-]+)", line).group(1)  # type: ignore[union-attr]
+                      for line in meta.splitlines() if line.startswith("Requires-Dist:"))
+    assert requires == ["grpcio", "grpcio-health-checking", "protobuf"]
+    assert {"lambdarec/v1/recommender_pb2.py", "lambdarec/v1/admin_pb2_grpc.py",
+            "lambdarec_client/client.py", "lambdarec_client/cli.py"} <= names
+    assert not [n for n in names if n.split("/")[0] in {"online", "lake", "spark_jobs"}]
+
+
+def test_cli_bad_jsonl_line_is_one_line_naming_file_and_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"user_id": "u1", "item_id": "i1"}\n\n{"user_id": "u2", item_id}\n')
+    # No server listens there: the file is read (and refused) before any call is made.
+    rc = cli_main(["--target", "127.0.0.1:9", "ingest", "--file", str(events)], env={})
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith(f"error: {events}:3: not valid JSON")
+    events.write_text("[1, 2]\n")
+    assert cli_main(["--target", "127.0.0.1:9", "recommend-batch", "--file", str(events)],
+                    env={}) == 2
+    assert capsys.readouterr().err == f"error: {events}:1: expected a JSON object, got list\n"
+
+
+def test_cli_targets_follow_the_servers_environment(capsys: pytest.CaptureFixture[str]) -> None:
+    from lambdarec_client.cli import default_targets
+
+    assert default_targets({}) == ("127.0.0.1:50051", "127.0.0.1:50052", "change-me")
+    env = {"LAMBDAREC__SERVER__HOST": "10.0.0.5", "LAMBDAREC__SERVER__PORT": "6001",
+           "LAMBDAREC__SERVER__ADMIN_PORT": "6002", "LAMBDAREC__SERVER__ADMIN_TOKEN": "s3"}
+    assert default_targets(env) == ("10.0.0.5:6001", "10.0.0.5:6002", "s3")
