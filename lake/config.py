@@ -16,10 +16,13 @@ written as YAML/JSON (`[view, click]`, `{"view": 2}`). An error names the variab
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
+import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -243,6 +246,9 @@ class ServerSettings(_Strict):
     """Bearer token the admin service requires. Change it."""
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     """Prometheus metrics HTTP port (0 disables)."""
+    console_port: int = Field(default=8765, ge=0, le=65535)
+    """Web console HTTP port (`make run`; 0 = any free port). Read-only without the admin
+    token; it binds `server.host` like the gRPC ports."""
     workers: int = Field(default=8, ge=1)
     """gRPC handler threads."""
     wal_dir: Path = Path("var/wal")
@@ -300,8 +306,9 @@ class ServerSettings(_Strict):
 
 
 class DataSettings(_Strict):
-    source: Literal["synthetic", "ml-100k", "ml-1m"] = "synthetic"
-    """Sample data loaded by `make run` / `make pipeline`."""
+    source: Literal["synthetic", "ml-100k", "ml-1m", "none"] = "synthetic"
+    """Sample data loaded into an empty lake by `make run` / `make pipeline`; `none` loads
+    nothing: start on an empty lake and fill it through the API (IngestEvents, UpsertItems)."""
     dir: Path = PROJECT_ROOT.parent / "shared" / "data"
     """Where the MovieLens folders live (`<dir>/ml-100k`, `<dir>/ml-1m`)."""
     synthetic_events: int = Field(default=200_000, ge=1)
@@ -461,17 +468,39 @@ def load_settings(
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}"
-            f"{_from_env(env_variable(tuple(err['loc']), env))}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"{source} (+ {ENV_PREFIX}* environment): {problems}") from exc
+        problems = "; ".join(_describe(err, source, env) for err in exc.errors())
+        raise ConfigError(problems) from exc
     return settings.resolved()
 
 
-def _from_env(name: str | None) -> str:
-    return f" (from {name})" if name else ""
+def _known_keys(loc: Sequence[str | int]) -> list[str]:
+    """The field names allowed next to the key at `loc` (empty when not a settings model)."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        ann = getattr(getattr(model, "model_fields", {}).get(str(part)), "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: Any, source: str, env: Mapping[str, str]) -> str:
+    """One problem as `<where>: <dotted key>: <what>`, naming the environment variable when
+    the value came from one, with a did-you-mean for a misspelt key."""
+    dotted = ".".join(str(p) for p in err["loc"])
+    name = env_variable(tuple(err["loc"]), env)
+    where = f"environment variable {name}" if name else source
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(err["loc"])
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        parent = ".".join(str(p) for p in err["loc"][:-1])
+        hint = ""
+        if close:
+            hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?"
+        elif known:
+            hint = f"; known keys{' of ' + parent if parent else ''}: {', '.join(known)}"
+        return f"{where}: unknown key {dotted}{hint}"
+    return f"{where}: {dotted}: {err['msg']}"
 
 
 def settings_table() -> str:
@@ -497,5 +526,26 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m lake.config",
+        description="Print the configuration reference (the README's table), or check the "
+                    "effective configuration (YAML file + LAMBDAREC__* environment).")
+    p.add_argument("--check", action="store_true",
+                   help="load the configuration and print it as JSON; a bad key or value "
+                        "prints one line and exits 2")
+    args = p.parse_args(argv)
+    if not args.check:
+        print(settings_table())
+        return 0
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print(settings.model_dump_json(indent=2))
+    return 0
+
+
 if __name__ == "__main__":
-    print(settings_table())
+    sys.exit(main())

@@ -121,6 +121,11 @@ def ensure_sample_data(
     t0 = time.perf_counter()
     with _lake_lock(lake.root):
         existing = lake.count("bronze_events")
+        if source == "none":
+            return {"source": source, "loaded": False, "events": 0, "items": 0,
+                    "deleted_events": 0, "commits": 0, "bronze_events": existing,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "reason": "data.source is none: the lake is filled through the API"}
         if existing and not force:
             return {"source": source, "loaded": False, "events": 0, "items": 0,
                     "deleted_events": 0, "commits": 0, "bronze_events": existing,

@@ -9,10 +9,23 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _LAG_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 30, 60, 300, 3600, 86400)
+
+
+def rpc_labels(full_method: str) -> tuple[str, str, str]:
+    """`/pkg.Service/Method` as (grpc_type, grpc_service, grpc_method) label values."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return "unary", service, method
 
 
 class Metrics:
@@ -22,10 +35,16 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lambdarec_rpc_requests_total", "RPCs handled",
-                                ["method", "code"], registry=r)
-        self.latency = Histogram("lambdarec_rpc_latency_seconds", "RPC handler latency",
-                                 ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        # The names and labels of the usual gRPC server metrics (go-grpc-prometheus,
+        # py-grpc-prometheus), so standard dashboards and alerts work unchanged.
+        self.requests = Counter("grpc_server_handled_total", "RPCs completed on the server",
+                                ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+                                registry=r)
+        self.latency = Histogram("grpc_server_handling_seconds",
+                                 "Handling time of RPCs completed on the server",
+                                 ["grpc_type", "grpc_service", "grpc_method"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory...
         self.strategy = Counter("lambdarec_recommend_strategy_total",
                                 "Recommend answers by strategy", ["strategy"], registry=r)
         self.events = Counter("lambdarec_events_total", "Ingested events by outcome",
@@ -67,9 +86,9 @@ class Metrics:
         self.ingest_pending.set_function(lambda: float(stats().get("pending_events", 0)))
         self.ingest_flush_lag.set_function(lambda: float(stats().get("ingest_lag_s", 0.0)))
 
-    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        self.child(self.requests, method, code).inc()
-        self.child(self.latency, method).observe(seconds)
+    def observe_rpc(self, rpc: tuple[str, str, str], code: str, seconds: float) -> None:
+        self.child(self.requests, *rpc, code).inc()
+        self.child(self.latency, *rpc).observe(seconds)
 
     def set_model(self, version: str) -> None:
         if self._version is not None:
@@ -122,3 +141,5 @@ def configure_logging(level: int | str = logging.INFO) -> None:
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
     root.setLevel(level)
+    # faiss' loader logs every instruction set it probes at INFO (8 lines per start).
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)

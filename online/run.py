@@ -1,8 +1,10 @@
 """`make run`: bring the whole system up on this machine with the embedded defaults.
 
-1. load the sample data into the lake (skipped when bronze already has events),
-2. run the batch pipeline once if no model is CURRENT yet,
-3. start the gRPC server (public + admin + metrics) and print how to call it,
+1. load the sample data into the lake (skipped when bronze already has events, or when
+   `data.source` is `none`: start on an empty lake and fill it through the API),
+2. run the batch pipeline once if no model is CURRENT yet (and the lake has events),
+3. start the gRPC server (public + admin + metrics) and the web console, and print how to
+   call them with ids that exist,
 4. on Ctrl-C / SIGTERM shut down gracefully (NOT_SERVING, drain, flush the WAL).
 """
 
@@ -15,7 +17,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
+import shlex  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -28,9 +30,12 @@ from typing import Any  # noqa: E402
 import yaml  # noqa: E402
 
 from lake.bundle import current_version  # noqa: E402
-from lake.config import ENV_PREFIX, PROJECT_ROOT, Settings, load_settings  # noqa: E402
+from lake.config import ENV_PREFIX, PROJECT_ROOT, ConfigError, Settings, load_settings  # noqa: E402
+from lake.tables import Lake  # noqa: E402
+from online.ports import PortInUse, ensure_free  # noqa: E402
 
-log = logging.getLogger("online.run")
+# Used when the lake is empty (data.source none): any ids are valid in an ingest.
+NEW_USER, NEW_ITEM = "alice", "sku-1"
 
 
 def prepare(settings: Settings, *, pipeline: bool = True) -> dict[str, Any]:
@@ -38,9 +43,10 @@ def prepare(settings: Settings, *, pipeline: bool = True) -> dict[str, Any]:
     from lake.load import ensure_sample_data
 
     out: dict[str, Any] = {"data": ensure_sample_data(settings)}
-    if pipeline and current_version(settings.model.dir) is None:
-        print("no CURRENT model yet: running the batch pipeline once (a few minutes)...",
-              flush=True)
+    has_events = Lake.from_settings(settings.lake).count("bronze_events") > 0
+    if pipeline and has_events and current_version(settings.model.dir) is None:
+        print("no CURRENT model yet: running the batch pipeline once (a few minutes; "
+              "progress below)...", flush=True)
         out["pipeline"] = run_pipeline_process(settings)
     out["model"] = current_version(settings.model.dir)
     return out
@@ -65,22 +71,63 @@ def run_pipeline_process(settings: Settings) -> dict[str, Any]:
     return summary
 
 
-def usage(settings: Settings, ports: dict[str, int]) -> str:
+
+
+def example_ids(lake: Lake) -> tuple[str, str, str]:
+    """(an active user, an item they have not touched, a popular item) from bronze, so the
+    printed commands show real answers; made-up ids on an empty lake."""
+    import pyarrow.compute as pc
+
+    if lake.count("bronze_events") == 0:
+        return NEW_USER, NEW_ITEM, NEW_ITEM
+    events = lake.read("bronze_events", columns=["user_id", "item_id"])
+    by_user = events.group_by("user_id").aggregate([("item_id", "count")])
+    by_user = by_user.sort_by([("item_id_count", "descending"), ("user_id", "ascending")])
+    user = by_user.column("user_id")[0].as_py()
+    by_item = events.group_by("item_id").aggregate([("user_id", "count")])
+    by_item = by_item.sort_by([("user_id_count", "descending"), ("item_id", "ascending")])
+    popular = by_item.column("item_id")[0].as_py()
+    touched = set(events.filter(pc.equal(events.column("user_id"), user))
+                  .column("item_id").to_pylist())
+    fresh = next((i for i in by_item.column("item_id").to_pylist() if i not in touched), popular)
+    return user, fresh, popular
+
+
+def python_command() -> str:
+    """This interpreter as a user should type it: relative when under the working directory
+    (`.venv/bin/python`), so the printed commands work outside an activated venv."""
+    exe = Path(sys.executable)
+    try:
+        return shlex.quote(str(exe.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(exe))
+
+
+def usage(settings: Settings, ports: dict[str, int], ids: tuple[str, str, str]) -> str:
     srv = settings.server
+    user, fresh, popular = ids
     g, a = f"{srv.host}:{ports['grpc']}", f"{srv.host}:{ports['admin']}"
-    c = f"python -m lambdarec_client --target {g} --admin-target {a}"
-    return "\n".join([
+    c = f"{python_command()} -m lambdarec_client --target {g} --admin-target {a}"
+    lines = [
         f"lambdarec online layer: Recommender on {g}, Admin on {a} "
-        f"(token from server.admin_token), metrics on http://{srv.host}:{ports.get('metrics')}/metrics",
+        f"(token from server.admin_token), metrics on http://{srv.host}:{ports['metrics']}/metrics"
+        if "metrics" in ports else
+        f"lambdarec online layer: Recommender on {g}, Admin on {a} "
+        "(token from server.admin_token)",
+    ]
+    if "console" in ports:
+        lines.append(f"console: http://{srv.host}:{ports['console']}/")
+    lines += [
         "try:",
-        f"  {c} recommend <user_id> -k 10 --explain",
-        f"  {c} ingest --user someone --item <item_id> --type purchase",
-        f"  {c} recommend someone -k 5",
-        f"  {c} similar <item_id> -k 5",
+        f"  {c} recommend {user} -k 10 --explain",
+        f"  {c} ingest --user {user} --item {fresh} --type purchase",
+        f"  {c} recommend {user} -k 5          # the purchase changes the answer at once",
+        f"  {c} similar {popular} -k 5",
         f"  {c} model-info",
         f"  grpcurl -plaintext {g} list      # reflection",
         "Ctrl-C stops the server gracefully.",
-    ])
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,29 +135,52 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-pipeline", action="store_true",
                    help="do not train a model when none is CURRENT (serve popularity)")
+    p.add_argument("--no-console", action="store_true", help="do not serve the web console")
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except (ConfigError, PortInUse) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
+
+def _run(args: argparse.Namespace) -> int:
     from online.metrics import configure_logging
     from online.server import create_server
 
     configure_logging()
     settings = load_settings()
+    srv = settings.server
+    # Before minutes of data loading and training: a busy port fails now, in one line.
+    for setting in ("port", "admin_port", "metrics_port",
+                    *(() if args.no_console else ("console_port",))):
+        ensure_free(srv.host, getattr(srv, setting), f"server.{setting}")
     done = prepare(settings, pipeline=not args.no_pipeline)
     if done["model"] is None:
         reason = (done.get("pipeline") or {}).get("reason")
         print(f"warning: no model is CURRENT ({reason or 'pipeline skipped'}); the server "
-              "answers from popularity until `make pipeline` publishes one and it is reloaded",
+              "answers from popularity until `make pipeline` publishes one",
               file=sys.stderr)
     server, ports = create_server(settings)
+    console = None
+    if not args.no_console:
+        from online.console.app import create_console
+
+        console = create_console(settings, server)
+        ports["console"] = console.port
     server.start()
+    if console is not None:
+        console.start()
     print(json.dumps({"model": done["model"], "ports": ports}), flush=True)
-    print(usage(settings, ports), flush=True)
+    print(usage(settings, ports, example_ids(server.lake)), flush=True)
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
     print("shutting down...", flush=True)
+    if console is not None:
+        console.stop()
     server.stop(grace=settings.server.flush_interval_s)
     return 0
 

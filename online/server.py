@@ -1,7 +1,7 @@
 """The online server: public Recommender port + admin port, health, reflection, metrics.
 
 `create_server(settings)` builds everything and returns `(server, ports)` without
-blocking (tests bind port 0); `serve()` is the process entry point (`python -m
+blocking (tests bind port 0); `main()` is the process entry point (`python -m
 online.server`). Shutdown is graceful: health goes NOT_SERVING, both gRPC servers stop
 with a grace period, then the ingest pipeline flushes its WAL to bronze.
 """
@@ -15,9 +15,12 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+import argparse  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from concurrent import futures  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
@@ -29,7 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection  # noqa: E402
 
 from lake.bundle import current_version  # noqa: E402
-from lake.config import Settings, load_settings  # noqa: E402
+from lake.config import ConfigError, Settings, load_settings  # noqa: E402
 from lake.erasure import erased_users  # noqa: E402
 from lake.tables import Lake  # noqa: E402
 from lake.training_cut import trained_from  # noqa: E402
@@ -38,6 +41,7 @@ from online.ingest import IngestPipeline  # noqa: E402
 from online.metrics import Metrics, configure_logging  # noqa: E402
 from online.model import LoadedModel, ModelManager  # noqa: E402
 from online.pb import admin_pb2_grpc, recommender_pb2_grpc  # noqa: E402
+from online.ports import PortInUse, ensure_free  # noqa: E402
 from online.recommender import Recommender  # noqa: E402
 from online.service import (  # noqa: E402
     UNDECODABLE_LOG_INTERVAL_S,
@@ -82,13 +86,14 @@ class OnlineServer:
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
+        if self.metrics_enabled:  # first: a busy port fails before anything else started
+            srv = self.settings.server
+            ensure_free(srv.host, srv.metrics_port, "server.metrics_port")
+            self.ports["metrics"] = self.metrics.serve(srv.host, srv.metrics_port)
         self.ingest.start()
         self.warm_start()
         self.grpc_server.start()
         self.admin_server.start()
-        if self.metrics_enabled:
-            self.ports["metrics"] = self.metrics.serve(self.settings.server.host,
-                                                       self.settings.server.metrics_port)
         for h in (self.health, self.admin_health):
             for name in ("", *service_names()):
                 h.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -203,9 +208,12 @@ def create_server(
         metrics: start the Prometheus endpoint on `server.metrics_port` at start().
         threads: set FAISS/BLAS to one thread in this process.
     """
+    srv = settings.server
+    # Before anything is built or written: a busy port is one clear line, not a traceback.
+    for setting, port in (("server.port", srv.port), ("server.admin_port", srv.admin_port)):
+        ensure_free(srv.host, port, setting)
     if threads:
         limit_threads()
-    srv = settings.server
     lake = lake or Lake.from_settings(settings.lake)
     if ingest is None:
         ingest = IngestPipeline(settings, lake)
@@ -264,10 +272,9 @@ def create_server(
     return server, ports
 
 
-def serve(settings: Settings | None = None) -> None:
+def serve(settings: Settings) -> None:
     """Run the server until SIGINT/SIGTERM, then shut down gracefully."""
     configure_logging()
-    settings = settings or load_settings()
     server, ports = create_server(settings)
     server.start()
     done = threading.Event()
@@ -282,5 +289,21 @@ def serve(settings: Settings | None = None) -> None:
     server.stop(grace=settings.server.flush_interval_s)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m online.server",
+        description="Serve the online layer (Recommender + Admin gRPC services, Prometheus "
+                    "metrics) from the configuration (`python -m lake.config`) until SIGINT "
+                    "or SIGTERM. `make run` also loads sample data, trains a first model and "
+                    "serves the web console.")
+    p.parse_args(argv)
+    try:
+        serve(load_settings())
+    except (ConfigError, PortInUse) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    serve()
+    sys.exit(main())

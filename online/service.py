@@ -30,7 +30,7 @@ from online.errors import (
     Unauthenticated,
     status_of,
 )
-from online.metrics import Metrics
+from online.metrics import Metrics, rpc_labels
 from online.pb import admin_pb2, admin_pb2_grpc, recommender_pb2_grpc
 from online.pb import recommender_pb2 as pb
 from online.recommender import FALLBACK, MAX_BECAUSE, FilterSpec, Recommender, Result
@@ -126,12 +126,12 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
     def _wrap(self, handler: Any, full_method: str) -> Any:
         inner = handler.unary_unary
-        method = full_method.rsplit("/", 1)[-1]
         needs_token = self._token is not None and \
             not full_method.startswith(UNAUTHENTICATED_PREFIXES)
         metrics = self.metrics
-        ok = metrics.child(metrics.requests, method, grpc.StatusCode.OK.name)
-        latency = metrics.child(metrics.latency, method)
+        rpc = rpc_labels(full_method)
+        ok = metrics.child(metrics.requests, *rpc, grpc.StatusCode.OK.name)
+        latency = metrics.child(metrics.latency, *rpc)
         clock = time.perf_counter
 
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
@@ -148,7 +148,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                     log.exception("rpc failed", extra={"method": full_method})
                 elif not isinstance(exc, ServiceError | ValueError):
                     log.warning("rpc error", extra={"method": full_method, "error": message})
-                metrics.observe_rpc(method, code.name, clock() - t0)
+                metrics.observe_rpc(rpc, code.name, clock() - t0)
                 context.abort(code, message)
             ok.inc()
             latency.observe(clock() - t0)

@@ -115,3 +115,33 @@ def test_env_values_are_parsed_by_their_field_type() -> None:
 def test_env_errors_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         load_settings(env={name: value}, path=None)
+
+
+def test_unknown_key_suggests_the_close_one_and_names_the_env_variable(tmp_path: Path) -> None:
+    cfg = _yaml(tmp_path, "server:\n  prot: 6000\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, env={})
+    assert str(err.value) == f"{cfg}: unknown key server.prot; did you mean server.port?"
+    with pytest.raises(ConfigError) as err:
+        load_settings(_yaml(tmp_path, "{}\n"), env={"LAMBDAREC__SERVER__ADMIN_PROT": "1"})
+    assert str(err.value) == ("environment variable LAMBDAREC__SERVER__ADMIN_PROT: unknown key "
+                              "server.admin_prot; did you mean server.admin_port?")
+    with pytest.raises(ConfigError) as err:
+        load_settings(_yaml(tmp_path, "{}\n"), env={"LAMBDAREC__SERVER__PORT": "http"})
+    assert str(err.value).startswith("environment variable LAMBDAREC__SERVER__PORT: server.port:")
+
+
+def test_config_cli_help_and_check(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "lake.config"]
+    out = subprocess.run([*run, "--help"], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m lake.config")
+    env = {**os.environ, "LAMBDAREC__SERVER__PROT": "1"}
+    out = subprocess.run([*run, "--check"], capture_output=True, text=True, env=env,
+                         cwd=PROJECT_ROOT)
+    assert out.returncode == 2
+    assert out.stderr == ("config error: environment variable LAMBDAREC__SERVER__PROT: unknown "
+                          "key server.prot; did you mean server.port?\n")

@@ -383,8 +383,11 @@ def test_metrics_endpoint(srv: Running) -> None:
     srv.client.recommend("uA0", k=2)
     body = urllib.request.urlopen(f"http://127.0.0.1:{srv.ports['metrics']}/metrics",
                                   timeout=5).read().decode()
-    assert 'lambdarec_rpc_requests_total{code="OK",method="Recommend"}' in body
-    assert "lambdarec_rpc_latency_seconds_bucket" in body
+    assert ('grpc_server_handled_total{grpc_code="OK",grpc_method="Recommend",'
+            'grpc_service="lambdarec.v1.Recommender",grpc_type="unary"}') in body
+    assert ('grpc_server_handling_seconds_bucket{grpc_method="Recommend",'
+            'grpc_service="lambdarec.v1.Recommender",grpc_type="unary",le="0.001"}') in body
+    assert "process_resident_memory_bytes" in body
     assert 'lambdarec_model_info{version="v1"} 1.0' in body
     assert "lambdarec_ingest_pending_events" in body
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import grpc
 import online_bundles as kb
 import pytest
+from lambdarec_client import Client
 
 from lake.config import load_settings
-from lambdarec_client import Client
 from online.server import create_server
 
 TOKEN = "reload-token"
