@@ -28,6 +28,19 @@ class LakeError(ValueError):
     """A request to the lake is invalid (unknown table, wrong schema, missing version...)."""
 
 
+def _missing_version(dt: DeltaTable, name: str, version: int | str | datetime,
+                     latest: int) -> str:
+    if isinstance(version, int):
+        return f"{name} has no version {version}: its versions go up to {latest}"
+    if isinstance(version, str):
+        try:
+            datetime.fromisoformat(version.replace("Z", "+00:00"))
+        except ValueError:
+            return (f"{name}: cannot time-travel to {version!r}: expected a version number "
+                    "or an ISO-8601 timestamp")
+    return f"{name} has no version at {version} (latest version {latest})"
+
+
 def spec(name: str) -> TableSpec:
     try:
         return TABLES[name]
@@ -125,10 +138,12 @@ class Lake:
         except TableNotFoundError:
             raise LakeError(f"table {name!r} does not exist at {p}") from None
         if version is not None:
+            latest = dt.version()
             try:
                 dt.load_as_version(version)
             except Exception as exc:
-                raise LakeError(f"{name}: cannot load version {version!r}: {exc}") from exc
+                # delta-kernel's own message is a multi-line internal error; say what exists.
+                raise LakeError(_missing_version(dt, name, version, latest)) from exc
         return dt
 
     def version(self, name: str) -> int:
