@@ -18,7 +18,6 @@ touches the network (STYLE.md #3).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Any
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
 from lake.config import PROJECT_ROOT, Settings, load_settings
+from online.notify import notify_reload  # noqa: F401 - the DAGs' reload step
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,15 @@ def default_task_args() -> dict[str, Any]:
 
 
 def model_version_for(dag_id: str, run_id: str, as_of: date) -> str:
-    """Deterministic model version of one DAG run, e.g. `v20261122-3fa91c0d`.
+    """Deterministic model version of one DAG run, e.g. `v20261122-3fa91c0d`
+    (`lake.bundle.new_version`, as `make pipeline` names its runs).
 
-    Sortable by as-of date; the suffix distinguishes two runs for the same date (a
-    scheduled run and a manual one) but is identical for every retry of the same run.
+    The suffix distinguishes two runs for the same date (a scheduled run and a manual one)
+    but is identical for every retry of the same run.
     """
-    digest = hashlib.sha256(f"{dag_id}\x00{run_id}".encode()).hexdigest()[:8]
-    return f"v{as_of:%Y%m%d}-{digest}"
+    from lake.bundle import new_version
+
+    return new_version(as_of, f"{dag_id}\x00{run_id}")
 
 
 def as_of_for(
@@ -260,55 +262,3 @@ class EvaluateSparkSubmitOperator(LambdarecSparkSubmitOperator):
             self.log.info("Evaluation report (%s): %s", state, report)
             context["ti"].xcom_push(key="report", value=str(report))
         return result
-
-
-# --------------------------------------------------------------------------- online reload
-
-
-UNREACHABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
-"""gRPC status codes that mean "no server answered": a warning, not a failure."""
-
-
-def notify_reload(
-    targets: Sequence[str], token: str, version: str | None, *, timeout_s: float = 60.0
-) -> dict[str, Any]:
-    """Ask each admin endpoint (`host:port`) to reload `version` (`Admin.ReloadModel`).
-
-    A server that does not answer (UNAVAILABLE, DEADLINE_EXCEEDED) is logged as a warning:
-    servers also load CURRENT when they start and when they poll. A server that answers
-    with an error (bad token, bundle it refuses) raises, so the task fails visibly.
-
-    Returns `{"targets": {target: "ok: ..." | "unreachable: ..." | "skipped: ..."}}`.
-    """
-    outcome: dict[str, str] = {}
-    try:
-        from lambdarec_client import Client, to_dict  # grpc + generated code: run time only
-    except ImportError as exc:
-        log.warning("lambdarec_client not importable (%s): servers will pick the model up "
-                    "from CURRENT on their next start or poll", exc)
-        return {"targets": {t: f"skipped: lambdarec_client not importable: {exc}" for t in targets}}
-    import grpc
-
-    failures = []
-    for target in targets:
-        try:
-            with Client(target, admin_target=target, token=token, timeout=timeout_s) as c:
-                reply = to_dict(c.reload(version, timeout=timeout_s))
-        except grpc.RpcError as exc:
-            code = exc.code().name if exc.code() is not None else "UNKNOWN"
-            detail = f"{code}: {exc.details()}"
-            if code in UNREACHABLE_CODES:
-                log.warning("reload on %s: server unreachable (%s); it will load CURRENT "
-                            "when it starts or polls", target, detail)
-                outcome[target] = f"unreachable: {detail}"
-            else:
-                log.error("reload on %s failed: %s", target, detail)
-                outcome[target] = f"error: {detail}"
-                failures.append(f"{target}: {detail}")
-        else:
-            log.info("reload on %s: %s", target, reply)
-            outcome[target] = f"ok: {json.dumps(reply, sort_keys=True, default=str)}"
-    if failures:
-        raise RuntimeError(f"ReloadModel refused by {len(failures)} server(s): "
-                           + "; ".join(failures))
-    return {"targets": outcome}

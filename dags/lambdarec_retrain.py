@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from dags.lambdarec_common import (
     TAGS,
@@ -41,7 +41,7 @@ if it passes the gate, makes it the model the online servers serve.
 | `interactions` | Spark: silver → gold `as_of`, tuned strength | rewrites that partition |
 | `train` | Spark: ALS (`backend` implicit/mllib/ials) → staged `version` | overwrites its staging |
 | `evaluate` | per-user holdout vs popularity, EASE/item-kNN + report | overwrites the report |
-| `publish` | gate, bundle, `model_runs`, CURRENT; rejection ≠ failure | keeps the decision |
+| `publish` | gate, bundle, `model_runs`, CURRENT; rejected: fails with the reason | keeps it |
 | `notify_reload` | `ReloadModel` on {', '.join(_S.airflow.reload_targets)} | is idempotent |
 
 Late events land in the silver partitions of their event dates; recompacting a window of
@@ -56,8 +56,10 @@ version again; a second run for the same date gets its own version.
 
 **Evaluation report.** Task `evaluate` logs the path and pushes it as XCom `report`
 (`<models dir>/reports/<version>/report.md`, currently under `{_S.model.dir}`).
-`publish` returns `accepted` / `reason` in its XCom; a rejected model leaves
-`notify_reload` *skipped* and the run green.
+`publish` returns `accepted` / `reason` in its XCom. A model the gate **rejects fails
+`publish`** (no retry) with the reason as its error, so the run is red in the grid and the
+reason is one click away (the task's log, XCom `gate`, and the report's gate section);
+CURRENT is unchanged and `notify_reload` does not run (`upstream_failed`).
 
 **Spark.** Jobs are submitted with `spark-submit` to the master of Airflow connection
 `{_CONN}` (default `local[*]`; point it at `spark://127.0.0.1:7077` for the standalone
@@ -117,9 +119,9 @@ def publish(plan_result: dict[str, Any]) -> dict[str, Any]:
     """Gate the evaluated model and publish it (bundle, factor tables, CURRENT).
 
     Params: `gate_margin` (min relative lift of the gate metric over popularity) and
-    `force_publish`. A rejection is **recorded, not raised**: the XCom says
-    `accepted: false` and the reason, `model_runs` gets status `rejected`, and
-    `notify_reload` is skipped.
+    `force_publish`. A rejection is recorded (`model_runs` status `rejected`, the report's
+    gate section) and then **fails this task** without retries, naming the reason: the run
+    is red in the grid, `notify_reload` does not run, XCom `gate` holds the decision.
     """
     from spark_jobs import publish as publish_job  # heavy (numpy, faiss, delta): run time
 
@@ -133,6 +135,13 @@ def publish(plan_result: dict[str, Any]) -> dict[str, Any]:
     print(f"publish {result['version']}: {verdict} ({result['reason']}); "
           f"current={result.get('current')}")
     result["report"] = plan_result["report"]
+    if not result["accepted"]:
+        # Red in the grid, the reason in the failure message (one click away) and in XCom
+        # `gate`; no retry: the same evaluation gives the same decision.
+        get_current_context()["ti"].xcom_push(key="gate", value=result)
+        raise AirflowFailException(
+            f"model {result['version']} rejected by the gate, CURRENT stays "
+            f"{result.get('current')}: {result['reason']} (report: {result['report']})")
     return result
 
 

@@ -36,7 +36,7 @@ import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +126,17 @@ def check_version_name(version: str) -> str:
     return version
 
 
-def new_version(now: datetime | None = None) -> str:
-    """A sortable, unique model version such as `v20261122T181500Z-3fa9`."""
-    now = now or datetime.now(UTC)
-    return f"v{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(2)}"
+def new_version(as_of: date, run_key: str | None = None) -> str:
+    """The model version of a training run for `as_of`, e.g. `v20261122-3fa91c0d`, named the
+    same way by `make pipeline` and the Airflow DAG.
+
+    Sortable by as-of date. The suffix hashes `run_key` (the DAG uses its dag and run ids,
+    so every retry of a run writes the same version) or, without one, is random (each
+    `make pipeline` is a new run).
+    """
+    suffix = (hashlib.sha256(run_key.encode()).hexdigest()[:8] if run_key is not None
+              else secrets.token_hex(4))
+    return f"v{as_of:%Y%m%d}-{suffix}"
 
 
 def _sha256(path: Path) -> str:

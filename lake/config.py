@@ -324,8 +324,9 @@ class DataSettings(_Strict):
 class AirflowSettings(_Strict):
     spark_conn_id: str = "spark_default"
     """Airflow connection the DAG submits Spark jobs to."""
-    reload_targets: list[str] = Field(default_factory=lambda: ["127.0.0.1:50052"])
-    """Admin endpoints notified to reload after publish."""
+    reload_targets: list[str] | None = None
+    """Admin endpoints asked to reload after publish (DAG and `make pipeline`); None = this
+    configuration's own server, `server.host:server.admin_port`."""
 
 
 class Settings(_Strict):
@@ -350,6 +351,9 @@ class Settings(_Strict):
                              ("data", "dir")):
             p = Path(data[section][key])
             data[section][key] = p if p.is_absolute() else (base / p)
+        if data["airflow"]["reload_targets"] is None:
+            srv = data["server"]
+            data["airflow"]["reload_targets"] = [f"{srv['host']}:{srv['admin_port']}"]
         return Settings.model_validate(data)
 
 

@@ -17,14 +17,12 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import shlex  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
@@ -32,6 +30,7 @@ import yaml  # noqa: E402
 from lake.bundle import current_version  # noqa: E402
 from lake.config import ENV_PREFIX, PROJECT_ROOT, ConfigError, Settings, load_settings  # noqa: E402
 from lake.tables import Lake  # noqa: E402
+from online.notify import python_command  # noqa: E402
 from online.ports import PortInUse, ensure_free  # noqa: E402
 
 # Used when the lake is empty (data.source none): any ids are valid in an ingest.
@@ -91,16 +90,6 @@ def example_ids(lake: Lake) -> tuple[str, str, str]:
                   .column("item_id").to_pylist())
     fresh = next((i for i in by_item.column("item_id").to_pylist() if i not in touched), popular)
     return user, fresh, popular
-
-
-def python_command() -> str:
-    """This interpreter as a user should type it: relative when under the working directory
-    (`.venv/bin/python`), so the printed commands work outside an activated venv."""
-    exe = Path(sys.executable)
-    try:
-        return shlex.quote(str(exe.relative_to(Path.cwd())))
-    except ValueError:
-        return shlex.quote(str(exe))
 
 
 def usage(settings: Settings, ports: dict[str, int], ids: tuple[str, str, str]) -> str:

@@ -75,6 +75,24 @@ def step_facts(out: Any) -> str:
                             for k, v in facts.items()) if facts else ""
 
 
+def reload_servers(settings: Settings, version: str) -> dict[str, str]:
+    """Make running servers (`airflow.reload_targets`) serve the new model; for a server
+    that does not answer, say how to do it later (a server started later loads CURRENT)."""
+    from online.notify import notify_reload, reload_command
+
+    targets = settings.airflow.reload_targets or []
+    outcome: dict[str, str] = notify_reload(targets, settings.server.admin_token, version,
+                                            timeout_s=60.0)["targets"]
+    for target, result in outcome.items():
+        if result.startswith("ok"):
+            progress(f"reload: {target} now serves {version}")
+        else:
+            progress(f"reload: no server answered on {target} ({result}); a server started "
+                     f"later loads {version}, a running one with: "
+                     f"{reload_command(target, version)}")
+    return outcome
+
+
 def event_date_bounds(settings: Settings) -> tuple[date, date] | None:
     """First and last `event_date` in bronze, from the Delta log alone (no data read)."""
     import pyarrow as pa
@@ -112,7 +130,8 @@ def run(
         as_of: as-of date; default the last event date in bronze.
         data: synthetic | ml-100k | ml-1m (default `settings.data.source`).
         backend: ALS backend overriding `settings.train.backend` (implicit | mllib).
-        version: model version (default a new `lake.bundle.new_version()`).
+        version: model version (default a new `lake.bundle.new_version(as_of)`, named
+            like the DAG's).
         force: publish even if the gate rejects the model.
         spark: a running session to use; otherwise one is built from `settings.spark`
             and stopped at the end.
@@ -150,7 +169,7 @@ def run(
     if as_of < first:
         raise JobError(f"as-of date {as_of} is before the first event date {first}")
     start = max(first, as_of - timedelta(days=settings.interactions.lookback_days))
-    version = version or new_version()
+    version = version or new_version(as_of)
 
     own_session = spark is None
     t = time.perf_counter()
@@ -174,6 +193,7 @@ def run(
         if own_session:
             spark.stop()
     p = timed("publish", publish.run, settings, version=version, force=force)
+    reload = reload_servers(settings, version) if p["accepted"] else None
     from spark_jobs.staging import load_metrics
 
     metrics = load_metrics(settings.model.dir, version)
@@ -189,6 +209,7 @@ def run(
         "status": p["status"],
         "reason": p["reason"],
         "current": p["current"],
+        "reload": reload,
         "gate_metric": settings.gate.metric,
         "split": metrics.get("split"),
         "n_test_users": metrics.get("n_test_users"),

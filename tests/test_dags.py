@@ -290,7 +290,7 @@ def test_notify_reload_makes_a_running_server_serve_the_new_version(tmp_path: Pa
 
 E2E_SCRIPT = r"""
 import json, sys, time
-from datetime import datetime
+from datetime import datetime, timedelta
 from airflow.dag_processing.dagbag import DagBag
 from airflow.models.taskinstance import TaskInstance
 from airflow.models.xcom import XComModel
@@ -320,7 +320,11 @@ def run(dag_id, **kwargs):
 first = run("lambdarec_retrain", logical_date=logical_date, run_conf=conf)
 version = first["xcoms"].get("plan.return_value", {}).get("version")
 rollback = run("lambdarec_rollback", logical_date=None, run_conf={"version": version})
-print("E2E-RESULT " + json.dumps({"first": first, "rollback": rollback}, default=str))
+# The day before, a gate no model can pass (+10000% over popularity), no tuning: rejected.
+rejected = run("lambdarec_retrain", logical_date=logical_date - timedelta(days=1),
+               run_conf={**conf, "gate_margin": 100.0, "tune": False})
+print("E2E-RESULT " + json.dumps({"first": first, "rollback": rollback, "rejected": rejected},
+                                 default=str))
 """
 
 
@@ -331,7 +335,8 @@ def _jobs_missing() -> list[str]:
 
 @pytest.mark.slow
 def test_retrain_dag_end_to_end_publishes_a_model(tmp_path: Path) -> None:
-    """`dag.test()` on 20k synthetic events: every task succeeds and CURRENT = the version."""
+    """`dag.test()` on 20k synthetic events: every task succeeds and CURRENT = the version;
+    a run whose model the gate rejects fails `publish` with the reason."""
     missing = _jobs_missing()
     if missing:
         pytest.skip(f"batch jobs not written yet: {missing}")
@@ -394,5 +399,14 @@ def test_retrain_dag_end_to_end_publishes_a_model(tmp_path: Path) -> None:
     assert rollback["states"] == {"rollback": "success", "notify_reload": "success"}, \
         log_tail
     assert rollback["xcoms"]["rollback.return_value"]["version"] == version
+    rejected = results["rejected"]
+    assert rejected["state"] == "failed", log_tail  # red in the grid, unlike the run above
+    assert rejected["states"]["publish"] == "failed"
+    assert rejected["states"]["notify_reload"] == "upstream_failed"
+    gate = rejected["xcoms"]["publish.gate"]
+    assert gate["accepted"] is False and "popularity" in gate["reason"]
+    assert (models / "CURRENT").read_text().strip() == version  # unchanged
+    assert (f"model {gate['version']} rejected by the gate, CURRENT stays {version}: "
+            f"{gate['reason']}") in out.stdout + out.stderr  # the failed task's error
     print(f"dag.test() end to end: retrain {result['seconds']:.1f} s, rollback "
           f"{rollback['seconds']:.1f} s, version {version}")

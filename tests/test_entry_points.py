@@ -79,7 +79,8 @@ def test_printed_commands_use_this_python_and_ids_from_the_lake(tmp_path: Path) 
 
     from lake.config import load_settings
     from lake.tables import Lake
-    from online.run import NEW_USER, example_ids, python_command, usage
+    from online.notify import python_command
+    from online.run import NEW_USER, example_ids, usage
 
     lake = Lake(tmp_path / "lake")
     assert example_ids(lake) == (NEW_USER, "sku-1", "sku-1")
@@ -96,3 +97,40 @@ def test_printed_commands_use_this_python_and_ids_from_the_lake(tmp_path: Path) 
     assert f"  {python_command()} -m lambdarec_client --target 127.0.0.1:1 " in text
     assert python_command() == ".venv/bin/python"  # tests run from the repo's venv
     assert "recommend u2 -k 10 --explain" in text and "similar i1 -k 5" in text
+
+
+def test_pipeline_reloads_the_running_server_or_prints_the_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import online_bundles as kb
+
+    from lake.config import load_settings
+    from online.notify import reload_command
+    from online.server import create_server
+    from spark_jobs.pipeline import reload_servers
+
+    overrides = {"lake": {"root": str(tmp_path / "lake")},
+                 "model": {"dir": str(tmp_path / "models")},
+                 "server": {"port": 0, "admin_port": 0, "metrics_port": 0,
+                            "wal_dir": str(tmp_path / "wal")}}
+    settings = load_settings(env={}, overrides=overrides)
+    kb.build(Path(settings.model.dir), "v1")
+    server, ports = create_server(settings, metrics=False)
+    server.start()
+    try:
+        kb.build(Path(settings.model.dir), "v2")  # what publish does: bundle + CURRENT
+        # reload_targets defaults to this configuration's own admin port
+        live = load_settings(env={}, overrides={
+            **overrides, "server": {**overrides["server"], "admin_port": ports["admin"]}})
+        target = f"127.0.0.1:{ports['admin']}"
+        assert live.airflow.reload_targets == [target]
+        assert reload_servers(live, "v2")[target].startswith("ok")
+        assert server.manager.current.version == "v2"  # was: kept serving v1
+        assert f"[pipeline] reload: {target} now serves v2" in capsys.readouterr().err
+    finally:
+        server.stop(grace=1)
+    dead = load_settings(env={}, overrides={**overrides, "airflow": {
+        "reload_targets": ["127.0.0.1:1"]}})
+    assert reload_servers(dead, "v2")["127.0.0.1:1"].startswith("unreachable")
+    err = capsys.readouterr().err
+    assert "no server answered on 127.0.0.1:1" in err
+    assert err.rstrip().endswith(reload_command("127.0.0.1:1", "v2"))
