@@ -20,12 +20,12 @@ import online_bundles as kb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from online.client import Client
 
 from lake.bundle import read_bundle
 from lake.config import load_settings
 from lake.erasure import USER_TABLES
 from lake.tables import Lake, LakeError
-from online.client import Client
 from online.model import ModelManager
 from online.pb import recommender_pb2 as pb
 from online.server import create_server

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from online.client import Client
 
 from lake.config import Settings, load_settings
 from lake.tables import Lake
-from online.client import Client
 from online.committed_ids import CommittedIds, day_of
 from online.server import create_server
 
