@@ -20,7 +20,7 @@ import online_bundles as kb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from online.client import Client
+from lambdarec_client import Client
 
 from lake.bundle import read_bundle
 from lake.config import load_settings

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from online.client import Client
+from lambdarec_client import Client
 
 from lake.config import Settings, load_settings
 from lake.tables import Lake

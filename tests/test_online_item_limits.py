@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import online_bundles as kb
 import pytest
-from online.client import Client
+from lambdarec_client import Client
 
 from lake.config import load_settings
 from online.pb import recommender_pb2 as pb

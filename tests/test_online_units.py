@@ -244,9 +244,11 @@ def test_interceptor_wraps_each_method_once_and_counts_calls() -> None:
     assert icpt.intercept_service(lambda d: handler, Details()) is first
     assert first.unary_unary(21, None) == 42 and first.unary_unary(1, None) == 2
     assert m.registry.get_sample_value(
-        "lambdarec_rpc_requests_total", {"method": "Double", "code": "OK"}) == 2.0
+        "grpc_server_handled_total", {"grpc_type": "unary", "grpc_service": "pkg.Svc",
+                                      "grpc_method": "Double", "grpc_code": "OK"}) == 2.0
     assert m.registry.get_sample_value(
-        "lambdarec_rpc_latency_seconds_count", {"method": "Double"}) == 2.0
+        "grpc_server_handling_seconds_count",
+        {"grpc_type": "unary", "grpc_service": "pkg.Svc", "grpc_method": "Double"}) == 2.0
 
 
 def test_selective_filters_search_once_and_follow_upserts(
