@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,7 @@ def growth_exponent(events: tuple[int, int], seconds: tuple[float, float]) -> fl
 
 def run(report: Report, *, sizes: tuple[str, ...] = ("200k", "2m")) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
     for name in sizes:
         spec = SIZES[name]
         n = spec["synthetic_events"]
@@ -210,7 +212,7 @@ def run(report: Report, *, sizes: tuple[str, ...] = ("200k", "2m")) -> dict[str,
             print(f"[bench] scaling {name}: second run, no new events ...", file=sys.stderr,
                   flush=True)
             second, _ = run_pipeline(env)
-            raw_s, nnz = raw_implicit_fit(root, first["as_of"])
+            raw_s, nnz = raw_implicit_fit(root, date.fromisoformat(str(first["as_of"])))
             pl_s, pl_silver, pl_pairs = polars_compact_and_aggregate(root, root)
         finally:
             shutil.rmtree(root, ignore_errors=True)
