@@ -1,14 +1,15 @@
 """`make bench`: run the benchmark sections into one report.
 
-    python -m bench.run [--only ann,online,ingest,freshness,training,accuracy] [--quick]
-                        [--big-training]
+    python -m bench.run [--only ann,online,ingest,freshness,training,accuracy,scaling]
+                        [--quick] [--big-training] [--big-scaling]
 
 Every figure is printed as one JSON line (`bench.report.Report.add`) next to a reference
 measured in the same run; the report (markdown + PNGs) goes to
 `bench/results/<timestamp>/report.md`. `--quick` runs small sizes of everything in a few
 minutes; the full run takes about half an hour on 2 cores (the first one longer: it
 builds and caches the 1M-item HNSW bundle under var/bench/). `--big-training` adds the
-10M-interaction synthetic training comparison (long on 2 cores: opt-in).
+10M-interaction synthetic training comparison, `--big-scaling` the 20M-event pipeline run
+(both long on 2 cores: opt-in).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from bench.report import Report  # noqa: E402
 
-SECTIONS = ("online", "ingest", "freshness", "training", "accuracy", "ann")
+SECTIONS = ("online", "ingest", "freshness", "training", "accuracy", "ann", "scaling")
 
 
-def _sections(quick: bool, big_training: bool) -> dict[str, Callable[[Report], Any]]:
+def _sections(quick: bool, big_training: bool,
+              big_scaling: bool = False) -> dict[str, Callable[[Report], Any]]:
     def online(r: Report) -> Any:
         from bench import online
 
@@ -73,8 +75,14 @@ def _sections(quick: bool, big_training: bool) -> dict[str, Callable[[Report], A
             return ann.run(r, sizes=(20_000,), n_queries=200)
         return ann.run(r, sizes=(20_000, 100_000, 1_000_000))
 
+    def scaling(r: Report) -> Any:
+        from bench import scaling
+
+        sizes = ("200k",) if quick else ("200k", "2m") + (("20m",) if big_scaling else ())
+        return scaling.run(r, sizes=sizes)
+
     return {"online": online, "ingest": ingest, "freshness": freshness,
-            "training": training, "accuracy": accuracy, "ann": ann}
+            "training": training, "accuracy": accuracy, "ann": ann, "scaling": scaling}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,13 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
     p.add_argument("--big-training", action="store_true",
                    help="also train on 10M synthetic interactions (slow on 2 cores)")
+    p.add_argument("--big-scaling", action="store_true",
+                   help="scaling section: also run the pipeline on 20M events (slow)")
     args = p.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
         p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     report = Report()
-    funcs = _sections(args.quick, args.big_training)
+    funcs = _sections(args.quick, args.big_training, args.big_scaling)
     timings, failed = [], []
     for name in SECTIONS:
         if name not in chosen:

@@ -103,16 +103,14 @@ def plan_run(
     params: Mapping[str, Any],
     models_dir: Path,
 ) -> dict[str, Any]:
-    """Dates and version for one run of `lambdarec_retrain` (pure; unit-tested)."""
-    lookback = int(params.get("lookback_days") or 1)
-    if lookback < 1:
-        raise ValueError(f"lookback_days must be >= 1, got {lookback}")
+    """As-of date and version for one run of `lambdarec_retrain` (pure; unit-tested).
+
+    Compaction needs no dates: it rewrites the event dates bronze commits changed since
+    the last compaction (`spark_jobs.compact`), late events included."""
     as_of = as_of_for(logical_date, run_after, params.get("as_of"))
     version = model_version_for(dag_id, run_id, as_of)
     return {
         "as_of": as_of.isoformat(),
-        "compact_start": (as_of - timedelta(days=lookback - 1)).isoformat(),
-        "compact_end": as_of.isoformat(),
         "version": version,
         "report": str(report_path(models_dir, version)),
     }

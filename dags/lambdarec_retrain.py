@@ -35,8 +35,9 @@ if it passes the gate, makes it the model the online servers serve.
 
 | task | what it does | a rerun ... |
 |---|---|---|
-| `plan` | as-of date, compaction window, **model version** | is a pure function of the run |
-| `compact` | Spark: bronze → silver, `lookback_days` dates to as-of | rewrites those dates |
+| `plan` | as-of date, **model version** | is a pure function of the run |
+| `coalesce_bronze` | delta-rs `optimize.compact` of bronze's small files | merges nothing |
+| `compact` | Spark: bronze → silver, the dates changed since the last run | does nothing |
 | `tune` | recipe search on a validation split, `tune_budget_s` | rewrites its tuning.json |
 | `interactions` | Spark: silver → gold `as_of`, tuned strength | rewrites that partition |
 | `train` | Spark: ALS (`backend` implicit/mllib/ials) → staged `version` | overwrites its staging |
@@ -44,8 +45,9 @@ if it passes the gate, makes it the model the online servers serve.
 | `publish` | gate, bundle, `model_runs`, CURRENT; rejected: fails with the reason | keeps it |
 | `notify_reload` | `ReloadModel` on {', '.join(_S.airflow.reload_targets)} | is idempotent |
 
-Late events land in the silver partitions of their event dates; recompacting a window of
-dates ending at as-of picks them up.
+Late events land in the bronze partition of their event date; the next compaction sees
+that bronze commit and rewrites that date, however old (silver records the bronze version
+it has read).
 
 **Dates.** Scheduled daily with data intervals: the run for logical date D starts after D
 ends and processes as-of D. A manual trigger without a logical date processes yesterday
@@ -86,6 +88,21 @@ def plan() -> dict[str, Any]:
     )
     print(f"plan: {result}")
     return result
+
+
+@task(task_id="coalesce_bronze", multiple_outputs=False)
+def coalesce_bronze() -> dict[str, Any]:
+    """Merge bronze's small files (one per micro-batch flush) into large ones per date.
+
+    Rows are unchanged and the commit says so (`dataChange: false`), so compaction does
+    not treat the merged dates as changed; Spark then reads a few files per date.
+    """
+    from lake.tables import Lake  # delta-rs: run time
+
+    metrics = Lake.from_settings(settings().lake).coalesce_small_files("bronze_events")
+    out = {k: metrics.get(k) for k in ("numFilesAdded", "numFilesRemoved", "totalConsideredFiles")}
+    print(f"coalesce bronze_events: {out}")
+    return out
 
 
 @task(task_id="tune", multiple_outputs=False)
@@ -191,9 +208,6 @@ def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
                                   "(the params above are its first trial)"),
         "tune_budget_s": Param(_S.tune.budget_s, type="number", exclusiveMinimum=0,
                                description="CPU-seconds budget of the search"),
-        "lookback_days": Param(3, type="integer", minimum=1, maximum=3660,
-                               description="silver dates recompacted, ending at as_of "
-                                           "(late events land in earlier dates)"),
         "gate_margin": Param(_S.gate.min_lift_over_popularity, type="number", minimum=-1,
                              description="required relative lift of "
                                          f"{_S.gate.metric} over popularity"),
@@ -210,11 +224,11 @@ def lambdarec_retrain() -> None:
         task_id="compact",
         job="compact",
         conn_id=_CONN,
-        application_args=["--start", _PLAN % "compact_start", "--end", _PLAN % "compact_end"],
+        application_args=[],
         driver_memory=_S.spark.driver_memory,
         executor_memory=_S.spark.executor_memory,
-        doc_md="Spark: bronze → silver for the `lookback_days` dates ending at as-of "
-               "(rewrites exactly those silver partitions).",
+        doc_md="Spark: bronze → silver for the event dates bronze commits changed since the "
+               "last compaction (incremental; rewrites exactly those silver partitions).",
     )
     interactions = LambdarecSparkSubmitOperator(
         task_id="interactions",
@@ -259,7 +273,8 @@ def lambdarec_retrain() -> None:
     )
     published = publish(planned)  # type: ignore[arg-type]
     tuned = tune(planned)  # type: ignore[arg-type]
-    planned >> compact >> tuned >> interactions >> train >> evaluate >> published
+    planned >> coalesce_bronze() >> compact >> tuned >> interactions >> train >> evaluate
+    evaluate >> published
     notify(published)  # type: ignore[arg-type]
 
 

@@ -35,7 +35,7 @@ from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from deltalake import CommitProperties
+from deltalake import CommitProperties, Transaction
 from deltalake.transaction import AddAction, RemoveAction
 
 from lake.schemas import TableSpec
@@ -371,6 +371,7 @@ def write_table(
     *,
     mode: Literal["append", "overwrite"],
     partitions: list[dict[str, Any]] | None = None,
+    app_transaction: tuple[str, int] | None = None,
 ) -> int:
     """Write a DataFrame into a lake table as one Delta commit and return the new version.
 
@@ -383,6 +384,9 @@ def write_table(
         partitions: for overwrite, e.g. `[{"event_date": date(2024, 1, 1)}]`. Every row
             of `df` must fall into one of them, so a rerun rewrites only its own
             partitions. Named partitions that get no rows end up empty.
+        app_transaction: `(app_id, version)` recorded as a Delta application transaction
+            in the same commit (read back with `DeltaTable.transaction_version(app_id)`),
+            so what a job has processed is committed atomically with its output.
 
     Returns:
         The table version after the commit (the current version when an append has no
@@ -425,9 +429,12 @@ def write_table(
         if not actions and mode == "append":
             return lake.version(name)
         schema = lake.delta(name).schema()
-        props = CommitProperties(max_commit_retries=lake.commit_retries,
-                                 custom_metadata={"lambdarec.writer": "spark_bridge",
-                                                  WRITE_ID: write_id})
+        props = CommitProperties(
+            max_commit_retries=lake.commit_retries,
+            custom_metadata={"lambdarec.writer": "spark_bridge", WRITE_ID: write_id},
+            app_transactions=None if app_transaction is None else [
+                Transaction(app_id=app_transaction[0], version=int(app_transaction[1]))],
+        )
         filters, by_remove = _overwrite_filters(cols, wanted)
 
         def commit() -> int:

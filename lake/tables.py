@@ -317,6 +317,24 @@ class Lake:
         self._commit(go)  # a writer that committed first: delete again on the new snapshot
         return metrics
 
+    def coalesce_small_files(self, name: str, *, target_size: int | None = None) -> dict[str, Any]:
+        """Rewrite each partition's small files into few large ones (delta-rs
+        `optimize.compact`); the rows stay as they are (the commit says `dataChange: false`,
+        so incremental readers of the log skip it). Returns delta-rs' metrics."""
+        if not self.exists(name):
+            return {"numFilesAdded": 0, "numFilesRemoved": 0}
+        p = str(self.path(name))
+        metrics: dict[str, Any] = {}
+
+        def go() -> int:
+            dt = DeltaTable(p)
+            metrics.update(dt.optimize.compact(target_size=target_size,
+                                               commit_properties=self._props()))
+            return dt.version()
+
+        self._commit(go)
+        return metrics
+
     def _prepare(self, s: TableSpec, data: pa.Table) -> pa.Table:
         if isinstance(data, pa.RecordBatch):
             data = pa.Table.from_batches([data])

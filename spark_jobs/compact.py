@@ -1,13 +1,20 @@
-"""Compaction: bronze events -> silver events for a range of event dates.
+"""Compaction: bronze events -> silver events, for the dates whose bronze rows changed.
 
-Silver holds each event once (first arrival wins), validated and typed. The job rewrites
-exactly the silver partitions `event_date` in `[start, end]`, so a rerun for the same
-dates gives the same table, and a date whose bronze events are gone ends up empty.
+Silver holds each event once (first arrival wins), validated and typed, partitioned by
+`event_date`. The job rewrites whole silver partitions, so a rerun gives the same table
+and a date whose bronze events are gone ends up empty.
 
-Late events (a `ts` long before `received_at`) are kept: they live in the bronze
-partition of their `ts` date, and the nightly DAG recompacts a trailing window of dates.
+By default the work is proportional to what changed, not to the history: silver records
+(a Delta application transaction in the same commit) the bronze version it was compacted
+from, and the next run rewrites only the event dates that bronze commits after that
+version added or removed rows in (`lake.delta_log`). With no new events it does nothing.
+The first run, or `--full`, rewrites every date. Late events (a `ts` long before
+`received_at`) live in the bronze partition of their `ts` date, so the run after their
+arrival rewrites that date, however old.
 
-    python -m spark_jobs.compact --start 2026-11-01 --end 2026-11-21
+    python -m spark_jobs.compact                                       # changed dates
+    python -m spark_jobs.compact --full                                # every date
+    python -m spark_jobs.compact --start 2026-11-01 --end 2026-11-21   # exactly these
 """
 
 from __future__ import annotations
@@ -19,7 +26,14 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from lake.config import EVENT_TYPES, Settings
-from spark_jobs.cli import date_range, job_parser, parse_date, run_main, settings_from_args
+from spark_jobs.cli import (
+    JobError,
+    date_range,
+    job_parser,
+    parse_date,
+    run_main,
+    settings_from_args,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -86,40 +100,98 @@ def compact_events(bronze: DataFrame) -> DataFrame:
     )
 
 
-def logged_rows(lake: Lake, name: str, start: date, end: date) -> int | None:
-    """Rows in `event_date` partitions `start..end` from the Delta log's file statistics.
+WATERMARK_APP_ID = "lambdarec.compact.bronze_version"
+"""Delta application transaction on silver: the bronze version its compaction has read."""
+
+
+def logged_rows(lake: Lake, name: str, dates: Sequence[date],
+                version: int | None = None) -> int | None:
+    """Rows in the `event_date` partitions `dates` from the Delta log's file statistics.
 
     None when some file in range carries no record count (then Spark has to count).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if not lake.exists(name):
+    if not lake.exists(name) or not dates:
         return 0
-    actions = pa.table(lake.delta(name).get_add_actions(flatten=True))
+    actions = pa.table(lake.delta(name, version).get_add_actions(flatten=True))
     if actions.num_rows == 0:
         return 0
-    d = actions.column("partition.event_date")
-    mask = pc.and_(pc.greater_equal(d, pa.scalar(start, d.type)),
-                   pc.less_equal(d, pa.scalar(end, d.type)))
-    counts = actions.filter(mask).column("num_records")
+    d = pc.cast(actions.column("partition.event_date"), pa.date32())
+    counts = actions.filter(pc.is_in(d, pa.array(dates, pa.date32()))).column("num_records")
     if counts.null_count:
         return None
     return int(pc.sum(counts).as_py() or 0)
 
 
+def partition_dates(lake: Lake, name: str, version: int | None = None) -> set[date]:
+    """The `event_date` partitions holding files, from the Delta log alone."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not lake.exists(name):
+        return set()
+    actions = pa.table(lake.delta(name, version).get_add_actions(flatten=True))
+    if actions.num_rows == 0:
+        return set()
+    col = pc.cast(actions.column("partition.event_date"), pa.date32())
+    return {d for d in pc.unique(col).to_pylist() if d is not None}
+
+
+def watermark(lake: Lake) -> int | None:
+    """The bronze version silver was last compacted from (incrementally or in full)."""
+    if not lake.exists("silver_events"):
+        return None
+    return lake.delta("silver_events").transaction_version(WATERMARK_APP_ID)
+
+
+def plan_dates(lake: Lake, bronze_version: int, *, full: bool = False) -> tuple[str, list[date]]:
+    """Which silver dates to rewrite so silver matches bronze at `bronze_version`.
+
+    `incremental`: the event dates that bronze commits after the watermark changed (the
+    Delta log says which; rewrites that keep rows, like `optimize.compact`, do not count).
+    `full` (no watermark yet, a log that cannot tell, or asked for): every date bronze or
+    silver holds.
+    """
+    from lake.delta_log import changed_partition_values
+
+    mark = None if full else watermark(lake)
+    if mark is not None and mark <= bronze_version:
+        changed = changed_partition_values(lake.path("bronze_events"), mark, bronze_version,
+                                           "event_date")
+        if changed is not None:
+            return "incremental", sorted(date.fromisoformat(v) for v in changed if v)
+    dates = partition_dates(lake, "bronze_events", bronze_version) \
+        | partition_dates(lake, "silver_events")
+    return "full", sorted(dates)
+
+
+def date_filter(dates: Sequence[date]) -> str:
+    """A delta-rs partition predicate selecting exactly `dates` (a range when contiguous)."""
+    if len(dates) == (dates[-1] - dates[0]).days + 1:
+        return f"event_date >= '{dates[0].isoformat()}' AND event_date <= '{dates[-1].isoformat()}'"
+    return "event_date IN (" + ", ".join(f"'{d.isoformat()}'" for d in dates) + ")"
+
+
 def run(
     settings: Settings,
     *,
-    start: date,
-    end: date,
+    start: date | None = None,
+    end: date | None = None,
+    full: bool = False,
     spark: SparkSession | None = None,
 ) -> dict[str, Any]:
-    """Compact bronze into silver for event dates `start..end` (both included).
+    """Compact bronze into silver.
+
+    With `start` and `end`: exactly the event dates `start..end` (both included). Without:
+    the dates bronze commits changed since the last compaction (`full`: every date), and
+    the bronze version read is recorded in the same silver commit for the next run.
 
     Returns:
-        `{"job", "start", "end", "dates", "bronze_rows", "silver_rows", "dropped",
-        "silver_version", "seconds"}`.
+        `{"job", "mode", "start", "end", "dates", "bronze_version", "bronze_rows",
+        "silver_rows", "dropped", "silver_version", "seconds"}`; mode is `range`,
+        `incremental` or `full`.
     """
     from pyspark.sql import functions as F
 
@@ -128,35 +200,45 @@ def run(
     from lake.tables import Lake
 
     t0 = time.perf_counter()
-    dates = date_range(start, end)
-    spark = spark or get_spark(settings.spark)
+    if (start is None) != (end is None):
+        raise JobError("give both --start and --end, or neither (incremental)")
     lake = Lake.from_settings(settings.lake)
     lake.ensure("bronze_events")
     lake.ensure("silver_events")
-    in_range = (F.col("event_date") >= F.lit(start)) & (F.col("event_date") <= F.lit(end))
-    bronze = read_table(
-        spark, lake, "bronze_events",
-        partition_filter=f"event_date >= '{start.isoformat()}' AND "
-                         f"event_date <= '{end.isoformat()}'",
-    ).where(in_range)
-    # event_date is recomputed from ts: keep only rows that belong to the rewritten range.
-    silver = compact_events(bronze).where(in_range)
+    bronze_version = lake.version("bronze_events")
+    record: tuple[str, int] | None = None
+    if start is not None and end is not None:
+        mode, dates = "range", date_range(start, end)
+    else:
+        mode, dates = plan_dates(lake, bronze_version, full=full)
+        record = (WATERMARK_APP_ID, bronze_version)
+    result: dict[str, Any] = {
+        "job": "compact", "mode": mode, "start": dates[0] if dates else None,
+        "end": dates[-1] if dates else None, "dates": len(dates),
+        "bronze_version": bronze_version, "bronze_rows": 0, "silver_rows": 0, "dropped": 0,
+        "silver_version": lake.version("silver_events"),
+    }
+    if not dates:  # nothing changed since the last compaction: no Spark job at all
+        return result | {"seconds": round(time.perf_counter() - t0, 3)}
+    spark = spark or get_spark(settings.spark)
+    in_dates = F.col("event_date").isin(*dates)
+    bronze = read_table(spark, lake, "bronze_events", bronze_version,
+                        partition_filter=date_filter(dates)).where(in_dates)
+    # event_date is recomputed from ts: keep only rows that belong to the rewritten dates.
+    silver = compact_events(bronze).where(in_dates)
     # one file per event date (not one per date and shuffle partition), rows in a stable order
     out = silver.repartition("event_date").sortWithinPartitions("event_date", "ts", "event_id")
     version = write_table(out, lake, "silver_events", mode="overwrite",
-                          partitions=[{"event_date": d} for d in dates])
+                          partitions=[{"event_date": d} for d in dates],
+                          app_transaction=record)
     # Row counts from the Delta log (file statistics): no second pass over the data.
-    n_bronze = logged_rows(lake, "bronze_events", start, end)
+    n_bronze = logged_rows(lake, "bronze_events", dates, bronze_version)
     if n_bronze is None:
         n_bronze = bronze.count()
-    n_silver = logged_rows(lake, "silver_events", start, end)
+    n_silver = logged_rows(lake, "silver_events", dates, version)
     if n_silver is None:
-        n_silver = read_table(spark, lake, "silver_events", version).where(in_range).count()
-    return {
-        "job": "compact",
-        "start": start,
-        "end": end,
-        "dates": len(dates),
+        n_silver = read_table(spark, lake, "silver_events", version).where(in_dates).count()
+    return result | {
         "bronze_rows": int(n_bronze),
         "silver_rows": int(n_silver),
         "dropped": int(n_bronze) - int(n_silver),
@@ -166,13 +248,19 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = job_parser("spark_jobs.compact", "Compact bronze events into silver for a date range.")
-    parser.add_argument("--start", type=parse_date, required=True, help="first event date")
-    parser.add_argument("--end", type=parse_date, required=True, help="last event date (included)")
+    parser = job_parser("spark_jobs.compact",
+                        "Compact bronze events into silver: changed dates or a date range.")
+    parser.add_argument("--start", type=parse_date, default=None,
+                        help="first event date (with --end: exactly that range)")
+    parser.add_argument("--end", type=parse_date, default=None,
+                        help="last event date (included)")
+    parser.add_argument("--full", action="store_true",
+                        help="without --start/--end: every date, not only those changed "
+                             "since the last compaction")
 
     def body(args: Any) -> dict[str, Any]:
         settings = settings_from_args(args)
-        return run(settings, start=args.start, end=args.end)
+        return run(settings, start=args.start, end=args.end, full=args.full)
 
     return run_main(parser, argv, body)
 

@@ -11,7 +11,9 @@
 3. The staged model's recipe (strength, ALS, blend: `spark_jobs.recipe`) is fit on the
    remaining events and scored as served (blend included); popularity, EASE (up to
    `ease_max_items` items) or item-kNN (above) are scored on the same users: full
-   ranking over all items, training items excluded, at most `max_eval_users` users.
+   ranking over all items, training items excluded, at most `max_eval_users` users. The
+   baselines' results are cached per input fingerprint (`spark_jobs.baseline_cache`): a
+   rerun on the same data scores only the model.
 4. Bootstrap intervals over users (`spark_jobs.intervals`) for the headline metrics, and
    the paired interval of ALS minus popularity on the gate metric: the gate's evidence.
 5. `<models>/reports/<version>/report.md` + plots; `<models>/staging/<version>/
@@ -31,11 +33,12 @@ import scipy.sparse as sp
 
 from lake.config import Settings
 from lake.tables import Lake
-from spark_jobs.baselines import ease_scorer, itemknn_scorer, popularity, popularity_scorer
+from spark_jobs.baseline_cache import baseline_results
+from spark_jobs.baselines import popularity
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
 from spark_jobs.event_log import EventLog, Holdout, holdout, lookback_log
 from spark_jobs.intervals import bootstrap_ci, paired_diff_ci
-from spark_jobs.metrics import RankingResult, evaluate_ranking, popularity_deciles
+from spark_jobs.metrics import RankingResult, popularity_deciles
 from spark_jobs.recipe import Recipe, fit_and_score, sample_users, score_batch_size
 from spark_jobs.splits import tuning_users
 from spark_jobs.staging import load_staged, save_metrics
@@ -106,18 +109,13 @@ def evaluate_recipe(
     facts["als_fit_seconds"] = scored.fit_seconds
     facts["als_seconds"] = scored.seconds
     facts["als_info"] = scored.fitted.info
-    batch = score_batch_size(matrix.shape[1])
-    t = time.perf_counter()
-    results["popularity"] = evaluate_ranking(popularity_scorer(matrix), matrix, test.test, ks,
-                                             users=users, batch_size=batch)
-    if matrix.shape[1] <= ev.ease_max_items:
-        results["ease"] = evaluate_ranking(ease_scorer(matrix, ev.ease_lambda), matrix,
-                                           test.test, ks, users=users, batch_size=batch)
-    else:
+    baselines, cache_facts = baseline_results(
+        matrix, test.test, users, ks, ev, batch_size=score_batch_size(matrix.shape[1]),
+        models_dir=settings.model.dir)
+    results.update(baselines)
+    facts.update(cache_facts)
+    if "ease" not in baselines:
         facts["ease_skipped"] = f"{matrix.shape[1]} items > ease_max_items={ev.ease_max_items}"
-        results["itemknn"] = evaluate_ranking(itemknn_scorer(matrix), matrix, test.test, ks,
-                                              users=users, batch_size=batch)
-    facts["baselines_seconds"] = round(time.perf_counter() - t, 3)
     return results, facts, matrix
 
 
@@ -211,6 +209,10 @@ def write_report(
         f"- recipe: {recipe.summary()}",
         f"- ALS fit: {facts.get('als_fit_seconds')} s ({facts.get('als_info', {}).get('device')})",
     ]
+    if "baselines_seconds" in facts:
+        how = "read from the cache" if facts.get("baselines_cached") else "scored"
+        lines.append(f"- baselines: {how} in {facts['baselines_seconds']} s "
+                     f"(key {facts.get('baselines_key')})")
     if "ease_skipped" in facts:
         lines.append(f"- EASE skipped: {facts['ease_skipped']}; item-kNN is the strong baseline")
     lines += ["", "## Metrics", ""]
@@ -253,7 +255,8 @@ def run(
 
     Returns:
         `{"job", "version", "split", "n_test_users", "<gate metric>": {model: value},
-        "report", "seconds"}`; also writes metrics.json next to the staged model.
+        "report", "baselines_cached", "seconds"}`; also writes metrics.json next to the
+        staged model.
     """
     t0 = time.perf_counter()
     staged = load_staged(settings.model.dir, version)
@@ -296,6 +299,7 @@ def run(
         headline: {n: round(r.metrics[headline], 4) for n, r in results.items()
                    if headline in r.metrics},
         "report": str(report),
+        "baselines_cached": facts["baselines_cached"],
         "seconds": round(time.perf_counter() - t0, 3),
     }
 

@@ -178,3 +178,83 @@ def test_compact_cli_prints_one_json_line(spark, settings, tmp_path, capsys, mon
     rc = compact.main(["--start", str(D3), "--end", str(D1)])
     assert rc == 2
     assert "before start date" in capsys.readouterr().err
+
+
+def silver_files(lake: Lake) -> dict[str, set[str]]:
+    """Data file paths of silver per event date (what a rewrite of a date replaces)."""
+    actions = pa.table(lake.delta("silver_events").get_add_actions(flatten=True))
+    out: dict[str, set[str]] = {}
+    for path, d in zip(actions.column("path").to_pylist(),
+                       actions.column("partition.event_date").to_pylist(), strict=True):
+        out.setdefault(str(d), set()).add(path)
+    return out
+
+
+def test_incremental_compaction_rewrites_only_the_dates_bronze_commits_changed(spark, settings):
+    lake = Lake.from_settings(settings.lake)
+    lake.append("bronze_events", pa.Table.from_pylist(bronze_rows()))
+
+    first = compact.run(settings, spark=spark)  # no watermark yet: every date
+    assert (first["mode"], first["dates"], first["silver_rows"]) == ("full", 3, 10)
+    assert compact.watermark(lake) == lake.version("bronze_events")
+    rows, files = silver_contents(lake), silver_files(lake)
+
+    # no new events: nothing to do, no commit, the table as it was
+    again = compact.run(settings, spark=spark)
+    assert (again["mode"], again["dates"]) == ("incremental", 0)
+    assert again["silver_version"] == first["silver_version"]
+    assert lake.version("silver_events") == first["silver_version"]
+    assert silver_contents(lake) == rows
+
+    # a new event on D2 and a late one for D1: exactly those two dates are rewritten
+    late = _at(D1, 8)
+    lake.append("bronze_events", pa.Table.from_pylist([
+        dict(event_id="new-d2", user_id="u9", item_id="i9", event_type="click", value=None,
+             ts=_at(D2, 18), received_at=_at(D2, 18)),
+        dict(event_id="late-2", user_id="u8", item_id="i8", event_type="view", value=None,
+             ts=late, received_at=_at(D3, 20)),
+    ]))
+    inc = compact.run(settings, spark=spark)
+    assert (inc["mode"], inc["dates"], inc["start"], inc["end"]) == ("incremental", 2, D1, D2)
+    assert inc["silver_rows"] == 4 + 3 + 2  # D1: 3 + late-1, D2: 3, plus the two new ones
+    after = silver_files(lake)
+    assert after[str(D3)] == files[str(D3)]  # untouched: the same file
+    assert after[str(D1)] != files[str(D1)] and after[str(D2)] != files[str(D2)]
+    by_id = {r["event_id"]: r for r in silver_contents(lake)}
+    assert len(by_id) == 12 and by_id["late-2"]["event_date"] == D1
+
+    # coalescing bronze's small files changes no rows: the log says so, nothing to do
+    assert lake.coalesce_small_files("bronze_events")["numFilesRemoved"] > 0
+    assert compact.run(settings, spark=spark)["dates"] == 0
+
+    # erasing D3's bronze events empties exactly D3
+    lake.delete("bronze_events", "event_date = '2026-03-03'")
+    gone = compact.run(settings, spark=spark)
+    assert (gone["mode"], gone["dates"], gone["start"]) == ("incremental", 1, D3)
+    incremental = silver_contents(lake)
+    assert all(r["event_date"] != D3 for r in incremental) and len(incremental) == 9
+
+    # the incremental result is what a full compaction of bronze gives
+    full = compact.run(settings, full=True, spark=spark)
+    assert (full["mode"], full["dates"]) == ("full", 2)  # D1 and D2: D3 has no rows anywhere
+    assert silver_contents(lake) == incremental
+
+
+def test_a_log_that_cannot_tell_falls_back_to_every_date(spark, settings):
+    from lake.delta_log import commit_file
+
+    lake = Lake.from_settings(settings.lake)
+    lake.append("bronze_events", pa.Table.from_pylist(bronze_rows()))
+    compact.run(settings, spark=spark)
+    v = lake.append("bronze_events", pa.Table.from_pylist([dict(
+        event_id="x", user_id="u", item_id="i", event_type="view", value=None,
+        ts=_at(D2, 1), received_at=_at(D2, 1))]))
+    # a checkpoint after it, then the commit cleaned up (what log retention does)
+    lake.delta("bronze_events").create_checkpoint()
+    commit_file(lake.path("bronze_events"), v).rename(lake.path("bronze_events") / "moved")
+    assert compact.plan_dates(lake, lake.version("bronze_events"))[0] == "full"
+
+
+def test_compact_needs_both_dates_or_neither(settings, capsys):
+    assert compact.main(["--start", str(D1)]) == 2
+    assert "--start and --end" in capsys.readouterr().err

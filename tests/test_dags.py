@@ -112,7 +112,8 @@ def test_retrain_task_order(dagbag: Any) -> None:
     upstream = {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}
     assert upstream == {
         "plan": [],
-        "compact": ["plan"],
+        "coalesce_bronze": ["plan"],
+        "compact": ["coalesce_bronze"],
         "tune": ["compact", "plan"],
         "interactions": ["tune"],
         "train": ["interactions"],
@@ -137,7 +138,7 @@ def test_retrain_params_and_their_validation(dagbag: Any) -> None:
 
     cfg = load_settings()
     params = dagbag.dags["lambdarec_retrain"].params
-    assert {"backend", "factors", "regularization", "iterations", "alpha", "lookback_days",
+    assert {"backend", "factors", "regularization", "iterations", "alpha",
             "gate_margin", "force_publish", "as_of", "tune", "tune_budget_s"} <= set(params.keys())
     assert (params["tune"], params["tune_budget_s"]) == (cfg.tune.enabled, cfg.tune.budget_s)
     # Defaults come from the project settings, so the trigger form shows the real config.
@@ -150,7 +151,7 @@ def test_retrain_params_and_their_validation(dagbag: Any) -> None:
     ok = copy.deepcopy(params)
     ok.update({"backend": "mllib", "factors": 8, "as_of": "2026-11-01"})
     ok.validate()
-    for bad in ({"backend": "svd"}, {"factors": 0}, {"lookback_days": 0},
+    for bad in ({"backend": "svd"}, {"factors": 0}, {"tune_budget_s": 0},
                 {"force_publish": "yes"}, {"alpha": 0}):
         p = copy.deepcopy(params)
         with pytest.raises(ParamValidationError):
@@ -166,7 +167,7 @@ def test_spark_tasks_submit_the_job_files_with_the_run_arguments(dagbag: Any) ->
     conn_id = load_settings().airflow.spark_conn_id
     dag = dagbag.dags["lambdarec_retrain"]
     expected_args = {
-        "compact": ["--start", "--end"],
+        "compact": [],  # incremental: the dates bronze commits changed
         "interactions": ["--as-of", "--version"],
         "train": ["--as-of", "--version", "--backend", "--factors", "--regularization",
                   "--iterations", "--alpha"],
@@ -200,14 +201,13 @@ def test_plan_version_is_a_function_of_the_run_only(tmp_path: Path) -> None:
     ld = datetime(2026, 11, 21, tzinfo=UTC)
     kw: dict[str, Any] = dict(dag_id="lambdarec_retrain", logical_date=ld, run_after=ld,
                               models_dir=tmp_path)
-    a = plan_run(run_id="scheduled__2026-11-21", params={"lookback_days": 3}, **kw)
-    again = plan_run(run_id="scheduled__2026-11-21", params={"lookback_days": 3}, **kw)
-    other = plan_run(run_id="manual__2026-11-22T10:00", params={"lookback_days": 3}, **kw)
+    a = plan_run(run_id="scheduled__2026-11-21", params={}, **kw)
+    again = plan_run(run_id="scheduled__2026-11-21", params={}, **kw)
+    other = plan_run(run_id="manual__2026-11-22T10:00", params={}, **kw)
     assert a == again
     assert a["version"] != other["version"]
     assert a["version"].startswith("v20261121-")
-    assert (a["as_of"], a["compact_start"], a["compact_end"]) == (
-        "2026-11-21", "2026-11-19", "2026-11-21")
+    assert a["as_of"] == "2026-11-21"
     assert a["report"] == str(tmp_path / "reports" / a["version"] / "report.md")
 
 
@@ -216,15 +216,14 @@ def test_plan_dates_for_manual_runs_and_overrides(tmp_path: Path) -> None:
 
     after = datetime(2026, 11, 22, 9, 30, tzinfo=UTC)
     manual = plan_run(dag_id="d", run_id="manual__x", logical_date=None, run_after=after,
-                      params={"lookback_days": 1}, models_dir=tmp_path)
+                      params={}, models_dir=tmp_path)
     assert manual["as_of"] == "2026-11-21"  # the last complete UTC day
-    assert manual["compact_start"] == manual["compact_end"] == "2026-11-21"
     forced = plan_run(dag_id="d", run_id="manual__x", logical_date=None, run_after=after,
-                      params={"lookback_days": 2, "as_of": "2026-10-05"}, models_dir=tmp_path)
-    assert (forced["as_of"], forced["compact_start"]) == ("2026-10-05", "2026-10-04")
+                      params={"as_of": "2026-10-05"}, models_dir=tmp_path)
+    assert forced["as_of"] == "2026-10-05"
     with pytest.raises(ValueError, match="as_of"):
         plan_run(dag_id="d", run_id="r", logical_date=None, run_after=after,
-                 params={"lookback_days": 1, "as_of": "yesterday"}, models_dir=tmp_path)
+                 params={"as_of": "yesterday"}, models_dir=tmp_path)
 
 
 def test_spark_connection_master_reaches_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -359,7 +358,7 @@ def test_retrain_dag_end_to_end_publishes_a_model(tmp_path: Path) -> None:
     # Synthetic events cover the 30 UTC days up to yesterday.
     as_of = date.today() - timedelta(days=1)
     logical = datetime(as_of.year, as_of.month, as_of.day, tzinfo=UTC)
-    conf = {"lookback_days": 31, "factors": 16, "iterations": 5, "regularization": 0.05,
+    conf = {"factors": 16, "iterations": 5, "regularization": 0.05,
             "alpha": 2.0, "backend": "implicit", "gate_margin": -0.9, "force_publish": False}
     out = subprocess.run(
         [sys.executable, "-c", E2E_SCRIPT, logical.isoformat(), json.dumps(conf), str(DAGS)],
@@ -371,7 +370,8 @@ def test_retrain_dag_end_to_end_publishes_a_model(tmp_path: Path) -> None:
     result = results["first"]
     log_tail = out.stdout[-8000:] + out.stderr[-4000:]
     assert result["states"] == {
-        "plan": "success", "compact": "success", "tune": "success", "interactions": "success",
+        "plan": "success", "coalesce_bronze": "success", "compact": "success",
+        "tune": "success", "interactions": "success",
         "train": "success", "evaluate": "success", "publish": "success",
         "notify_reload": "success",
     }, log_tail
@@ -380,7 +380,8 @@ def test_retrain_dag_end_to_end_publishes_a_model(tmp_path: Path) -> None:
     plan = result["xcoms"]["plan.return_value"]
     version = plan["version"]
     assert plan["as_of"] == as_of.isoformat()
-    assert plan["compact_start"] == (as_of - timedelta(days=30)).isoformat()
+    compacted = result["xcoms"]["compact.return_value"]
+    assert (compacted["mode"], compacted["dates"]) == ("full", 30)  # the first compaction
     published = result["xcoms"]["publish.return_value"]
     assert published["accepted"] is True and published["version"] == version
     assert (models / "CURRENT").read_text().strip() == version

@@ -251,3 +251,45 @@ def test_train_job_with_mllib_reads_gold_through_spark(settings, tmp_path, spark
     assert m.foldin.reg_exponent == 1.0 and m.foldin.confidence_offset == 1.0
     assert np.abs(m.user_factors).sum(axis=1).min() > 0  # every user got a trained vector
     assert np.abs(m.item_factors).sum(axis=1).min() > 0
+
+
+def test_baseline_results_are_scored_once_per_input(settings, tmp_path):
+    s = load_settings(settings)
+    train.run(s, as_of=AS_OF, version="v3")
+    first = evaluate.run(s, as_of=AS_OF, version="v3")
+    m1 = load_metrics(s.model.dir, "v3")
+    assert first["baselines_cached"] is False and m1["facts"]["baselines_cached"] is False
+    cached = list((tmp_path / "models" / "cache" / "baselines").glob("*.npz"))
+    assert [p.stem for p in cached] == [m1["facts"]["baselines_key"]]
+
+    again = evaluate.run(s, as_of=AS_OF, version="v3")  # a rerun: same data, same holdout
+    m2 = load_metrics(s.model.dir, "v3")
+    assert again["baselines_cached"] is True
+    for name in ("popularity", "ease"):
+        assert m2["models"][name] == m1["models"][name]
+        assert m2["intervals"]["models"][name] == m1["intervals"]["models"][name]
+    assert m2["intervals"]["vs_popularity"] == m1["intervals"]["vs_popularity"]
+    assert "read from the cache" in (tmp_path / "models" / "reports" / "v3" /
+                                     "report.md").read_text()
+
+    # another EASE lambda is another answer: scored again
+    other = load_settings(settings, overrides={"evaluate": {"ease_lambda": 10.0}})
+    assert evaluate.run(other, as_of=AS_OF, version="v3")["baselines_cached"] is False
+
+
+def test_baseline_fingerprint_sees_pairs_users_and_cutoffs_not_strengths():
+    from lake.config import EvaluateSettings
+    from spark_jobs.baseline_cache import fingerprint
+
+    ev = EvaluateSettings()
+    x = sp.csr_matrix(np.array([[1.0, 0, 2], [0, 3, 0], [4, 0, 0]]))
+    test = sp.csr_matrix(np.array([[0, 1.0, 0], [1, 0, 0], [0, 1, 0]]))
+    users = np.array([0, 1, 2])
+    key = fingerprint(x, test, users, [10], ev)
+    assert fingerprint(x * 7.5, test, users, [10], ev) == key  # strengths: unused
+    fewer = x.tolil()
+    fewer[0, 2] = 0
+    assert fingerprint(sp.csr_matrix(fewer), test, users, [10], ev) != key
+    assert fingerprint(x, test, users[:2], [10], ev) != key
+    assert fingerprint(x, test, users, [5, 10], ev) != key
+    assert fingerprint(x, test.T.tocsr(), users, [10], ev) != key

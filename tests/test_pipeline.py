@@ -102,7 +102,7 @@ def test_pipeline_end_to_end_then_bad_model_is_rejected(spark, tmp_path):
                   user_factors=rng.normal(size=good.user_factors.shape),
                   item_factors=rng.normal(size=good.item_factors.shape))
     save_staged(models, bad)
-    log = read_event_log(lake, out["compacted"]["start"], out["as_of"])
+    log = read_event_log(lake, out["lookback_start"], out["as_of"])
     test = eval_holdout(log, settings)
     np.testing.assert_array_equal(log.user_ids, bad.user_ids)
     np.testing.assert_array_equal(log.item_ids, bad.item_ids)
