@@ -31,6 +31,7 @@ import yaml  # noqa: E402
 from lake.bundle import current_version  # noqa: E402
 from lake.config import ENV_PREFIX, PROJECT_ROOT, ConfigError, Settings, load_settings  # noqa: E402
 from lake.tables import Lake  # noqa: E402
+from online.node_identity import NodeIdentityError  # noqa: E402
 from online.notify import python_command  # noqa: E402
 from online.ports import PortInUse, ensure_free  # noqa: E402
 
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return _run(args)
-    except (ConfigError, PortInUse) as exc:
+    except (ConfigError, PortInUse, NodeIdentityError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -40,6 +40,7 @@ from online.catalog import Catalog  # noqa: E402
 from online.ingest import IngestPipeline  # noqa: E402
 from online.metrics import Metrics, configure_logging  # noqa: E402
 from online.model import LoadedModel, ModelManager  # noqa: E402
+from online.node_identity import NodeIdentityError  # noqa: E402
 from online.pb import admin_pb2_grpc, recommender_pb2_grpc  # noqa: E402
 from online.ports import PortInUse, ensure_free  # noqa: E402
 from online.recommender import Recommender  # noqa: E402
@@ -299,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.parse_args(argv)
     try:
         serve(load_settings())
-    except (ConfigError, PortInUse) as exc:
+    except (ConfigError, PortInUse, NodeIdentityError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
