@@ -72,7 +72,7 @@ BLEND_N0 = (3.0, 10.0, 30.0, 100.0, 1000.0)
 """n0 of w(n) = beta n0 / (n0 + n): small values favour popularity only for short histories,
 large ones make it a near-constant popularity bias (the shrinkage of frequency-scaled lambda
 under-ranks popular items; a constant bias restores them)."""
-BLEND_EVALS = len(BLEND_BETAS) - 1 + len(BLEND_N0) - 1
+BLEND_EVALS = len(BLEND_BETAS) - 1 + len(BLEND_N0) - 1 + 2
 """Evaluations of the blend's coordinate search (`choose_blend`)."""
 LAMBDA_AT_MEDIAN = (0.03, 300.0)
 """Range of the effective lambda of a median-length history (log-uniform)."""
@@ -318,9 +318,9 @@ def choose_blend(scored: Any, matrix: Any, test: Any, recipe: Recipe, metric: st
                  ks: Sequence[int], users: np.ndarray) -> tuple[Recipe, dict[str, Any]]:
     """The blend (beta, n0) that scores best on validation, with the trial's factors.
 
-    Coordinate search: beta over BLEND_BETAS at the default n0, then n0 over BLEND_N0 at
-    the best beta (BLEND_EVALS evaluations, not the whole grid). beta = 0 is the trial's
-    own score.
+    Coordinate search: beta over BLEND_BETAS at the default n0, n0 over BLEND_N0 at the
+    best beta, then beta's two neighbours at the best n0 (at most BLEND_EVALS evaluations,
+    not the whole grid). beta = 0 is the trial's own score.
     """
     grid: list[dict[str, Any]] = []
     default_n0 = BlendParams().n0
@@ -342,6 +342,11 @@ def choose_blend(scored: Any, matrix: Any, test: Any, recipe: Recipe, metric: st
         for n0 in BLEND_N0:
             if n0 != default_n0:
                 consider(BlendParams(best_b.beta, n0))
+    if best_b.n0 != default_n0:  # n0 changed what beta means: its neighbours once more
+        i = BLEND_BETAS.index(best_b.beta)
+        for beta in BLEND_BETAS[max(1, i - 1):i + 2]:
+            if beta != best_b.beta:
+                consider(BlendParams(beta, best_b.n0))
     return Recipe(recipe.strength, recipe.train, best_b), {"grid": grid,
                                                           "chosen": best_b.to_dict()}
 
