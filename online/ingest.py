@@ -540,6 +540,13 @@ class IngestPipeline:
             except WALError as exc:
                 raise IngestError(f"write-ahead log failed: {exc}") from exc
             counts = self._delete_user_rows(user_id)
+            # The WAL files still hold the user's acknowledged events (in bronze before, or
+            # dropped above) and the tombstone: seal them off, so the next flush deletes
+            # them (within server.flush_interval_s) instead of when the segment fills.
+            try:
+                wal.seal()
+            except WALError as exc:
+                raise IngestError(f"write-ahead log failed: {exc}") from exc
         counts["wal_pending"] = removed
         return counts
 
