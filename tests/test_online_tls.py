@@ -22,7 +22,9 @@ from test_online_server import TOKEN, Running, code_of, ids, make_settings
 
 from lake.config import ConfigError
 from online.console.data import ConsoleData
+from online.notify import notify_reload
 from online.server import create_server
+from online.tls import own_client_tls
 
 
 def issue(directory: Path, name: str, *, signer: tuple[Any, Any] | None = None,
@@ -145,3 +147,12 @@ def test_cli_speaks_tls_from_flag_or_environment(
     assert cli_main([*base, "--tls-ca", "/nonexistent.pem", "recommend", "uA0"], env={}) == 2
     assert capsys.readouterr().err == ("error: --tls-ca (LAMBDAREC_TLS_CA): cannot read "
                                        "/nonexistent.pem: No such file or directory\n")
+
+
+def test_reload_notification_reaches_a_tls_admin_port(tls) -> None:  # type: ignore[no-untyped-def]
+    run, _ = tls
+    out = notify_reload([run.admin_target], TOKEN, None,
+                        tls=own_client_tls(run.settings.server))["targets"]
+    assert out[run.admin_target].startswith("ok: "), out
+    plain = notify_reload([run.admin_target], TOKEN, None, timeout_s=3)["targets"]
+    assert plain[run.admin_target].startswith("unreachable: UNAVAILABLE"), plain
