@@ -261,7 +261,7 @@ def test_forget_user_erases_lake_rows_and_pending_wal(env) -> None:  # type: ign
 
 def test_forget_user_leaves_none_of_their_events_in_the_wal_files(env) -> None:  # type: ignore[no-untyped-def]
     """The WAL's bytes held an erased user's acknowledged events until the segment filled
-    (1 MB): ForgetUser seals it, and the next flush deletes it."""
+    (1 MB once flushed): now the flush after the erasure deletes them."""
     settings, lake = env
     wal_dir = Path(settings.server.wal_dir)
 
@@ -271,9 +271,9 @@ def test_forget_user_leaves_none_of_their_events_in_the_wal_files(env) -> None: 
     p = IngestPipeline(settings, lake)
     p.start()
     p.ingest([ev("f1", "erased-user"), ev("f2", "u2")])
-    p.flush()  # in bronze now, and still in the WAL segment
+    p.flush()  # in bronze now: its WAL bytes went with the flush
     p.ingest([ev("p1", "erased-user"), ev("p2", "u2")])  # pending
-    assert wal_bytes().count(b"erased-user") == 2
+    assert wal_bytes().count(b"erased-user") == 1
     p.forget_user("erased-user")
     p.ingest([ev("n1", "u3")])  # traffic after the erasure
     p.flush()
