@@ -32,6 +32,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 
 from lake.config import PROJECT_ROOT, Settings, load_settings
 from online.notify import notify_reload  # noqa: F401 - the DAGs' reload step
+from online.tls import own_client_tls  # noqa: F401 - reaching TLS servers
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from dags.lambdarec_common import (
     LambdarecSparkSubmitOperator,
     default_task_args,
     notify_reload,
+    own_client_tls,
     plan_run,
     settings,
 )
@@ -175,7 +176,7 @@ def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
         )
     cfg = settings()
     return notify_reload(cfg.airflow.reload_targets, cfg.server.admin_token,
-                         publish_result.get("version"))
+                         publish_result.get("version"), tls=own_client_tls(cfg.server))
 
 
 @dag(

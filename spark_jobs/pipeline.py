@@ -80,10 +80,12 @@ def reload_servers(settings: Settings, version: str) -> dict[str, str]:
     """Make running servers (`airflow.reload_targets`) serve the new model; for a server
     that does not answer, say how to do it later (a server started later loads CURRENT)."""
     from online.notify import notify_reload, reload_command
+    from online.tls import own_client_tls
 
     targets = settings.airflow.reload_targets or []
     outcome: dict[str, str] = notify_reload(targets, settings.server.admin_token, version,
-                                            timeout_s=60.0)["targets"]
+                                            timeout_s=60.0,
+                                            tls=own_client_tls(settings.server))["targets"]
     for target, result in outcome.items():
         if result.startswith("ok"):
             progress(f"reload: {target} now serves {version}")
