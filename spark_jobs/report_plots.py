@@ -110,8 +110,8 @@ def popularity_deciles(deciles: Mapping[str, np.ndarray], k: int, *, version: st
     ax.grid(alpha=0.3, axis="y", which="both")
     ax.legend(fontsize=8)
     top = ", ".join(f"{n} {100 * float(deciles[n][0]):.0f}%" for n in names)
-    fig.suptitle(f"model {version}: top-{k} from the most popular 10% of items: {top}",
-                 fontsize=10)
+    fig.suptitle(f"model {version}: top-{k} per item-popularity decile\n"
+                 f"from the most popular 10% of items: {top}", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -49,8 +49,9 @@ def test_popularity_deciles_on_a_log_scale_show_the_top_decile_share() -> None:
     assert ax.get_yscale() == "log"
     low, high = ax.get_ylim()
     assert low <= 0.001 / 2 and high == 1.0  # the 0.1% deciles are visible
-    assert fig.get_suptitle() == ("model v1: top-10 from the most popular 10% of "
-                                       "items: als 87%, popularity 100%")
+    assert fig.get_suptitle() == ("model v1: top-10 per item-popularity decile\n"
+                                   "from the most popular 10% of items: als 87%, "
+                                   "popularity 100%")
 
 
 def test_trials_plot_names_the_version_and_circles_the_chosen_trial() -> None:
