@@ -30,6 +30,7 @@ from online.errors import (
     status_of,
 )
 from online.metrics import Metrics, rpc_labels
+from online.model_info import evaluation_fields
 from online.pb import admin_pb2, admin_pb2_grpc, recommender_pb2_grpc
 from online.pb import recommender_pb2 as pb
 from online.recommender import FALLBACK, MAX_BECAUSE, FilterSpec, Recommender, Result
@@ -477,6 +478,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             loaded_at=_ts(info["loaded_at"]),
             metrics_json=json.dumps(info["metrics"], sort_keys=True, default=str),
             params_json=json.dumps(info["params"], sort_keys=True, default=str),
+            **evaluation_fields(info["metrics"]),
         )
 
     def ForgetUser(self, request: admin_pb2.ForgetUserRequest,  # noqa: N802

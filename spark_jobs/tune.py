@@ -380,27 +380,19 @@ def record_trials(lake: Lake, version: str, as_of: date, result: TuneResult) -> 
         lake.upsert("model_runs", pa.Table.from_pylist(rows))
 
 
-def trials_plot(result: TuneResult, path: Path) -> Path:
-    """Validation metric per trial, coloured by stage, the chosen one marked."""
-    import matplotlib
+def trials_plot(result: TuneResult, path: Path, version: str) -> Path:
+    """Validation metric per trial, coloured by stage, the chosen one circled."""
+    from spark_jobs import report_plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    for stage in dict.fromkeys(t.stage for t in result.trials):
-        pts = [(t.n, t.metric) for t in result.trials if t.stage == stage and t.metric]
-        if pts:
-            ax.scatter(*zip(*pts, strict=True), label=stage)
-    ax.set_xlabel("trial")
-    ax.set_ylabel(f"validation {result.metric}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    points: dict[str, list[tuple[int, float]]] = {}
+    for t in result.trials:
+        if t.metric:
+            points.setdefault(t.stage, []).append((t.n, t.metric))
+    best = result.best.to_dict()
+    chosen = next(((t.n, t.metric) for t in result.trials
+                   if t.metric and t.recipe.to_dict() == best), None)
+    return report_plots.save(
+        report_plots.trials(points, result.metric, version=version, chosen=chosen), path)
 
 
 def run(settings: Settings, *, as_of: date, version: str, log: EventLog | None = None,
@@ -418,7 +410,8 @@ def run(settings: Settings, *, as_of: date, version: str, log: EventLog | None =
     result = search(log, settings, test)
     path = tuning_path(settings.model.dir, version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plot = trials_plot(result, Path(settings.model.dir) / REPORTS / version / "trials.png")
+    plot = trials_plot(result, Path(settings.model.dir) / REPORTS / version / "trials.png",
+                       version)
     payload = result.to_dict() | {"version": version, "as_of": as_of.isoformat(),
                                   "plot": str(plot)}
     tmp = path.with_suffix(".tmp")

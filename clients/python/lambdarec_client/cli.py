@@ -196,7 +196,9 @@ def run_cli(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dict[str,
         if cmd == "health":
             return {"status": c.health(args.service, admin=args.admin)}, 0
         if cmd == "model-info":
-            return to_dict(c.model_info()), 0
+            info = to_dict(c.model_info())
+            info.pop("metrics_json", None)  # deprecated duplicate of metrics / baselines
+            return info, 0
         if cmd == "reload":
             return to_dict(c.reload(args.version)), 0
         if cmd == "forget-user":
