@@ -14,7 +14,8 @@ Admin calls send `authorization: Bearer <token>`: `--token`, else
 LAMBDAREC__SERVER__ADMIN_TOKEN, else the server's default token.
 
 Exit status: 0 done; 1 the server answered with an error (printed as {"error": ...}) or,
-for `ingest`, rejected some events; 2 bad input (a flag, an unreadable JSON lines file).
+for `ingest`, rejected some events, or for `health`, a status other than SERVING (so the
+command is a container health check); 2 bad input (a flag, an unreadable JSON lines file).
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def run_cli(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dict[str,
                 raise UsageError("upsert-items: give --file or --item")
             return to_dict(c.upsert_items(items)), 0
         if cmd == "health":
-            return {"status": c.health(args.service, admin=args.admin)}, 0
+            status = c.health(args.service, admin=args.admin)
+            return {"status": status}, 0 if status == "SERVING" else 1
         if cmd == "model-info":
             return to_dict(c.model_info()), 0
         if cmd == "reload":
