@@ -22,6 +22,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -32,8 +33,10 @@ from online.service import service_names
 
 INFRA = PROJECT_ROOT / "infra"
 COMPOSE_FILE = INFRA / "docker-compose.yml"
+COMPOSE_FLEET = INFRA / "docker-compose.fleet.yml"
 DOCKERFILE = INFRA / "Dockerfile"
 K8S = INFRA / "k8s"
+K8S_FLEET = K8S / "fleet"
 RECOMMENDER = service_names()[0]
 ONLINE_MODULE = "online.server"
 OTHER_VARIABLES = {"LAMBDAREC_CONFIG",  # lake.config: another YAML file
@@ -444,3 +447,54 @@ def test_k8s_commands_exist(k8s: dict[str, Any]) -> None:
 
 def test_secrets_file_is_not_committed() -> None:
     assert "infra/k8s/secrets.env" in (PROJECT_ROOT / ".gitignore").read_text().split()
+
+
+# -- optional Redis overlays (the fleet's shared channel) -----------------------------------
+def require_fleet_settings() -> None:
+    if "fleet" not in Settings.model_fields:
+        pytest.skip("no `fleet` section in the settings model yet (fleet.redis_url: issue 11 "
+                    "item 2, the fleet branch)")
+
+
+def test_compose_fleet_overlay_joins_every_replica_to_redis(compose: dict[str, Any]) -> None:
+    require_fleet_settings()
+    overlay = yaml.safe_load(COMPOSE_FLEET.read_text())
+    assert set(overlay["services"]) - set(compose["services"]) == {"redis"}
+    urls = set()
+    for name, service in online_services(compose).items():
+        extra = overlay["services"][name]  # compose merges it into the base service
+        settings = settings_from({**compose_env(service), **compose_env(extra)})
+        urls.add(settings.fleet.redis_url)
+        assert extra["depends_on"]["redis"]["condition"] == "service_healthy", name
+    (url,) = urls
+    parsed = urlparse(url)
+    assert (parsed.scheme, parsed.hostname, parsed.port) == ("redis", "redis", 6379), url
+    assert overlay["services"]["redis"]["image"].startswith("redis:7")
+
+
+def test_k8s_fleet_overlay_joins_every_replica_to_the_redis_service(
+        k8s: dict[str, Any]) -> None:
+    require_fleet_settings()
+    kustomization = yaml.safe_load((K8S_FLEET / "kustomization.yaml").read_text())
+    assert "../" in kustomization["resources"]
+    docs = {d["kind"]: d for r in kustomization["resources"] if r != "../"
+            for d in yaml.safe_load_all((K8S_FLEET / r).read_text()) if d}
+    (patch_file,) = [p["path"] for p in kustomization["patches"]]
+    patch = yaml.safe_load((K8S_FLEET / patch_file).read_text())
+    sts_name, sts = online_statefulset(k8s)
+    assert (patch["kind"], patch["metadata"]["name"]) == ("StatefulSet", sts_name)
+    (server,) = sts["spec"]["template"]["spec"]["containers"]
+    (patched,) = patch["spec"]["template"]["spec"]["containers"]
+    assert patched["name"] == server["name"]  # strategic merge by container name
+    env = container_env(k8s, "StatefulSet", sts_name,
+                        {**server, "env": server["env"] + patched["env"]})
+    url = urlparse(settings_from(env).fleet.redis_url)
+    service, deployment = docs["Service"], docs["Deployment"]
+    assert (url.scheme, url.hostname) == ("redis", service["metadata"]["name"])
+    (port,) = service["spec"]["ports"]
+    assert url.port == port["port"]
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    container_ports = {p["name"]: p["containerPort"]
+                       for c in pod["spec"]["containers"] for p in c["ports"]}
+    assert container_ports[port["targetPort"]] == port["port"]
