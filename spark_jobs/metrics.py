@@ -16,7 +16,9 @@ deterministic.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,15 +28,30 @@ ScoreFn = Callable[[np.ndarray], np.ndarray]
 """Maps an array of user row numbers (b,) to a dense score matrix (b, n_items)."""
 
 
+PARALLEL_MIN_CELLS = 2_000_000
+"""Score matrices at least this large are ranked in row chunks on a thread pool (numpy's
+partition releases the GIL): ranking is most of an evaluation's time at 10^4+ items."""
+
+
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k highest scores per row, best first (ties: lower index first)."""
     scores = np.asarray(scores)
+    if scores.size >= PARALLEL_MIN_CELLS and scores.shape[0] > 1:
+        workers = min(os.cpu_count() or 1, scores.shape[0], 8)
+        if workers > 1:
+            chunks = np.array_split(scores, 4 * workers)
+            with ThreadPoolExecutor(workers) as pool:
+                return np.vstack(list(pool.map(lambda c: _top_k(c, k), chunks)))
+    return _top_k(scores, k)
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     n = scores.shape[1]
     k = min(k, n)
     if k <= 0:
         return np.empty((scores.shape[0], 0), dtype=np.int64)
     if k < n:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part = np.argpartition(scores, n - k, axis=1)[:, n - k:]
     else:
         part = np.broadcast_to(np.arange(n), scores.shape).copy()
     part_scores = np.take_along_axis(scores, part, axis=1)

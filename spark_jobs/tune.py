@@ -72,6 +72,8 @@ BLEND_N0 = (3.0, 10.0, 30.0, 100.0, 1000.0)
 """n0 of w(n) = beta n0 / (n0 + n): small values favour popularity only for short histories,
 large ones make it a near-constant popularity bias (the shrinkage of frequency-scaled lambda
 under-ranks popular items; a constant bias restores them)."""
+BLEND_EVALS = len(BLEND_BETAS) - 1 + len(BLEND_N0) - 1 + 2
+"""Evaluations of the blend's coordinate search (`choose_blend`)."""
 LAMBDA_AT_MEDIAN = (0.03, 300.0)
 """Range of the effective lambda of a median-length history (log-uniform)."""
 ALPHA = (0.3, 30.0)
@@ -226,12 +228,21 @@ def search(log: EventLog, settings: Settings, test: Holdout, *,
     trials: list[Trial] = []
     best: dict[str, Any] = {"trial": None, "scored": None}
 
+    def blend_reserve() -> float:
+        """Budget kept for the blend search: its evaluations score like a trial, without
+        the fit (estimated from the defaults trial)."""
+        if not settings.blend.enabled or not trials:
+            return 0.0
+        first = trials[0]
+        score_share = 1.0 - first.fit_seconds / first.seconds if first.seconds else 1.0
+        return BLEND_EVALS * first.budget_seconds * max(0.0, score_share)
+
     def budget_left(share: float = 1.0) -> bool:
-        """Room for another trial within `share` of the budget (the last one's length
-        is the estimate of the next)."""
+        """Room for another trial within `share` of the budget, less the blend's reserve
+        (the last trial's length is the estimate of the next)."""
         last = trials[-1].budget_seconds if trials else 0.0
         return (len(trials) < cfg.max_trials
-                and (now() - t0) + last <= share * cfg.budget_s)
+                and (now() - t0) + last <= share * cfg.budget_s - blend_reserve())
 
     def run_trial(stage: str, recipe: Recipe) -> None:
         trial = Trial(len(trials), stage, recipe)
@@ -305,18 +316,37 @@ def refine(run_trial: Any, best: dict[str, Any], budget_left: Any, key: str,
 
 def choose_blend(scored: Any, matrix: Any, test: Any, recipe: Recipe, metric: str,
                  ks: Sequence[int], users: np.ndarray) -> tuple[Recipe, dict[str, Any]]:
-    """The (beta, n0) of the grid that scores best on validation, with the trial's factors."""
+    """The blend (beta, n0) that scores best on validation, with the trial's factors.
+
+    Coordinate search: beta over BLEND_BETAS at the default n0, n0 over BLEND_N0 at the
+    best beta, then beta's two neighbours at the best n0 (at most BLEND_EVALS evaluations,
+    not the whole grid). beta = 0 is the trial's own score.
+    """
     grid: list[dict[str, Any]] = []
-    best_b, best_v = BlendParams(), -1.0
-    for beta in BLEND_BETAS:
-        for n0 in (BLEND_N0 if beta > 0 else (BlendParams().n0,)):
-            b = BlendParams(beta, n0)
-            res = evaluate_ranking(recipe_scorer(scored.fitted, matrix, b), matrix, test, ks,
-                                   users=users, batch_size=score_batch_size(matrix.shape[1]))
-            v = res.metrics[metric]
-            grid.append({"beta": beta, "n0": n0, metric: round(v, 6)})
-            if v > best_v + 1e-9:
-                best_b, best_v = b, v
+    default_n0 = BlendParams().n0
+    best_b, best_v = BlendParams(), float(scored.result.metrics[metric])
+    grid.append({"beta": 0.0, "n0": default_n0, metric: round(best_v, 6)})
+
+    def consider(b: BlendParams) -> None:
+        nonlocal best_b, best_v
+        res = evaluate_ranking(recipe_scorer(scored.fitted, matrix, b), matrix, test, ks,
+                               users=users, batch_size=score_batch_size(matrix.shape[1]))
+        v = res.metrics[metric]
+        grid.append({"beta": b.beta, "n0": b.n0, metric: round(v, 6)})
+        if v > best_v + 1e-9:
+            best_b, best_v = b, v
+
+    for beta in BLEND_BETAS[1:]:
+        consider(BlendParams(beta, default_n0))
+    if best_b.active:
+        for n0 in BLEND_N0:
+            if n0 != default_n0:
+                consider(BlendParams(best_b.beta, n0))
+    if best_b.n0 != default_n0:  # n0 changed what beta means: its neighbours once more
+        i = BLEND_BETAS.index(best_b.beta)
+        for beta in BLEND_BETAS[max(1, i - 1):i + 2]:
+            if beta != best_b.beta:
+                consider(BlendParams(beta, best_b.n0))
     return Recipe(recipe.strength, recipe.train, best_b), {"grid": grid,
                                                           "chosen": best_b.to_dict()}
 

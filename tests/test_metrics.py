@@ -110,3 +110,15 @@ def test_bad_arguments():
         evaluate_ranking(lambda r: r, sp.csr_matrix((2, 3)), sp.csr_matrix((2, 4)), [1])
     with pytest.raises(ValueError, match="cut-offs"):
         evaluate_ranking(lambda r: r, sp.csr_matrix((2, 3)), sp.csr_matrix((2, 3)), [0])
+
+
+def test_top_k_of_a_large_matrix_matches_a_full_sort():
+    # large enough for the chunked, threaded path; distinct scores so the order is unique
+    rng = np.random.default_rng(3)
+    s = rng.permutation(600 * 4000).reshape(600, 4000).astype(np.float64)
+    s[:, 17] = -np.inf  # an excluded (already seen) item never ranks
+    expected = np.argsort(-s, axis=1, kind="stable")[:, :50]
+    got = top_k(s, 50)
+    assert got.shape == (600, 50)
+    assert np.array_equal(got, expected)
+    assert not (got == 17).any()
