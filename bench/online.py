@@ -313,9 +313,12 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
             write_payloads(batch_file, _batch_requests(singles, BATCH))
             if True:  # per size, right before the server run: same box conditions
                 with EchoProc() as echo:
+                    echo_cpu0 = _server_cpu(echo.proc.pid)
                     e = run_loadgen(echo.target, ECHO, payload_file,
                                     concurrency=list(concurrency), duration=duration,
                                     max_requests=max_requests)
+                    echo_cpu_ms = (_server_cpu(echo.proc.pid) - echo_cpu0) * 1000 / max(
+                        1, sum(lv["requests"] for lv in e["levels"]))
                 echo_results = {lv["concurrency"]: lv for lv in e["levels"]}
                 curves["echo (gRPC ceiling)"] = [(c, lv["rps"], lv["p99_ms"])
                                                  for c, lv in echo_results.items()]
@@ -373,6 +376,9 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
             report.add(f"online.{tag}.server_cpu_ms_per_request",
                        cpu * 1000 / max(1, total_reqs), "ms CPU",
                        "raw FAISS search ms", faiss_ms)
+            report.add(f"online.{tag}.server_cpu_ms_per_request_vs_echo",
+                       cpu * 1000 / max(1, total_reqs), "ms CPU",
+                       "echo server CPU ms per request (same loads)", echo_cpu_ms)
             curves[f"Recommend {n_items:,} items"] = [(c, lv["rps"], lv["p99_ms"])
                                                      for c, lv in sorted(levels.items())]
             info: dict[str, Any] = {"index": idx, "fetch": fetch, "start_s": start_s,

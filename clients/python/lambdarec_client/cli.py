@@ -18,7 +18,8 @@ checked against; `--tls-cert` / `--tls-key` (LAMBDAREC_TLS_CERT / _KEY) a client
 certificate for servers that ask for one.
 
 Exit status: 0 done; 1 the server answered with an error (printed as {"error": ...}) or,
-for `ingest`, rejected some events; 2 bad input (a flag, an unreadable JSON lines file).
+for `ingest`, rejected some events, or for `health`, a status other than SERVING (so the
+command is a container health check); 2 bad input (a flag, an unreadable JSON lines file).
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def run_cli(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dict[str,
                 raise UsageError("upsert-items: give --file or --item")
             return to_dict(c.upsert_items(items)), 0
         if cmd == "health":
-            return {"status": c.health(args.service, admin=args.admin)}, 0
+            status = c.health(args.service, admin=args.admin)
+            return {"status": status}, 0 if status == "SERVING" else 1
         if cmd == "model-info":
             info = to_dict(c.model_info())
             info.pop("metrics_json", None)  # deprecated duplicate of metrics / baselines
