@@ -259,13 +259,15 @@ def _signal_all(pids: Sequence[int], sig: signal.Signals) -> None:
 
 def _wait_gone(sid: int, timeout_s: float, reap: subprocess.Popen[bytes] | None) -> bool:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if reap is not None:
-            reap.poll()
-        if not session_pids(sid):
-            return True
+    while session_pids(sid):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.2)
-    return not session_pids(sid)
+    # The parent can turn zombie between a poll and the /proc scan (zombies are not
+    # listed), so reap it now: a caller's Popen must carry its exit code.
+    if reap is not None:
+        reap.wait(timeout=5)
+    return True
 
 
 def stop(
