@@ -83,7 +83,8 @@ def reload_servers(settings: Settings, version: str) -> dict[str, str]:
 
     targets = settings.airflow.reload_targets or []
     outcome: dict[str, str] = notify_reload(targets, settings.server.admin_token, version,
-                                            timeout_s=60.0)["targets"]
+                                            timeout_s=60.0,
+                                            fleet_dir=settings.fleet.run_dir)["targets"]
     for target, result in outcome.items():
         if result.startswith("ok"):
             progress(f"reload: {target} now serves {version}")
