@@ -7,9 +7,12 @@ Each replica's addresses come from `fleet.json`, as an operator would read them.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +35,7 @@ pytestmark = [
         shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin"))),
         reason="redis-server and haproxy are installed by infra/scripts/ensure_system.sh"),
 ]
+ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "fleet-token"
 BOUND_S = 1.0  # the bound for cross-replica visibility
 
@@ -203,3 +207,40 @@ def test_kill_9_during_ingest_loses_and_duplicates_nothing(fleet: Fleet) -> None
 @pytest.mark.reliability
 def test_kill_9_ten_times_during_ingest(fleet: Fleet) -> None:
     kill_during_ingest(fleet, kills=10)
+
+
+def test_make_run_replicas_starts_and_ctrl_c_stops_the_whole_fleet(tmp_path: Path) -> None:
+    online_bundles.build(tmp_path / "models", "v1")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LAMBDAREC")},
+           **fleet_env(tmp_path)}
+    bad = subprocess.run([sys.executable, "-m", "online.run", "--replicas", "0"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, check=False)
+    assert (bad.returncode, bad.stderr.strip()) == (2, "error: REPLICAS: must be at least 1, "
+                                                       "got 0")
+    proc = subprocess.Popen([sys.executable, "-m", "online.run", "--replicas", "2"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        started = next((json.loads(line) for line in proc.stdout
+                        if line.startswith("{") and '"fleet"' in line), None)
+        assert started is not None, "the fleet never came up"
+        state = read_fleet(tmp_path / "run")
+        assert state == started["fleet"]
+        pids = [r["pid"] for r in state["replicas"]] + [state["front_door"]["pid"],
+                                                        state["redis"]["pid"]]
+        with Client(state["front_door"]["grpc"], timeout=10.0) as c:
+            assert c.ingest([{"event_id": "cc-1", "user_id": "cc", "item_id": "A1",
+                              "event_type": "view"}]).accepted == 1
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    for pid in pids:  # every part of the fleet is gone, not left running
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    assert Lake(tmp_path / "lake").read("bronze_events", columns=["event_id"]) \
+        .column("event_id").to_pylist() == ["cc-1"]  # flushed on the way out
+    assert not (tmp_path / "run" / FLEET_FILE).exists()
