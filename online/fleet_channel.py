@@ -101,25 +101,26 @@ class FleetChannel:
         self._floor: Callable[[str], int] = lambda node: 0
         self._floors: dict[bytes, int] = {}
         self._applied: dict[bytes, OrderedDict[int, None]] = {}
-        self._start_ms = 0
+        self._start_ms = 0  # upserts / erasures older than this are in the loaded lake
         self._threads: list[threading.Thread] = []
         self.published = self.applied = self.skipped = self.dropped = self.apply_errors = 0
         self.connected = False
         self.last_error: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self, floor: Callable[[str], int]) -> None:
-        """Start publishing and reading. `floor(node_id)`: that node's bronze
-        app-transaction version in the lake snapshot this replica warm-started from (its
-        events up to that WAL seq are already in our state)."""
+    def start(self, floor: Callable[[str], int], since_ms: int) -> None:
+        """Start publishing and reading.
+
+        Args:
+            floor: `floor(node_id)` is that node's bronze app-transaction version in the
+                lake snapshot this replica warm-started from (its events up to that WAL
+                seq are already in our state).
+            since_ms: when this replica began loading the catalogue and erasures from the
+                lake (Unix ms; stream ids carry Redis' clock, so the clocks must agree):
+                older upserts and erasures are in what it loaded.
+        """
         self._floor = floor
-        try:
-            sec, usec = self._sub.time()
-            self._start_ms = sec * 1000 + usec // 1000
-            self.connected = True
-        except self._errors as exc:  # Redis down at start: our clock stands in for its
-            self._start_ms = int(time.time() * 1000)
-            self._note_error(exc)
+        self._start_ms = since_ms
         for name, target in (("fleet-publish", self._publish_loop),
                              ("fleet-read", self._read_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)

@@ -20,6 +20,7 @@ import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from concurrent import futures  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -88,6 +89,7 @@ class OnlineServer:
     _stopped: threading.Event = field(default_factory=threading.Event)
     fleet: FleetChannel | None = None
     bronze_floor: Callable[[str], int] = lambda node: 0
+    created_ms: int = 0  # before the catalogue and erasures were read from the lake
 
     def start(self) -> None:
         if self.metrics_enabled:  # first: a busy port fails before anything else started
@@ -101,7 +103,7 @@ class OnlineServer:
                                       ReplicaApplier(self.engine, self.ingest.inner))
             self.ingest.attach(self.fleet)
             self.engine.catalog.published = self.fleet.publish_items
-            self.fleet.start(self.bronze_floor)
+            self.fleet.start(self.bronze_floor, self.created_ms)
         self.grpc_server.start()
         self.admin_server.start()
         for h in (self.health, self.admin_health):
@@ -227,6 +229,7 @@ def create_server(
         threads: set FAISS/BLAS to one thread in this process.
     """
     srv = settings.server
+    created_ms = int(time.time() * 1000)
     # Before anything is built or written: a busy port is one clear line, not a traceback.
     for setting, port in (("server.port", srv.port), ("server.admin_port", srv.admin_port)):
         ensure_free(srv.host, port, setting)
@@ -269,7 +272,8 @@ def create_server(
     admin = _make_grpc_server(settings, 2, ServiceInterceptor(
         m, admin_token=srv.admin_token, undecodable_log=undecodable_log))
     server = OnlineServer(settings, public, admin, public_health, admin_health, manager,
-                          engine, ingest, m, lake, metrics_enabled=metrics)
+                          engine, ingest, m, lake, metrics_enabled=metrics,
+                          created_ms=created_ms)
 
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(settings, engine, ingest, m), public)

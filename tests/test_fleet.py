@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ from lambdarec_client import Client
 
 from lake.config import load_settings
 from lake.tables import Lake
+from lake.training_cut import TrainingCut
 from online.fleet import FLEET_FILE, Fleet, free_port, read_fleet
-from online.notify import fleet_targets
+from online.notify import fleet_targets, notify_reload
 from online.pb import recommender_pb2 as pb
 from tests import online_bundles
 
@@ -56,13 +58,18 @@ def fleet_env(tmp: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    online_bundles.build(tmp_path / "models", "v1")
-    env = fleet_env(tmp_path)
+def start_fleet(tmp: Path, **env_over: str) -> Fleet:
+    env = {**fleet_env(tmp), **env_over}
     base = {k: v for k, v in os.environ.items() if not k.startswith("LAMBDAREC")}
     f = Fleet(load_settings(env=env), 2, env={**base, **env, "OMP_NUM_THREADS": "1"})
     f.start(timeout_s=180)
+    return f
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    online_bundles.build(tmp_path / "models", "v1")
+    f = start_fleet(tmp_path)
     try:
         yield f
     finally:
@@ -112,9 +119,15 @@ def test_one_truth_across_replicas_through_one_address(fleet: Fleet) -> None:
         reps[0].forget_user("n1")
         within(BOUND_S, lambda: reps[1].recommend("uB0", k=3).strategy == pb.STRATEGY_FALLBACK)
         within(BOUND_S, lambda: reps[1].recommend("n1", k=3).strategy == pb.STRATEGY_FALLBACK)
-        # a reload aimed at the front door's admin address reaches every replica
+        # a published model reaches every replica: the reload aimed at the front door's
+        # admin address (make pipeline's default target) goes to each of them
         assert fleet_targets([state["front_door"]["admin"], "10.0.0.9:1"], fleet.run_dir) == \
             [r["admin"] for r in state["replicas"]] + ["10.0.0.9:1"]
+        online_bundles.build(fleet.settings.model.dir, "v2")
+        out = notify_reload([state["front_door"]["admin"]], TOKEN, None,
+                            fleet_dir=fleet.run_dir)
+        assert sorted(out["targets"]) == sorted(r["admin"] for r in state["replicas"])
+        assert [c.model_info().model_version for c in reps] == ["v2", "v2"]
         kept = front.ingest([{"event_id": f"n2-{i}", "user_id": "n2", "item_id": f"A{i}",
                               "event_type": "view"} for i in range(3)])
         assert kept.accepted == 3
@@ -147,6 +160,37 @@ def test_ingest_goes_on_without_redis_and_peers_catch_up(fleet: Fleet) -> None:
     finally:
         for c in reps:
             c.close()
+
+
+def test_a_restarted_replica_catches_up_from_its_wal_and_the_stream(tmp_path: Path) -> None:
+    yesterday = datetime.now(UTC) - timedelta(days=1)  # the model learned nothing of today
+    online_bundles.build(tmp_path / "models", "v1",
+                         manifest=TrainingCut(yesterday, yesterday).to_manifest())
+    f = start_fleet(tmp_path, LAMBDAREC__SERVER__FLUSH_INTERVAL_S="3600")  # nothing flushes
+    state = read_fleet(f.run_dir)
+    assert state is not None
+    reps = clients(state)
+    try:
+        reps[0].ingest([{"event_id": "p1-1", "user_id": "p1", "item_id": "C4",
+                         "event_type": "purchase"}])  # only in replica 0's WAL and the stream
+        reps[1].ingest([{"event_id": "p2-1", "user_id": "p2", "item_id": "A4",
+                         "event_type": "purchase"}])  # only in replica 1's WAL and the stream
+        within(BOUND_S, lambda: ids(reps[1].recommend("p1", k=4)) == ["C0", "C1", "C2", "C3"])
+        victim = f.members[1]
+        assert victim.proc is not None
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        within(30.0, lambda: victim.restarts == 1)
+        f.wait_replica(1, timeout_s=120)
+        # p1 from the stream (replica 0 has not flushed it), p2 from its own WAL replay
+        assert ids(reps[1].recommend("p1", k=4)) == ["C0", "C1", "C2", "C3"]
+        assert ids(reps[1].recommend("p2", k=4)) == ["A0", "A1", "A2", "A3"]
+        assert ids(reps[0].recommend("p2", k=4)) == ["A0", "A1", "A2", "A3"]
+    finally:
+        for c in reps:
+            c.close()
+        f.stop()
+    got = Lake(tmp_path / "lake").read("bronze_events", columns=["event_id"])
+    assert sorted(got.column("event_id").to_pylist()) == ["p1-1", "p2-1"]
 
 
 def kill_during_ingest(fleet: Fleet, kills: int) -> dict[str, int]:
