@@ -153,6 +153,15 @@ def test_ingest_goes_on_without_redis_and_peers_catch_up(fleet: Fleet) -> None:
                                "event_type": "purchase"}])
         assert out.accepted == 1  # acknowledged: WAL-durable, Redis not needed
         assert ids(reps[0].recommend("r1", k=4)) == ["C0", "C1", "C2", "C3"]
+        # through the front door a user's calls stay on one replica (x-lambdarec-user), so
+        # read-your-writes holds without the channel; round robin would miss half the time
+        with Client(state["front_door"]["grpc"], timeout=10.0) as front:
+            for u in range(6):
+                front.ingest([{"event_id": f"aff{u}", "user_id": f"aff{u}", "item_id": "B5",
+                               "event_type": "purchase"}])
+                for _ in range(4):
+                    assert front.recommend(f"aff{u}", k=2).strategy == \
+                        pb.STRATEGY_PERSONALISED
         time.sleep(1.0)
         assert reps[1].recommend("r1", k=4).strategy == pb.STRATEGY_FALLBACK  # degraded
         fleet.redis.start()  # same port: the buffered entry is sent, the reader resumes
