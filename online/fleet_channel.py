@@ -55,8 +55,10 @@ def _micros(ts: datetime) -> int:
 
 
 def encode_events(events: Sequence[Mapping[str, Any]]) -> bytes:
-    """The fields the online state folds in, as compact JSON (timestamps in µs)."""
-    rows = [[e["user_id"], e["item_id"], e["event_type"], e.get("value"), _micros(e["ts"]),
+    """The id and the fields the online state folds in, as compact JSON (timestamps
+    in µs)."""
+    rows = [[e["event_id"], e["user_id"], e["item_id"], e["event_type"], e.get("value"),
+             _micros(e["ts"]),
              _micros(e["received_at"]) if e.get("received_at") is not None else None]
             for e in events]
     return json.dumps(rows, separators=(",", ":")).encode()
@@ -64,8 +66,9 @@ def encode_events(events: Sequence[Mapping[str, Any]]) -> bytes:
 
 def decode_events(data: bytes) -> list[dict[str, Any]]:
     out = []
-    for user, item, etype, value, ts, received in json.loads(data):
-        out.append({"user_id": user, "item_id": item, "event_type": etype, "value": value,
+    for event_id, user, item, etype, value, ts, received in json.loads(data):
+        out.append({"event_id": event_id, "user_id": user, "item_id": item,
+                    "event_type": etype, "value": value,
                     "ts": datetime.fromtimestamp(ts / 1e6, UTC),
                     "received_at": None if received is None
                     else datetime.fromtimestamp(received / 1e6, UTC)})
@@ -310,6 +313,9 @@ class ReplicaApplier:
         self.ingest = ingest  # the unwrapped pipeline: applying must not publish again
 
     def apply_events(self, events: Sequence[Mapping[str, Any]]) -> Any:
+        # A client resending these ids here (its call to the peer failed) gets "duplicate":
+        # the peer's WAL already brings them to bronze.
+        self.ingest.note_peer_events([e["event_id"] for e in events])
         return self.engine.apply_events(events)
 
     def apply_items(self, items: Sequence[Mapping[str, Any]]) -> Any:

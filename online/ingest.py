@@ -444,6 +444,11 @@ class IngestPipeline:
         return IngestResult(accepted=accepted, duplicates=duplicates, rejected=rejected,
                             seq=seq)
 
+    def note_peer_events(self, event_ids: list[str]) -> None:
+        """Ids another replica acknowledged (durable in its WAL, bound for bronze): from now
+        on a resend of one of them here is a duplicate, as if bronze already held it."""
+        self._committed_ids.add(event_ids)
+
     # -- flushing ----------------------------------------------------------------------------
     def _flush_loop(self) -> None:
         interval = self.server.flush_interval_s

@@ -111,6 +111,11 @@ def test_one_truth_across_replicas_through_one_address(fleet: Fleet) -> None:
         assert out.accepted == 1
         for c in reps:
             within(BOUND_S, lambda c=c: ids(c.recommend("n1", k=4)) == ["C0", "C1", "C2", "C3"])
+        # a client resending the acknowledged event to any replica gets "duplicate" there
+        for c in reps:
+            again = c.ingest([{"event_id": "n1-1", "user_id": "n1", "item_id": "C4",
+                               "event_type": "purchase"}])
+            assert (again.accepted, again.duplicates) == (0, 1)
         # availability changed on replica 1 is applied by replica 0
         assert reps[1].upsert_items([{"item_id": "B2", "available": False}]).upserted == 1
         within(BOUND_S, lambda: ids(reps[0].recommend("uB0", k=3)) == ["B3", "B4", "B5"])
