@@ -18,14 +18,22 @@ REPLICAS ?= 1
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
+# One line per phase (pip's own output is hundreds of lines, -q is silent for minutes);
+# pip's errors still reach stderr in full.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
+	@echo "[setup 1/4] system packages: Java >= 17, OpenMP, BLAS, Chromium (apt when root)"
 	@$(MAKE) --no-print-directory java
-	$(PYTHON_BOOT) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@echo "installing the client package and lambdarec (~2 min on a cold cache)..."
-	$(PY) -m pip install --progress-bar on -e ./clients/python -e '.[dev]' \
-		| grep -E '^(Collecting|Successfully|ERROR)' ; exit $${PIPESTATUS[0]}
+	@echo "[setup 2/4] virtualenv $(VENV) from $(PYTHON_BOOT)"
+	@$(PYTHON_BOOT) -m venv $(VENV)
+	@echo "[setup 3/4] upgrading pip"
+	@$(PY) -m pip install -q --upgrade pip
+	@echo "[setup 4/4] installing lambdarec-client and lambdarec with dev tools (~2 min on a cold cache)"
+	@$(PY) -m pip install -e ./clients/python -e '.[dev]' | awk \
+		'/^Collecting/ { if (++n % 25 == 0) { print "  " n " packages resolved..."; fflush() } } \
+		 /^Installing collected/ { print "  installing " n " packages..."; fflush() } \
+		 /^Successfully installed/ { print "  installed" }'; exit $${PIPESTATUS[0]}
 	@touch $(STAMP)
+	@echo "[setup] done: $(VENV)"
 
 setup: $(STAMP) protos ## Create the venv and install everything (idempotent)
 
@@ -60,8 +68,8 @@ pipeline: setup ## Run the batch pipeline end to end (DATA=synthetic|ml-100k|ml-
 bench: setup ## Benchmarks: writes bench/results/<timestamp>/report.md
 	$(PY) -m bench.run
 
-airflow: setup ## Start Airflow standalone with this project's DAGs (Ctrl-C stops it)
-	$(PY) -m infra.airflow_standalone
+airflow: setup ## Start Airflow standalone with this project's DAGs (PORT=8080; Ctrl-C stops it)
+	$(PY) -m infra.airflow_standalone $(if $(PORT),--port $(PORT),)
 
 sql: setup ## Run SQL over the lake: make sql Q="SELECT count(*) FROM bronze_events"
 	$(PY) -m lake.sql "$(Q)"

@@ -6,12 +6,11 @@ from __future__ import annotations
 import atexit
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.fixtures import CACHE_DIR
+from bench.fixtures import scratch_dir
 
 _RUNS: dict[str, dict[str, Any]] = {}
 SYNTHETIC_10M = {"synthetic_events": 10_000_000, "synthetic_users": 200_000,
@@ -35,7 +34,7 @@ def pipeline_for(data: str) -> dict[str, Any]:
     from lake.config import load_settings
     from spark_jobs import pipeline
 
-    root = Path(tempfile.mkdtemp(prefix=f"pipeline-{data}-", dir=CACHE_DIR))
+    root = scratch_dir(f"pipeline-{data}-")
     atexit.register(shutil.rmtree, root, True)
     over: dict[str, Any] = {"lake": {"root": str(root / "lake")},
                             "model": {"dir": str(root / "models")},

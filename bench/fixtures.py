@@ -36,6 +36,14 @@ N_CATEGORIES = 50
 BUNDLE_VERSION = "vbench"
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A new empty directory under `CACHE_DIR`, which is created first: on a fresh clone
+    `var/bench` does not exist yet, and every section's scratch space lives there (the same
+    disk as the lake and WAL they measure)."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=CACHE_DIR))
+
+
 def category_of_cluster(c: int | np.ndarray) -> np.ndarray | str:
     if isinstance(c, np.ndarray):
         return np.char.add("cat", (c % N_CATEGORIES).astype(str))
@@ -200,7 +208,7 @@ def wait_serving(target: str, proc: subprocess.Popen, timeout: float, log_path: 
 def running_server(bb: BenchBundle, *, startup_timeout: float = 300.0,
                    workers: int | None = None) -> Iterator[ServerProc]:
     """`python -m online.server` on a fresh tmp lake (catalogue) + WAL, serving `bb`."""
-    work = Path(tempfile.mkdtemp(prefix="lambdarec-bench-", dir=CACHE_DIR))
+    work = scratch_dir("lambdarec-bench-")
     try:
         write_catalog(work / "lake", bb.world()["item_cluster"])
         port, admin = free_port(), free_port()

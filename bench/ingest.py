@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.fixtures import CACHE_DIR, ensure_bundle, running_server
+from bench.fixtures import ensure_bundle, running_server, scratch_dir
 from bench.report import Report
 
 INGEST = "/lambdarec.v1.Recommender/IngestEvents"
@@ -113,7 +112,7 @@ def run(report: Report, *, total_events: int = 50_000, n_items: int = 100_000,
     from bench.loadgen import write_payloads
     from bench.online import run_loadgen
 
-    base = Path(tempfile.mkdtemp(prefix="ingest-", dir=CACHE_DIR))  # same disk as the WAL
+    base = scratch_dir("ingest-")  # same disk as the WAL
     out: dict[str, Any] = {}
     rows = []
     try:

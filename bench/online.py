@@ -25,9 +25,9 @@ import cProfile
 import io
 import json
 import pstats
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,13 +36,13 @@ from typing import Any
 import numpy as np
 
 from bench.fixtures import (
-    CACHE_DIR,
     BenchBundle,
     category_of_cluster,
     ensure_bundle,
     free_port,
     percentiles,
     running_server,
+    scratch_dir,
     thread_env,
     wait_serving,
 )
@@ -150,7 +150,7 @@ class EchoProc:
     def __init__(self) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
-        self.log = Path(tempfile.mkstemp(prefix="echo-", suffix=".log", dir=CACHE_DIR)[1])
+        self.log = scratch_dir("echo-") / "echo.log"
 
     def __enter__(self) -> EchoProc:
         with self.log.open("wb") as f:
@@ -165,7 +165,7 @@ class EchoProc:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
-        self.log.unlink(missing_ok=True)
+        shutil.rmtree(self.log.parent, ignore_errors=True)
 
 
 def _wait_port(target: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -229,7 +229,7 @@ def in_process(bb: BenchBundle, workload: dict[str, Any], n: int,
     from online.server import create_server
     from online.service import event_to_dict  # noqa: F401  (same normalisation path)
 
-    tmp = Path(tempfile.mkdtemp(prefix="inproc-", dir=CACHE_DIR))
+    tmp = scratch_dir("inproc-")
     try:
         from bench.fixtures import write_catalog
 
@@ -271,8 +271,6 @@ def in_process(bb: BenchBundle, workload: dict[str, Any], n: int,
                 "kinds": {k: percentiles(v) for k, v in kinds.items()},
                 "profile": "\n".join(lines[start:start + profile_top + 1])}
     finally:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -292,7 +290,7 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
         n_known_with_events: int = 2000, n_requests: int = 5000,
         profile: bool = True) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    work = Path(tempfile.mkdtemp(prefix="online-", dir=CACHE_DIR))
+    work = scratch_dir("online-")
     rows = []
     curves: dict[str, list[tuple[int, float, float]]] = {}
     verdicts = []
@@ -315,9 +313,12 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
             write_payloads(batch_file, _batch_requests(singles, BATCH))
             if True:  # per size, right before the server run: same box conditions
                 with EchoProc() as echo:
+                    echo_cpu0 = _server_cpu(echo.proc.pid)
                     e = run_loadgen(echo.target, ECHO, payload_file,
                                     concurrency=list(concurrency), duration=duration,
                                     max_requests=max_requests)
+                    echo_cpu_ms = (_server_cpu(echo.proc.pid) - echo_cpu0) * 1000 / max(
+                        1, sum(lv["requests"] for lv in e["levels"]))
                 echo_results = {lv["concurrency"]: lv for lv in e["levels"]}
                 curves["echo (gRPC ceiling)"] = [(c, lv["rps"], lv["p99_ms"])
                                                  for c, lv in echo_results.items()]
@@ -375,6 +376,9 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
             report.add(f"online.{tag}.server_cpu_ms_per_request",
                        cpu * 1000 / max(1, total_reqs), "ms CPU",
                        "raw FAISS search ms", faiss_ms)
+            report.add(f"online.{tag}.server_cpu_ms_per_request_vs_echo",
+                       cpu * 1000 / max(1, total_reqs), "ms CPU",
+                       "echo server CPU ms per request (same loads)", echo_cpu_ms)
             curves[f"Recommend {n_items:,} items"] = [(c, lv["rps"], lv["p99_ms"])
                                                      for c, lv in sorted(levels.items())]
             info: dict[str, Any] = {"index": idx, "fetch": fetch, "start_s": start_s,
@@ -414,8 +418,6 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
                 + (f"; errors {errors}" if errors else ""))
             summary[tag] = info
     finally:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     table = ["| items | concurrency | Recommend req/s | p50 ms | p95 ms | p99 ms | "
              "echo req/s | echo p99 ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -94,6 +94,30 @@ def _sections(quick: bool, big_training: bool,
             "training": training, "accuracy": accuracy, "ann": ann, "scaling": scaling}
 
 
+def run_sections(funcs: dict[str, Callable[[Report], Any]], report: Report
+                 ) -> tuple[list[tuple[str, float]], list[str]]:
+    """Run each section in order; one that raises is reported as FAILED (its traceback on
+    stderr, a note in the report) and the others still run. Returns (timings, failed)."""
+    timings: list[tuple[str, float]] = []
+    failed: list[str] = []
+    for name, func in funcs.items():
+        print(f"[bench] section {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            func(report)
+        except Exception as exc:  # noqa: BLE001 - one failed section must not lose the rest
+            traceback.print_exc()
+            failed.append(name)
+            report.note(f"Section {name} FAILED", f"```\n{type(exc).__name__}: {exc}\n```")
+            outcome = f"FAILED ({type(exc).__name__}: {exc})"
+        else:
+            outcome = "done"
+        took = time.perf_counter() - t0
+        timings.append((name, took))
+        print(f"[bench] section {name} {outcome} in {took:.0f} s", file=sys.stderr, flush=True)
+    return timings, failed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,27 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     report = Report()
     funcs = _sections(args.quick, args.big_training, args.big_scaling)
-    timings, failed = [], []
-    for name in SECTIONS:
-        if name not in chosen:
-            continue
-        print(f"[bench] section {name} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        try:
-            funcs[name](report)
-        except Exception as exc:  # noqa: BLE001 - one failed section must not lose the rest
-            traceback.print_exc()
-            failed.append(name)
-            report.note(f"Section {name} FAILED", f"```\n{type(exc).__name__}: {exc}\n```")
-        took = time.perf_counter() - t0
-        timings.append((name, took))
-        print(f"[bench] section {name} done in {took:.0f} s", file=sys.stderr, flush=True)
+    timings, failed = run_sections({n: funcs[n] for n in SECTIONS if n in chosen}, report)
     report.note("Run", "\n".join(
         [f"- mode: {'quick' if args.quick else 'full'}; sections: {', '.join(chosen)}"]
         + [f"- {n}: {t:.0f} s" for n, t in timings]
         + ([f"- FAILED: {', '.join(failed)}"] if failed else [])))
     path = report.write()
     print(f"[bench] report: {path}", file=sys.stderr, flush=True)
+    if failed:
+        print(f"[bench] FAILED: {', '.join(failed)}", file=sys.stderr, flush=True)
     return 1 if failed else 0
 
 

@@ -33,7 +33,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import date
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.fixtures import CACHE_DIR
+from bench.fixtures import scratch_dir
 from bench.report import Report
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -200,11 +199,10 @@ def growth_exponent(events: tuple[int, int], seconds: tuple[float, float]) -> fl
 
 def run(report: Report, *, sizes: tuple[str, ...] = ("200k", "2m")) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
     for name in sizes:
         spec = SIZES[name]
         n = spec["synthetic_events"]
-        root = Path(tempfile.mkdtemp(prefix=f"scaling-{name}-", dir=CACHE_DIR))
+        root = scratch_dir(f"scaling-{name}-")
         try:
             env = _env(root, spec)
             print(f"[bench] scaling {name}: first run ...", file=sys.stderr, flush=True)

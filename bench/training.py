@@ -16,15 +16,13 @@ the accuracy section.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.datasets import data_available, pipeline_for
-from bench.fixtures import CACHE_DIR
+from bench.fixtures import scratch_dir
 from bench.report import Report
 
 
@@ -49,7 +47,7 @@ def _export(settings: Any, version: str) -> float:
     from spark_jobs.staging import load_staged
 
     model = load_staged(settings.model.dir, version)
-    out = Path(tempfile.mkdtemp(prefix="export-", dir=CACHE_DIR))
+    out = scratch_dir("export-")
     try:
         t0 = time.perf_counter()
         write_bundle(out, version, user_ids=model.user_ids, item_ids=model.item_ids,

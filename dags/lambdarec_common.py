@@ -32,6 +32,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 
 from lake.config import PROJECT_ROOT, Settings, load_settings
 from online.notify import notify_reload  # noqa: F401 - the DAGs' reload step
+from online.tls import own_client_tls  # noqa: F401 - reaching TLS servers
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +73,20 @@ def model_version_for(dag_id: str, run_id: str, as_of: date) -> str:
 
 
 def as_of_for(
-    logical_date: datetime | None, run_after: datetime | None, override: str | None = None
+    logical_date: datetime | None, run_after: datetime | None, override: str | None = None,
+    event_bounds: tuple[date, date] | None = None,
 ) -> date:
     """The as-of date a run works on.
 
     * `override` (the `as_of` trigger param, `YYYY-MM-DD`) wins when given.
     * Scheduled runs use a daily data interval: the logical date is the start of the day
       being processed, so as-of = the logical date (the run starts after that day ends).
-    * Manual runs without a logical date (Airflow 3 REST / UI default) process the last
-      complete UTC day before the run: `run_after - 1 day`.
+    * Manual runs without a logical date (Airflow 3 REST / UI default) follow `make
+      pipeline`'s rule, `lake.as_of.default_as_of`: the last complete UTC day before the
+      run, or the last event date when the data (`event_bounds`) ends earlier.
     """
+    from lake.as_of import default_as_of
+
     if override:
         try:
             return date.fromisoformat(str(override)[:10])
@@ -91,7 +96,7 @@ def as_of_for(
         return logical_date.date()
     if run_after is None:
         raise ValueError("the DAG run has neither a logical date nor run_after")
-    return run_after.date() - timedelta(days=1)
+    return default_as_of(run_after, event_bounds)
 
 
 def plan_run(
@@ -102,12 +107,13 @@ def plan_run(
     run_after: datetime | None,
     params: Mapping[str, Any],
     models_dir: Path,
+    event_bounds: tuple[date, date] | None = None,
 ) -> dict[str, Any]:
     """As-of date and version for one run of `lambdarec_retrain` (pure; unit-tested).
 
     Compaction needs no dates: it rewrites the event dates bronze commits changed since
     the last compaction (`spark_jobs.compact`), late events included."""
-    as_of = as_of_for(logical_date, run_after, params.get("as_of"))
+    as_of = as_of_for(logical_date, run_after, params.get("as_of"), event_bounds)
     version = model_version_for(dag_id, run_id, as_of)
     return {
         "as_of": as_of.isoformat(),

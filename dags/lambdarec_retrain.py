@@ -18,6 +18,7 @@ from dags.lambdarec_common import (
     LambdarecSparkSubmitOperator,
     default_task_args,
     notify_reload,
+    own_client_tls,
     plan_run,
     settings,
 )
@@ -51,7 +52,8 @@ it has read).
 
 **Dates.** Scheduled daily with data intervals: the run for logical date D starts after D
 ends and processes as-of D. A manual trigger without a logical date processes yesterday
-(UTC); the `as_of` param overrides both.
+(UTC), or the last event date when the data ends earlier: the same rule as `make pipeline`
+(`lake.as_of`). The `as_of` param overrides both.
 
 **Version.** `v<as_of>-<hash of the run id>`: a cleared or retried task writes the same
 version again; a second run for the same date gets its own version.
@@ -76,15 +78,20 @@ def plan() -> dict[str, Any]:
     The version depends only on the DAG run (its id and as-of date), never on the
     attempt, so rerunning any task overwrites this run's own artefacts.
     """
+    from lake.as_of import event_date_bounds  # delta-rs: run time
+    from lake.tables import Lake
+
     ctx = get_current_context()
     dag_run = ctx["dag_run"]
+    cfg = settings()
     result = plan_run(
         dag_id=dag_run.dag_id,
         run_id=dag_run.run_id,
         logical_date=dag_run.logical_date,
         run_after=dag_run.run_after,
         params=ctx["params"],
-        models_dir=settings().model.dir,
+        models_dir=cfg.model.dir,
+        event_bounds=event_date_bounds(Lake.from_settings(cfg.lake)),
     )
     print(f"plan: {result}")
     return result
@@ -175,7 +182,8 @@ def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
         )
     cfg = settings()
     return notify_reload(cfg.airflow.reload_targets, cfg.server.admin_token,
-                         publish_result.get("version"), fleet_dir=cfg.fleet.run_dir)
+                         publish_result.get("version"), fleet_dir=cfg.fleet.run_dir,
+                         tls=own_client_tls(cfg.server))
 
 
 @dag(
@@ -264,7 +272,8 @@ def lambdarec_retrain() -> None:
         task_id="evaluate",
         job="evaluate",
         conn_id=_CONN,
-        application_args=["--as-of", _PLAN % "as_of", "--version", _PLAN % "version"],
+        application_args=["--as-of", _PLAN % "as_of", "--version", _PLAN % "version",
+                          "--gate-margin", "{{ params.gate_margin }}"],
         driver_memory=_S.spark.driver_memory,
         executor_memory=_S.spark.executor_memory,
         doc_md="Per-user holdout metrics (with bootstrap intervals) of the staged model's "

@@ -7,7 +7,13 @@ from typing import Any
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from dags.lambdarec_common import TAGS, default_task_args, notify_reload, settings
+from dags.lambdarec_common import (
+    TAGS,
+    default_task_args,
+    notify_reload,
+    own_client_tls,
+    settings,
+)
 
 DAG_ID = "lambdarec_rollback"
 
@@ -45,7 +51,8 @@ def notify(rollback_result: dict[str, Any]) -> dict[str, Any]:
     """Ask the online servers to hot-reload the model now named by CURRENT."""
     cfg = settings()
     return notify_reload(cfg.airflow.reload_targets, cfg.server.admin_token,
-                         rollback_result.get("version"), fleet_dir=cfg.fleet.run_dir)
+                         rollback_result.get("version"), fleet_dir=cfg.fleet.run_dir,
+                         tls=own_client_tls(cfg.server))
 
 
 @dag(

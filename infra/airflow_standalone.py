@@ -12,7 +12,11 @@ What it sets up (all through environment variables, nothing is written to airflo
   `AIRFLOW_CONN_SPARK_DEFAULT`, master `settings.spark.master` (`local[*]`) or
   `--spark-master spark://127.0.0.1:7077`.
 * The venv's `bin` first on PATH (`airflow standalone` spawns `airflow` from PATH and
-  hangs without it; the tasks find `spark-submit` there too).
+  hangs without it; the tasks find `spark-submit` there too), preceded by
+  `infra/airflow_bin/airflow`, which starts the scheduler and triggerer without their task
+  log servers: Airflow binds those to every interface (8793 / 8794) with no setting to
+  change it, and the API server reads the logs from AIRFLOW_HOME here. So everything
+  listens on 127.0.0.1 only.
 
 Stopping (see STACK.md): Airflow runs in its own session with SIGINT restored; Ctrl-C (or
 SIGTERM) on this launcher sends SIGINT to the standalone parent, which stops its
@@ -40,6 +44,7 @@ from typing import IO, Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_HOME = PROJECT_ROOT / "var" / "airflow"
 DAGS_FOLDER = PROJECT_ROOT / "dags"
+AIRFLOW_SHIM_DIR = PROJECT_ROOT / "infra" / "airflow_bin"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 USERNAME = "admin"
@@ -142,7 +147,10 @@ def airflow_env(cfg: StandaloneConfig, base: Mapping[str, str] | None = None) ->
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             f"AIRFLOW_CONN_{conn_id.upper()}": spark_connection(master),
-            "PATH": os.pathsep.join([bin_dir, *[p for p in path_parts if p != bin_dir]]),
+            "LAMBDAREC_AIRFLOW_EXECUTABLE": str(venv_bin() / "airflow"),
+            "PATH": os.pathsep.join([str(AIRFLOW_SHIM_DIR), bin_dir,
+                                     *[p for p in path_parts
+                                       if p not in (bin_dir, str(AIRFLOW_SHIM_DIR))]]),
             "PYTHONPATH": os.pathsep.join(
                 [str(PROJECT_ROOT), *[p for p in pythonpath if p != str(PROJECT_ROOT)]]
             ),

@@ -34,6 +34,8 @@ DEFAULT_CONFIG_FILE = PROJECT_ROOT / "infra" / "lambdarec.yaml"
 ENV_PREFIX = "LAMBDAREC__"
 
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase", "rating")
+DEFAULT_ADMIN_TOKEN = "change-me"
+"""The shipped admin token: a server started with it warns (anyone who read the docs has it)."""
 
 
 class ConfigError(ValueError):
@@ -242,8 +244,26 @@ class ServerSettings(_Strict):
     """Recommender service port (0 = any free port)."""
     admin_port: int = Field(default=50052, ge=0, le=65535)
     """Admin service port (ReloadModel, ModelInfo, ForgetUser)."""
-    admin_token: str = "change-me"
-    """Bearer token the admin service requires. Change it."""
+    admin_token: str = DEFAULT_ADMIN_TOKEN
+    """Bearer token the admin service requires. Change it (the server warns at start while
+    it is the default)."""
+    auth: Literal["keys", "none"] = "keys"
+    """Public service access: `keys` = every call (health checks aside) needs an access key
+    (`python -m online.keys`) holding the method's scope; while no key exists, a server bound
+    to loopback only runs open with a warning and any other refuses to start. `none` = open
+    to anyone who reaches the port (e.g. behind your own authenticating gateway)."""
+    keys_file: Path | None = None
+    """Access keys of the public service (sha256 hashes and scopes, never the keys), managed
+    by `python -m online.keys`; a running server picks up changes within a second. Null =
+    `<lake.root>/access_keys.json`, shared by every server on the lake."""
+    tls_cert: Path | None = None
+    """PEM certificate chain both gRPC ports serve TLS with (with `tls_key`); null =
+    plaintext. The console and reload notifications trust this file as their root."""
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`."""
+    tls_client_ca: Path | None = None
+    """PEM CA certificates: when set, callers must present a certificate one of them signed
+    (mutual TLS); the console and reload notifications present `tls_cert`."""
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     """Prometheus metrics HTTP port (0 disables)."""
     console_port: int = Field(default=8765, ge=0, le=65535)
@@ -291,6 +311,9 @@ class ServerSettings(_Strict):
     """A filter admitting at most this many items is searched exactly over its own rows."""
     recent_events_per_user: int = Field(default=500, ge=1)
     """Real-time interactions kept per user for fold-in."""
+    seen_items_per_user: int = Field(default=5000, ge=1)
+    """Most real-time "seen" item ids kept per user for exclude-seen (the oldest seen is
+    forgotten first): bounds memory against a user sending endless distinct items."""
     new_item_min_interactions: int = Field(default=3, ge=1)
     """Interactions before an unknown item is folded in and indexed."""
     seen_event_types: list[str] = Field(default_factory=lambda: list(EVENT_TYPES))
@@ -366,7 +389,11 @@ class Settings(_Strict):
         """Return a copy whose relative paths are anchored at `base` (the project root)."""
         data = self.model_dump()
         for section, key in (("lake", "root"), ("model", "dir"), ("server", "wal_dir"),
+                             ("server", "keys_file"), ("server", "tls_cert"),
+                             ("server", "tls_key"), ("server", "tls_client_ca"),
                              ("data", "dir"), ("fleet", "run_dir")):
+            if data[section][key] is None:
+                continue
             p = Path(data[section][key])
             data[section][key] = p if p.is_absolute() else (base / p)
         if data["airflow"]["reload_targets"] is None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy.linalg import LinAlgError, cho_factor, cho_solve
+from scipy.linalg.lapack import dposv
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,10 @@ def fold_in(
     a = gram + (y.T * (conf - 1.0)) @ y
     a[np.diag_indices(k)] += reg
     b = conf @ y
-    try:
-        x = cho_solve(cho_factor(a, lower=True, check_finite=False), b, check_finite=False)
-    except LinAlgError:
+    # Cholesky factor + solve in one LAPACK call (what scipy's cho_factor/cho_solve do, without
+    # their per-call Python checks: this runs on every Recommend with a basket context)
+    _, x, info = dposv(a, b, lower=1)
+    if info != 0:  # not positive definite: least squares instead
         x = np.linalg.lstsq(a, b, rcond=None)[0]
     return x.astype(np.float32)
 

@@ -8,12 +8,12 @@ There are no delta-spark jars on these machines, so Spark never sees `format("de
   that every file's directory agrees with the partition values in the Delta log; if any
   file does not, the table is read per partition and the values from the log are attached
   as literals. Either way nothing but the file list touches the driver.
-- `write_table` lets Spark write Parquet into a private staging directory under the table
-  root, moves the files into their hive-style partition directories, reads only their
-  footers (row counts, null counts, min/max) and commits them as one Delta transaction
-  with delta-rs: an append, or an overwrite of exactly the named partitions (or of the
-  whole table). Files that are not in the log are invisible to every Delta reader, so a
-  failure before the commit changes nothing.
+- `write_table` has the Spark tasks write Parquet (with pyarrow) into a private staging
+  directory under the table root, moves the files into their hive-style partition
+  directories, reads only their footers (row counts, null counts, min/max) and commits
+  them as one Delta transaction with delta-rs: an append, or an overwrite of exactly the
+  named partitions (or of the whole table). Files that are not in the log are invisible
+  to every Delta reader, so a failure before the commit changes nothing.
 
 On a cluster with delta-spark these two functions are the only code to swap for
 `spark.read.format("delta")` / `df.write.format("delta")`.
@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -364,6 +364,94 @@ def _parse_dirs(rel: Path, cols: Sequence[str]) -> dict[str, str | None]:
     return values
 
 
+STAGED_ROW_GROUP = 131_072
+"""Rows buffered per partition value before a task writes them as one Parquet row group."""
+STAGED_BUFFER_ROWS = 1_048_576
+"""Rows a task buffers over all its partition values before it writes them all out."""
+
+
+def write_staged(df: DataFrame, staging: Path, cols: Sequence[str]) -> int:
+    """Every Spark task writes its rows into `staging` with pyarrow: one Parquet file per
+    partition value it holds, in hive-style directories, rows in the task's order.
+
+    Spark's own partitioned Parquet writer costs ~11 ms a file here (Hadoop output
+    committer, checksum files): 10 of MovieLens-1M's 26 s compaction, with ~900 event
+    dates. pyarrow writes a small file in ~1 ms. As with Spark's writer, executors need
+    `staging` on a file system they share with the driver.
+
+    Returns:
+        The number of files written.
+    """
+    target = str(staging)
+    keys = list(cols)
+
+    def write(batches: Any) -> Any:
+        task = uuid.uuid4().hex
+        writers: dict[tuple[str, ...], pq.ParquetWriter] = {}
+        pending: dict[tuple[str, ...], list[pa.Table]] = {}
+        rows: dict[tuple[str, ...], int] = {}
+
+        def flush(key: tuple[str, ...]) -> None:
+            part = pa.concat_tables(pending.pop(key))
+            rows.pop(key)
+            w = writers.get(key)
+            if w is None:
+                d = os.path.join(target, *(f"{c}={v}" for c, v in zip(keys, key, strict=True)))
+                os.makedirs(d, exist_ok=True)
+                w = writers[key] = pq.ParquetWriter(os.path.join(d, f"part-{task}.parquet"),
+                                                    part.schema)
+            w.write_table(part, row_group_size=len(part) or None)
+
+        try:
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                t = pa.Table.from_batches([batch])
+                for key, part in _split_by_partition(t, keys):
+                    pending.setdefault(key, []).append(part)
+                    rows[key] = rows.get(key, 0) + part.num_rows
+                    if rows[key] >= STAGED_ROW_GROUP:
+                        flush(key)
+                if sum(rows.values()) >= STAGED_BUFFER_ROWS:
+                    for key in list(pending):
+                        flush(key)
+            for key in list(pending):
+                flush(key)
+        finally:
+            for w in writers.values():
+                w.close()
+        yield pa.RecordBatch.from_pydict({"files": pa.array([len(writers)], pa.int64())})
+
+    return sum(r["files"] for r in df.mapInArrow(write, "files long").collect())
+
+
+def _split_by_partition(t: pa.Table, cols: Sequence[str]) -> list[tuple[tuple[str, ...], pa.Table]]:
+    """(directory values, rows without the partition columns) per partition value in `t`."""
+    import pyarrow.compute as pc
+
+    if not cols:
+        return [((), t)]
+    data = t.drop_columns(list(cols))
+    distinct = t.select(list(cols)).group_by(list(cols)).aggregate([])
+    out = []
+    for row in distinct.to_pylist():
+        if distinct.num_rows == 1:
+            part = data
+        else:
+            mask = None
+            for c in cols:
+                m = pc.is_null(t[c]) if row[c] is None else pc.equal(t[c], row[c])
+                mask = m if mask is None else pc.and_(mask, m)
+            part = data.filter(mask)
+        out.append((tuple(_dir_value(row[c]) for c in cols), part))
+    return out
+
+
+def _dir_value(v: Any) -> str:
+    """A partition value as a hive-style directory name (`_parse_dirs` reverses it)."""
+    return HIVE_NULL if v is None else quote(_partition_str(v), safe=" -._")
+
+
 def write_table(
     df: DataFrame,
     lake: Lake,
@@ -421,10 +509,7 @@ def write_table(
     staging = root / STAGING_DIR / f"{int(time.time() * 1000)}-{write_id}"
     moved: list[Path] = []
     try:
-        writer = df.write.mode("errorifexists")
-        if cols:
-            writer = writer.partitionBy(*cols)
-        writer.parquet(str(staging))
+        write_staged(df, staging, cols)
         actions = _stage_actions(s, staging, root, cols, wanted, moved)
         if not actions and mode == "append":
             return lake.version(name)

@@ -98,6 +98,8 @@ class Lake:
     def __init__(self, root: Path | str, *, commit_retries: int = 8) -> None:
         self.root = Path(root)
         self.commit_retries = commit_retries
+        self.commit_conflicts = 0
+        """Writes this object retried because another writer committed first."""
 
     @classmethod
     def from_settings(cls, settings: LakeSettings) -> Lake:
@@ -194,6 +196,7 @@ class Lake:
             except CommitFailedError:
                 if attempt == self.commit_retries:
                     raise
+                self.commit_conflicts += 1
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
         raise AssertionError("unreachable")

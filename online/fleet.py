@@ -240,6 +240,10 @@ class Fleet:
         if srv.node_id is not None:
             raise ConfigError("server.node_id: set, but each of the REPLICAS needs its own; "
                               "leave it null (each replica's WAL directory makes one)")
+        if srv.tls_cert is not None:
+            raise ConfigError("server.tls_cert: set, but the fleet's front door speaks plaintext "
+                              "HTTP/2 to its replicas; with REPLICAS > 1 terminate TLS in front "
+                              "of it (a load balancer) and leave server.tls_cert null")
         haproxy_bin = _binary("haproxy")  # both binaries checked before anything starts
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:

@@ -478,8 +478,15 @@ class IngestPipeline:
         if wal is None:
             raise IngestError("IngestPipeline is not started")
         written = 0
-        durable = wal.synced_seq  # what arrives meanwhile waits for the next flush
         with self._flush_lock:
+            # Seal the segment being written first: once its records are in bronze this
+            # flush deletes it, so an event's bytes leave the WAL with the flush that stores
+            # it (an erased user's too, on every replica), not when the segment fills.
+            try:
+                wal.seal()
+            except WALError as exc:
+                raise IngestError(f"write-ahead log failed: {exc}") from exc
+            durable = wal.synced_seq  # what arrives meanwhile waits for the next flush
             while True:
                 with self._ingest_lock:
                     batch: list[_Pending] = []
@@ -510,6 +517,7 @@ class IngestPipeline:
                 self.flushed_total += len(events)
                 self.last_flush_time = time.time()
                 wal.release_upto(last)
+            wal.release_upto(self._committed_seq)  # a sealed segment with nothing pending
             if time.monotonic() - self._ids_expired_at > 3600.0:
                 self._ids_expired_at = time.monotonic()
                 self._committed_ids.expire()
@@ -557,6 +565,8 @@ class IngestPipeline:
             except WALError as exc:
                 raise IngestError(f"write-ahead log failed: {exc}") from exc
             counts = self._delete_user_rows(user_id)
+        # The WAL files still hold the user's acknowledged events and the tombstone: the
+        # next flush (within server.flush_interval_s) deletes them (see flush()).
         counts["wal_pending"] = removed
         return counts
 

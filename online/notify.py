@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from online.tls import ClientTLS
+
 log = logging.getLogger(__name__)
 
 
@@ -54,11 +56,13 @@ def fleet_targets(targets: Sequence[str], run_dir: Path | None) -> list[str]:
 
 def notify_reload(
     targets: Sequence[str], token: str, version: str | None, *, timeout_s: float = 60.0,
-    fleet_dir: Path | None = None,
+    fleet_dir: Path | None = None, tls: ClientTLS | None = None,
 ) -> dict[str, Any]:
     """Ask each admin endpoint (`host:port`) to reload `version` (`Admin.ReloadModel`).
     A target that is the front door of the fleet running from `fleet_dir` (`fleet.run_dir`)
     stands for every replica of it.
+
+    `tls`: `Client` TLS arguments (`online.tls.own_client_tls`); None = plaintext.
 
     A server that does not answer (UNAVAILABLE, DEADLINE_EXCEEDED) is logged as a warning:
     servers also load CURRENT when they start and when they poll. A server that answers
@@ -73,7 +77,8 @@ def notify_reload(
     failures = []
     for target in fleet_targets(targets, fleet_dir):
         try:
-            with Client(target, admin_target=target, token=token, timeout=timeout_s) as c:
+            with Client(target, admin_target=target, token=token, timeout=timeout_s,
+                        **(tls or ClientTLS())) as c:
                 reply = to_dict(c.reload(version, timeout=timeout_s))
         except grpc.RpcError as exc:
             code = exc.code().name if exc.code() is not None else "UNKNOWN"

@@ -32,6 +32,7 @@ from lake.bundle import current_version  # noqa: E402
 from lake.config import ENV_PREFIX, PROJECT_ROOT, ConfigError, Settings, load_settings  # noqa: E402
 from lake.tables import Lake  # noqa: E402
 from online.fleet import Fleet, FleetError  # noqa: E402
+from online.keys import KeyStore, keys_file  # noqa: E402
 from online.node_identity import NodeIdentityError  # noqa: E402
 from online.notify import python_command  # noqa: E402
 from online.ports import PortInUse, ensure_free  # noqa: E402
@@ -130,6 +131,10 @@ def usage(settings: Settings, ports: dict[str, int], ids: tuple[str, str, str]) 
     user, fresh, popular = ids
     g, a = f"{srv.host}:{ports['grpc']}", f"{srv.host}:{ports['admin']}"
     c = f"{python_command()} -m lambdarec_client --target {g} --admin-target {a}"
+    grpcurl = "grpcurl -plaintext"
+    if srv.tls_cert is not None:
+        c += f" --tls-ca {srv.tls_cert}"
+        grpcurl = f"grpcurl -cacert {srv.tls_cert}"
     lines = [
         f"lambdarec online layer: Recommender on {g}, Admin on {a} "
         f"(token from server.admin_token), metrics on http://{srv.host}:{ports['metrics']}/metrics"
@@ -139,6 +144,9 @@ def usage(settings: Settings, ports: dict[str, int], ids: tuple[str, str, str]) 
     ]
     if "console" in ports:
         lines.append(f"console: http://{srv.host}:{ports['console']}/")
+    if srv.auth == "keys" and KeyStore(keys_file(settings)).load():
+        lines.append("public calls need an access key: export LAMBDAREC_KEY=<key> "
+                     "(python -m online.keys create --name NAME --scopes recommend,ingest)")
     lines += [
         "try:",
         f"  {c} recommend {user} -k 10 --explain",
@@ -146,7 +154,7 @@ def usage(settings: Settings, ports: dict[str, int], ids: tuple[str, str, str]) 
         f"  {c} recommend {user} -k 5          # the purchase changes the answer at once",
         f"  {c} similar {popular} -k 5",
         f"  {c} model-info",
-        f"  grpcurl -plaintext {g} list      # reflection",
+        f"  {grpcurl} {g} list      # reflection",
         "Ctrl-C stops the server gracefully.",
     ]
     return "\n".join(lines)

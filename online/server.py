@@ -37,6 +37,7 @@ from lake.config import ConfigError, Settings, load_settings  # noqa: E402
 from lake.erasure import erased_users  # noqa: E402
 from lake.tables import Lake  # noqa: E402
 from lake.training_cut import trained_from  # noqa: E402
+from online.auth import admin_guard, public_guard  # noqa: E402
 from online.catalog import Catalog  # noqa: E402
 from online.fleet_channel import FleetChannel, PublishingIngest, ReplicaApplier  # noqa: E402
 from online.ingest import APP_PREFIX, IngestPipeline  # noqa: E402
@@ -56,6 +57,7 @@ from online.service import (  # noqa: E402
     service_names,
 )
 from online.state import OnlineState  # noqa: E402
+from online.tls import server_credentials  # noqa: E402
 
 log = logging.getLogger(__name__)
 WARM_START_MAX_EVENTS = 2_000_000
@@ -84,6 +86,9 @@ class OnlineServer:
     lake: Lake
     metrics_enabled: bool = True
     ports: dict[str, int] = field(default_factory=dict)
+    public_key: str | None = None
+    """A key with every scope, valid in this process only (the console's), or None when
+    the public port needs none (`server.auth: none`)."""
     _stop_poll: threading.Event = field(default_factory=threading.Event)
     _poller: threading.Thread | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
@@ -233,6 +238,8 @@ def create_server(
     # Before anything is built or written: a busy port is one clear line, not a traceback.
     for setting, port in (("server.port", srv.port), ("server.admin_port", srv.admin_port)):
         ensure_free(srv.host, port, setting)
+    guard = public_guard(settings)  # a server that must not start says so before any work
+    tls = server_credentials(srv)
     if threads:
         limit_threads()
     lake = lake or Lake.from_settings(settings.lake)
@@ -268,12 +275,14 @@ def create_server(
     admin_health = health.HealthServicer()
     undecodable_log = EveryInterval(UNDECODABLE_LOG_INTERVAL_S)
     public = _make_grpc_server(settings, srv.workers,
-                               ServiceInterceptor(m, undecodable_log=undecodable_log))
+                               ServiceInterceptor(m, guard=guard,
+                                                  undecodable_log=undecodable_log))
     admin = _make_grpc_server(settings, 2, ServiceInterceptor(
-        m, admin_token=srv.admin_token, undecodable_log=undecodable_log))
+        m, guard=admin_guard(srv), undecodable_log=undecodable_log))
     server = OnlineServer(settings, public, admin, public_health, admin_health, manager,
                           engine, ingest, m, lake, metrics_enabled=metrics,
-                          created_ms=created_ms)
+                          created_ms=created_ms,
+                          public_key=guard.internal_key if guard is not None else None)
 
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(settings, engine, ingest, m), public)
@@ -286,10 +295,10 @@ def create_server(
             h.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # SERVING at start()
         reflection.enable_server_reflection(
             (svc, health.SERVICE_NAME, reflection.SERVICE_NAME), g)
-    ports = {
-        "grpc": public.add_insecure_port(f"{srv.host}:{srv.port}"),
-        "admin": admin.add_insecure_port(f"{srv.host}:{srv.admin_port}"),
-    }
+    ports = {name: (g.add_secure_port(addr, tls) if tls is not None else
+                    g.add_insecure_port(addr))
+             for name, g, addr in (("grpc", public, f"{srv.host}:{srv.port}"),
+                                   ("admin", admin, f"{srv.host}:{srv.admin_port}"))}
     if 0 in ports.values():
         raise OSError(f"cannot bind {srv.host}: ports {ports}")
     server.ports = ports

@@ -3,12 +3,11 @@
 Handlers parse and validate requests (`InvalidArgument` names the field), check the
 deadline before heavy work, and call the engine. They never set status codes: the one
 `ServiceInterceptor` maps every exception through `online.errors.status_of`, records
-per-RPC metrics, and (on the admin server) checks the bearer token.
+per-RPC metrics, and runs its port's guard (`online.auth`: access keys or the admin token).
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
@@ -23,14 +22,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lake.bundle import BundleError, check_version_name
 from lake.config import Settings
 from lake.validation import EventLimits, id_problem, validate_event
+from online.auth import AccessKeys, AdminToken
 from online.errors import (
     DeadlineExceeded,
     InvalidArgument,
     ServiceError,
-    Unauthenticated,
     status_of,
 )
 from online.metrics import Metrics, rpc_labels
+from online.model_info import evaluation_fields
 from online.pb import admin_pb2, admin_pb2_grpc, recommender_pb2_grpc
 from online.pb import recommender_pb2 as pb
 from online.recommender import FALLBACK, MAX_BECAUSE, FilterSpec, Recommender, Result
@@ -39,7 +39,6 @@ from online.state import OnlineState
 log = logging.getLogger(__name__)
 
 DEADLINE_MARGIN_S = 0.0005
-UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 UNDECODABLE_LOG_INTERVAL_S = 60.0
 
 
@@ -87,27 +86,20 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 # -- the one place exceptions become status codes --------------------------------------
 class ServiceInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions to status codes, records metrics, and optionally requires a token.
+    """Maps exceptions to status codes, records metrics, and runs the port's guard.
 
     gRPC runs `intercept_service` for every call; the wrapped handler of each method is
-    built once and reused (the token, when required, is checked inside it against the
+    built once and reused (the guard's check for the method, if any, runs inside it on the
     call's metadata), so a call costs one dict lookup here on top of the handler.
     """
 
-    def __init__(self, metrics: Metrics, *, admin_token: str | None = None,
+    def __init__(self, metrics: Metrics, *, guard: AccessKeys | AdminToken | None = None,
                  undecodable_log: EveryInterval | None = None) -> None:
         self.metrics = metrics
-        self._token = f"Bearer {admin_token}".encode() if admin_token is not None else None
+        self._guard = guard
         self._wrapped: dict[str, tuple[Any, Any]] = {}
         # shared by a server's ports: one line per interval for the whole process
         self._undecodable_log = undecodable_log or EveryInterval(UNDECODABLE_LOG_INTERVAL_S)
-
-    def _authorised(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                got = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(got, self._token or b"")
-        return False
 
     def intercept_service(self, continuation: Callable[..., Any],
                           details: grpc.HandlerCallDetails) -> Any:
@@ -126,8 +118,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
     def _wrap(self, handler: Any, full_method: str) -> Any:
         inner = handler.unary_unary
-        needs_token = self._token is not None and \
-            not full_method.startswith(UNAUTHENTICATED_PREFIXES)
+        guard = self._guard.checker(full_method) if self._guard is not None else None
         metrics = self.metrics
         rpc = rpc_labels(full_method)
         ok = metrics.child(metrics.requests, *rpc, grpc.StatusCode.OK.name)
@@ -139,8 +130,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             try:
                 if isinstance(request, _Undecodable):
                     raise self._undecodable(full_method, request)
-                if needs_token and not self._authorised(context.invocation_metadata()):
-                    raise Unauthenticated("missing or invalid 'authorization: Bearer <token>'")
+                if guard is not None:
+                    guard(context.invocation_metadata())
                 out = inner(request, context)
             except Exception as exc:  # noqa: BLE001 - this IS the single mapping point
                 code, message = status_of(exc)
@@ -487,6 +478,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             loaded_at=_ts(info["loaded_at"]),
             metrics_json=json.dumps(info["metrics"], sort_keys=True, default=str),
             params_json=json.dumps(info["params"], sort_keys=True, default=str),
+            **evaluation_fields(info["metrics"]),
         )
 
     def ForgetUser(self, request: admin_pb2.ForgetUserRequest,  # noqa: N802

@@ -53,7 +53,9 @@ class UserState:
     version: int = 0
     cache: tuple[int, int, np.ndarray | None, np.ndarray, np.ndarray] | None = None
     """(model generation, state version, vector, rows, values) of the last fold-in."""
-    seen: set[str] = field(default_factory=set)
+    seen: dict[str, None] = field(default_factory=dict)
+    """Real-time seen item ids, oldest first (a dict keeps insertion order), at most
+    `server.seen_items_per_user`: a user streaming distinct items cannot grow it forever."""
 
 
 @dataclass
@@ -171,6 +173,7 @@ class OnlineState:
         self.strength = StrengthParams.from_settings(settings.interactions)
         self.recent_cap = srv.recent_events_per_user
         self.seen_types = set(srv.seen_event_types)
+        self.seen_cap = srv.seen_items_per_user
         self.new_item_min = srv.new_item_min_interactions
         self.popularity = Popularity(srv.popularity_half_life_days,
                                      max_items=srv.popularity_max_items)
@@ -246,7 +249,11 @@ class OnlineState:
             with self._stripe(user_id):
                 st.events.append(RecentEvent(item_id, etype, ts, value, e.get("received_at")))
                 if etype in self.seen_types:
-                    st.seen.add(item_id)
+                    seen = st.seen
+                    seen.pop(item_id, None)  # seen again: now the newest
+                    seen[item_id] = None
+                    if len(seen) > self.seen_cap:
+                        del seen[next(iter(seen))]
                 st.version += 1
             touched[user_id] = None
             if w > 0:

@@ -365,6 +365,14 @@ class WriteAheadLog:
             raise WALError(f"WAL rotation failed: {exc}") from exc
         self._cond.notify_all()
 
+    def seal(self) -> None:
+        """Seal the active segment now (fsynced) when it holds records, so `release_upto`
+        deletes it as soon as its records are stored elsewhere, however small it is."""
+        with self._lock:
+            self._check()
+            if self._active_size:
+                self._rotate_locked()
+
     # -- trimming ----------------------------------------------------------------------------
     def release_upto(self, seq: int, *, rotate_min_bytes: int = 1024 * 1024) -> int:
         """Delete segments whose records all have seq <= `seq` (they live elsewhere now).

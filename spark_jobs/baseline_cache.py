@@ -77,7 +77,7 @@ def _save(path: Path, results: dict[str, RankingResult]) -> None:
     arrays["meta"] = np.array(json.dumps(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.npz")
-    np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy stubs type **kwds as the bool allow_pickle
+    np.savez(tmp, allow_pickle=False, **arrays)  # plain arrays only (and typed: no array fills it)
     os.replace(tmp, path)  # readers see a whole file or none
 
 

@@ -40,6 +40,7 @@ from spark_jobs.event_log import EventLog, Holdout, holdout, lookback_log
 from spark_jobs.intervals import bootstrap_ci, paired_diff_ci
 from spark_jobs.metrics import RankingResult, popularity_deciles
 from spark_jobs.recipe import Recipe, fit_and_score, sample_users, score_batch_size
+from spark_jobs.report_plots import GateLine, gate_line
 from spark_jobs.splits import tuning_users
 from spark_jobs.staging import load_staged, save_metrics
 
@@ -157,43 +158,23 @@ def write_report(
     facts: dict[str, Any],
     ks: Sequence[int],
     tuning_plot: Path | None = None,
+    gate: GateLine | None = None,
 ) -> Path:
     """report.md + metrics_vs_k.png + popularity_deciles.png under `out_dir`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from spark_jobs import report_plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ks = sorted(ks)
     names = list(results)
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, metric in zip(axes, ("ndcg", "recall", "map", "coverage"), strict=True):
-        for n in names:
-            ax.plot(ks, [results[n].metrics[f"{metric}@{k}"] for k in ks], marker="o", label=n)
-        ax.set_xlabel("k")
-        ax.set_title(f"{metric}@k")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "metrics_vs_k.png", dpi=90)
-    plt.close(fig)
+    metrics = {n: results[n].metrics for n in names}
+    report_plots.save(report_plots.metrics_vs_k(metrics, ks, version=version, gate=gate),
+                      out_dir / "metrics_vs_k.png")
 
     pop = popularity(train)
     k_plot = 10 if 10 in ks else ks[0]
     deciles = {n: popularity_deciles(results[n].rec_counts[k_plot], pop) for n in names}
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    width = 0.8 / max(1, len(names))
-    for j, n in enumerate(names):
-        ax.bar(np.arange(10) + j * width, deciles[n], width=width, label=n)
-    ax.set_xticks(np.arange(10) + 0.4 - width / 2, [f"{10 * d}-{10 * d + 10}%" for d in range(10)],
-                  rotation=45, fontsize=8)
-    ax.set_xlabel("item popularity decile (most popular first)")
-    ax.set_ylabel(f"share of top-{k_plot} recommendations")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "popularity_deciles.png", dpi=90)
-    plt.close(fig)
+    report_plots.save(report_plots.popularity_deciles(deciles, k_plot, version=version),
+                      out_dir / "popularity_deciles.png")
 
     lines = [
         f"# Evaluation report — model `{version}`",
@@ -213,6 +194,8 @@ def write_report(
         how = "read from the cache" if facts.get("baselines_cached") else "scored"
         lines.append(f"- baselines: {how} in {facts['baselines_seconds']} s "
                      f"(key {facts.get('baselines_key')})")
+    if gate is not None:
+        lines.append(f"- gate threshold (dashed in the plot): {gate.metric} >= {gate.label}")
     if "ease_skipped" in facts:
         lines.append(f"- EASE skipped: {facts['ease_skipped']}; item-kNN is the strong baseline")
     lines += ["", "## Metrics", ""]
@@ -276,6 +259,9 @@ def run(
         out_dir, version=version, as_of=as_of, split_info=test.info, train=train,
         test=test.test, recipe=recipe, ci=ci, results=results, facts=facts, ks=ev.k,
         tuning_plot=out_dir / "trials.png",
+        gate=gate_line(settings.gate.metric, results["popularity"].metrics
+                       if "popularity" in results else None,
+                       settings.gate.min_lift_over_popularity),
     )
     metrics = {
         "split": test.info.get("protocol"),
@@ -311,11 +297,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--version", required=True, help="staged model version")
     p.add_argument("--split", choices=["user_time", "random"], default=None)
     p.add_argument("--test-fraction", dest="test_fraction", type=float, default=None)
+    p.add_argument("--gate-margin", dest="gate_margin", type=float, default=None,
+                   help="gate.min_lift_over_popularity the report's threshold line shows "
+                        "(the DAG passes its run's gate_margin)")
 
     def body(args: Any) -> dict[str, Any]:
         ev = {k: getattr(args, k) for k in ("split", "test_fraction")
               if getattr(args, k) is not None}
-        settings = settings_from_args(args, evaluate=ev)
+        gate = ({"min_lift_over_popularity": args.gate_margin}
+                if args.gate_margin is not None else {})
+        settings = settings_from_args(args, evaluate=ev, gate=gate)
         spark = None
         if load_staged(settings.model.dir, args.version).backend == "mllib":
             from lake.spark_session import get_spark

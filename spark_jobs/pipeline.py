@@ -13,7 +13,8 @@ configured explicitly (YAML or environment), they become `var/datasets/<name>/la
 `var/datasets/<name>/models`. No setting is specific to a dataset: the nightly tuning
 search (`spark_jobs.tune`, on unless `tune.enabled` is false) picks strength, ALS and
 blend settings for whatever data the lake holds, whether loaded here or ingested through
-the API. The as-of date defaults to the last event date in the data.
+the API. The as-of date defaults to the last complete UTC day, or the last event date
+when the data ends earlier (`lake.as_of`, the rule of the DAG's manual runs).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from lake.config import PROJECT_ROOT, Settings
@@ -30,13 +31,15 @@ from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-DATA_SOURCES = ("synthetic", "ml-100k", "ml-1m")
+MOVIELENS = ("ml-100k", "ml-1m")
+DATA_SOURCES = ("synthetic", *MOVIELENS)
 DEFAULT_LAKE_ROOT = PROJECT_ROOT / "var" / "lake"
 DEFAULT_MODELS_DIR = PROJECT_ROOT / "var" / "models"
 
 
 def dataset_settings(settings: Settings, data: str | None) -> Settings:
-    """`settings` with `data.source` = `data` and, for MovieLens, its own lake and models.
+    """`settings` with `data.source` = `data` and, for MovieLens, its own lake and models
+    (`data.source: none` keeps the configured lake: the one the API fills).
 
     Only paths still at their defaults are changed, so an explicit configuration wins.
     """
@@ -45,7 +48,9 @@ def dataset_settings(settings: Settings, data: str | None) -> Settings:
     source = data or settings.data.source
     tree = settings.model_dump()
     tree["data"]["source"] = source
-    if source != "synthetic":
+    # Only the public datasets get a lake of their own: `none` reads the lake the server
+    # writes (your own data), `synthetic` is the default lake's sample.
+    if source in MOVIELENS:
         base = PROJECT_ROOT / "var" / "datasets" / source
         if settings.lake.root == DEFAULT_LAKE_ROOT:
             tree["lake"]["root"] = base / "lake"
@@ -76,15 +81,24 @@ def step_facts(out: Any) -> str:
                             for k, v in facts.items()) if facts else ""
 
 
+def data_read(loaded: dict[str, Any]) -> str:
+    """What the run trained on, for its summary: the sample source it just loaded into an
+    empty lake (`synthetic`, `ml-1m`, ...), else `lake` — events already there, sent through
+    the API or loaded by an earlier run (`data.source: none` always reads the lake)."""
+    return str(loaded["source"]) if loaded.get("loaded") else "lake"
+
+
 def reload_servers(settings: Settings, version: str) -> dict[str, str]:
     """Make running servers (`airflow.reload_targets`) serve the new model; for a server
     that does not answer, say how to do it later (a server started later loads CURRENT)."""
     from online.notify import notify_reload, reload_command
+    from online.tls import own_client_tls
 
     targets = settings.airflow.reload_targets or []
     outcome: dict[str, str] = notify_reload(targets, settings.server.admin_token, version,
                                             timeout_s=60.0,
-                                            fleet_dir=settings.fleet.run_dir)["targets"]
+                                            fleet_dir=settings.fleet.run_dir,
+                                            tls=own_client_tls(settings.server))["targets"]
     for target, result in outcome.items():
         if result.startswith("ok"):
             progress(f"reload: {target} now serves {version}")
@@ -93,26 +107,6 @@ def reload_servers(settings: Settings, version: str) -> dict[str, str]:
                      f"later loads {version}, a running one with: "
                      f"{reload_command(target, version)}")
     return outcome
-
-
-def event_date_bounds(settings: Settings) -> tuple[date, date] | None:
-    """First and last `event_date` in bronze, from the Delta log alone (no data read)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from lake.tables import Lake
-
-    lake = Lake.from_settings(settings.lake)
-    if not lake.exists("bronze_events"):
-        return None
-    actions = pa.table(lake.delta("bronze_events").get_add_actions(flatten=True))
-    if actions.num_rows == 0:
-        return None
-    col = actions.column("partition.event_date")
-    if not pa.types.is_date(col.type):
-        col = pc.cast(col, pa.date32())
-    lo, hi = pc.min_max(col).values()
-    return lo.as_py(), hi.as_py()
 
 
 def run(
@@ -129,7 +123,8 @@ def run(
 
     Args:
         settings: loaded settings (adapted with `dataset_settings` for `data`).
-        as_of: as-of date; default the last event date in bronze.
+        as_of: as-of date; default `lake.as_of.default_as_of` (the last complete UTC day,
+            or the last event date when the data ends earlier), as the DAG's manual runs.
         data: synthetic | ml-100k | ml-1m (default `settings.data.source`).
         backend: ALS backend overriding `settings.train.backend` (implicit | mllib).
         version: model version (default a new `lake.bundle.new_version(as_of)`, named
@@ -138,6 +133,7 @@ def run(
         spark: a running session to use; otherwise one is built from `settings.spark`
             and stopped at the end.
     """
+    from lake.as_of import default_as_of, event_date_bounds
     from lake.bundle import new_version
     from lake.load import ensure_sample_data
     from lake.spark_session import get_spark
@@ -162,12 +158,12 @@ def run(
         return out
 
     loaded = timed("data", ensure_sample_data, settings)
-    bounds = event_date_bounds(settings)
+    bounds = event_date_bounds(Lake.from_settings(settings.lake))
     if bounds is None:
         raise JobError(f"bronze_events under {settings.lake.root} is empty after loading "
                        f"{settings.data.source!r}")
     first, last = bounds
-    as_of = as_of or last
+    as_of = as_of or default_as_of(datetime.now(UTC), bounds)  # the DAG's manual-run rule
     if as_of < first:
         raise JobError(f"as-of date {as_of} is before the first event date {first}")
     start = max(first, as_of - timedelta(days=settings.interactions.lookback_days))
@@ -208,7 +204,7 @@ def run(
              f"{100 * (evaluate_share or 0):.0f}% of the run")
     return {
         "job": "pipeline",
-        "data": settings.data.source,
+        "data": data_read(loaded),
         "master": settings.spark.master,
         "backend": tr["backend"],  # the trained one (the tuned recipe may change it)
         "as_of": as_of,
@@ -251,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", choices=DATA_SOURCES, default=None,
                         help="dataset (default data.source from the config)")
     parser.add_argument("--as-of", dest="as_of", type=parse_date, default=None,
-                        help="as-of date (default: the last event date in the data)")
+                        help="as-of date (default: yesterday (UTC), or the last event date "
+                             "when the data ends earlier)")
     parser.add_argument("--backend", choices=("implicit", "mllib"), default=None,
                         help="ALS backend (default train.backend from the config)")
     parser.add_argument("--version", default=None, help="model version (default: a new one)")

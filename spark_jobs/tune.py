@@ -72,7 +72,7 @@ BLEND_N0 = (3.0, 10.0, 30.0, 100.0, 1000.0)
 """n0 of w(n) = beta n0 / (n0 + n): small values favour popularity only for short histories,
 large ones make it a near-constant popularity bias (the shrinkage of frequency-scaled lambda
 under-ranks popular items; a constant bias restores them)."""
-BLEND_EVALS = len(BLEND_BETAS) - 1 + len(BLEND_N0) - 1
+BLEND_EVALS = len(BLEND_BETAS) - 1 + len(BLEND_N0) - 1 + 2
 """Evaluations of the blend's coordinate search (`choose_blend`)."""
 LAMBDA_AT_MEDIAN = (0.03, 300.0)
 """Range of the effective lambda of a median-length history (log-uniform)."""
@@ -318,9 +318,9 @@ def choose_blend(scored: Any, matrix: Any, test: Any, recipe: Recipe, metric: st
                  ks: Sequence[int], users: np.ndarray) -> tuple[Recipe, dict[str, Any]]:
     """The blend (beta, n0) that scores best on validation, with the trial's factors.
 
-    Coordinate search: beta over BLEND_BETAS at the default n0, then n0 over BLEND_N0 at
-    the best beta (BLEND_EVALS evaluations, not the whole grid). beta = 0 is the trial's
-    own score.
+    Coordinate search: beta over BLEND_BETAS at the default n0, n0 over BLEND_N0 at the
+    best beta, then beta's two neighbours at the best n0 (at most BLEND_EVALS evaluations,
+    not the whole grid). beta = 0 is the trial's own score.
     """
     grid: list[dict[str, Any]] = []
     default_n0 = BlendParams().n0
@@ -342,6 +342,11 @@ def choose_blend(scored: Any, matrix: Any, test: Any, recipe: Recipe, metric: st
         for n0 in BLEND_N0:
             if n0 != default_n0:
                 consider(BlendParams(best_b.beta, n0))
+    if best_b.n0 != default_n0:  # n0 changed what beta means: its neighbours once more
+        i = BLEND_BETAS.index(best_b.beta)
+        for beta in BLEND_BETAS[max(1, i - 1):i + 2]:
+            if beta != best_b.beta:
+                consider(BlendParams(beta, best_b.n0))
     return Recipe(recipe.strength, recipe.train, best_b), {"grid": grid,
                                                           "chosen": best_b.to_dict()}
 
@@ -375,27 +380,19 @@ def record_trials(lake: Lake, version: str, as_of: date, result: TuneResult) -> 
         lake.upsert("model_runs", pa.Table.from_pylist(rows))
 
 
-def trials_plot(result: TuneResult, path: Path) -> Path:
-    """Validation metric per trial, coloured by stage, the chosen one marked."""
-    import matplotlib
+def trials_plot(result: TuneResult, path: Path, version: str) -> Path:
+    """Validation metric per trial, coloured by stage, the chosen one circled."""
+    from spark_jobs import report_plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    for stage in dict.fromkeys(t.stage for t in result.trials):
-        pts = [(t.n, t.metric) for t in result.trials if t.stage == stage and t.metric]
-        if pts:
-            ax.scatter(*zip(*pts, strict=True), label=stage)
-    ax.set_xlabel("trial")
-    ax.set_ylabel(f"validation {result.metric}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    points: dict[str, list[tuple[int, float]]] = {}
+    for t in result.trials:
+        if t.metric:
+            points.setdefault(t.stage, []).append((t.n, t.metric))
+    best = result.best.to_dict()
+    chosen = next(((t.n, t.metric) for t in result.trials
+                   if t.metric and t.recipe.to_dict() == best), None)
+    return report_plots.save(
+        report_plots.trials(points, result.metric, version=version, chosen=chosen), path)
 
 
 def run(settings: Settings, *, as_of: date, version: str, log: EventLog | None = None,
@@ -413,7 +410,8 @@ def run(settings: Settings, *, as_of: date, version: str, log: EventLog | None =
     result = search(log, settings, test)
     path = tuning_path(settings.model.dir, version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plot = trials_plot(result, Path(settings.model.dir) / REPORTS / version / "trials.png")
+    plot = trials_plot(result, Path(settings.model.dir) / REPORTS / version / "trials.png",
+                       version)
     payload = result.to_dict() | {"version": version, "as_of": as_of.isoformat(),
                                   "plot": str(plot)}
     tmp = path.with_suffix(".tmp")

@@ -32,9 +32,10 @@ def cluster_items(c: str) -> list[str]:
 
 def build(models_dir: Path, version: str, *, shuffle_seed: int | None = None,
           make_current: bool = True, as_of: str | None = None,
-          manifest: dict | None = None) -> Path:
+          manifest: dict | None = None, metrics: dict | None = None) -> Path:
     """Write the known bundle. `shuffle_seed` permutes item rows (same ids, new order);
-    `manifest`: extra manifest entries (e.g. the training cut)."""
+    `manifest`: extra manifest entries (e.g. the training cut); `metrics`: the evaluation
+    recorded in the manifest (default the flat `{"ndcg@10": 0.5}`)."""
     item_ids, item_vecs = [], []
     for c, axis in CLUSTERS.items():
         for i in range(PER_CLUSTER):
@@ -71,7 +72,7 @@ def build(models_dir: Path, version: str, *, shuffle_seed: int | None = None,
         user_ids=np.array(user_ids), item_ids=np.array(item_ids),
         user_factors=np.vstack(user_vecs), item_factors=item_factors,
         user_items=user_items, item_popularity=popularity, foldin=FOLDIN,
-        backend="implicit", params={"factors": DIM}, metrics={"ndcg@10": 0.5},
+        backend="implicit", params={"factors": DIM}, metrics=metrics or {"ndcg@10": 0.5},
         write_index=lambda f, p: build_and_save(f, p, IndexSettings()),
         extra=({"as_of": as_of} if as_of else {}) | (manifest or {}),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -65,7 +66,11 @@ def test_environment_points_airflow_at_this_project(tmp_path: Path) -> None:
     assert env["AIRFLOW__API__HOST"] == "127.0.0.1" and env["AIRFLOW__API__PORT"] == "18123"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:18123/execution/"
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite:///")
-    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    # the log-server-less shim first (see infra/airflow_bin/airflow), then the venv
+    assert env["PATH"].split(os.pathsep)[:2] == [str(sa.AIRFLOW_SHIM_DIR),
+                                                 str(Path(sys.executable).parent)]
+    assert shutil.which("airflow", path=env["PATH"]) == str(sa.AIRFLOW_SHIM_DIR / "airflow")
+    assert env["LAMBDAREC_AIRFLOW_EXECUTABLE"] == str(Path(sys.executable).parent / "airflow")
     conn = json.loads(env["AIRFLOW_CONN_SPARK_DEFAULT"])
     assert conn == {"conn_type": "spark", "host": "local[2]"}
     # the password file is fixed: a second call keeps the same login
@@ -95,6 +100,55 @@ def test_stop_ends_a_whole_session_that_ignores_sigint(tmp_path: Path) -> None:
     assert sa.stop(proc, grace_s=1.0, term_s=5.0) == []
     assert sa.session_pids(proc.pid) == []
     assert time.monotonic() - t0 < 15
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # /proc/net: 127.0.0.1, ::1
+
+
+def _listening(pids: list[int]) -> set[tuple[str, int]]:
+    """(hex address, port) of every TCP socket the processes listen on (Linux /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[len("socket:["):-1])
+        except OSError:  # the process exited meanwhile
+            continue
+    out = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                addr, port = fields[1].rsplit(":", 1)
+                out.add((addr, int(port, 16)))
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_standalone_listens_on_loopback_only(tmp_path: Path) -> None:
+    """The API server on 127.0.0.1 and no task-log servers (Airflow binds those to every
+    interface on 8793 / 8794)."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LAMBDAREC__"))}
+    env.update(tiny_pipeline_env(tmp_path))
+    cfg = sa.StandaloneConfig(home=tmp_path / "airflow", port=port, spark_master="local[2]")
+    log_path = tmp_path / "standalone.log"
+    with log_path.open("wb") as log:
+        proc = sa.start(cfg, stdout=log, base_env=env)
+    try:
+        sa.wait_healthy(cfg.base_url, timeout_s=240, proc=proc)
+        time.sleep(5)  # the triggerer comes up after the scheduler
+        listening = _listening(sa.session_pids(proc.pid))
+        assert ("0100007F", port) in listening
+        assert {a for a, _ in listening} <= LOOPBACK, (listening,
+                                                       log_path.read_text()[-3000:])
+        assert not {p for _, p in listening} & {8793, 8794}
+        text = log_path.read_text(errors="replace")
+        assert "triggerer" in text and "scheduler" in text  # both components did start
+    finally:
+        assert sa.stop(proc) == []
 
 
 # --------------------------------------------------------------------------- end to end

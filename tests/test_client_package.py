@@ -63,3 +63,27 @@ def test_cli_targets_follow_the_servers_environment(capsys: pytest.CaptureFixtur
     env = {"LAMBDAREC__SERVER__HOST": "10.0.0.5", "LAMBDAREC__SERVER__PORT": "6001",
            "LAMBDAREC__SERVER__ADMIN_PORT": "6002", "LAMBDAREC__SERVER__ADMIN_TOKEN": "s3"}
     assert default_targets(env) == ("10.0.0.5:6001", "10.0.0.5:6002", "s3")
+
+
+def test_cli_health_exits_0_only_when_serving(capsys: pytest.CaptureFixture[str]) -> None:
+    """Container health checks (infra/docker-compose.yml) run `lambdarec_client health`:
+    a server shutting down (NOT_SERVING) must fail the check, not just print it."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        args = ["--target", f"127.0.0.1:{port}", "--timeout", "5", "health", "--service", "svc"]
+        servicer.set("svc", health_pb2.HealthCheckResponse.SERVING)
+        assert cli_main(args, env={}) == 0
+        servicer.set("svc", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert cli_main(args, env={}) == 1
+        assert '"status": "NOT_SERVING"' in capsys.readouterr().out
+    finally:
+        server.stop(0)

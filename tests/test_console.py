@@ -179,3 +179,35 @@ def test_live_charts_plot_the_request_rate(console, browser) -> None:
         lambda d: int(d.find_element(By.ID, "live").get_attribute("data-samples") or 0) >= 2)
     assert float(browser.find_element(By.ID, "latency-now").text) >= 0.0
     assert float(browser.find_element(By.ID, "rate-now").text) >= 0.0
+    assert float(browser.find_element(By.ID, "lag-now").text) >= 0.0  # ingest lag chart
+    assert [c.get_attribute("id") for c in browser.find_elements(By.TAG_NAME, "canvas")] == [
+        "rate", "latency", "lag"]
+
+
+def test_reload_rollback_and_forget_need_the_admin_token(console, browser) -> None:
+    import urllib.error
+    import urllib.request
+
+    from selenium.webdriver.common.by import By
+
+    run, base = console
+    browser.delete_all_cookies()  # read-only, whatever an earlier test unlocked
+    browser.get(base + "/models")
+    assert not browser.find_elements(By.CSS_SELECTOR, 'form[action="/models/reload"]')
+    assert not browser.find_elements(By.CSS_SELECTOR, 'form[action="/models/rollback"]')
+    browser.get(base + "/users/uA0")
+    assert not browser.find_elements(By.CSS_SELECTOR, 'form[action$="/forget"]')
+    for path in ("/models/reload", "/models/rollback", "/users/uA0/forget"):
+        req = urllib.request.Request(base + path, data=b"version=v1", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=10)
+        assert ei.value.code == 403, path
+        assert b"<title>Admin token needed" in ei.value.read(), path
+    # uA0 was not forgotten: still their known personal answer
+    assert [i.item_id for i in run.client.recommend("uA0", k=3).items] == ["A2", "A3", "A4"]
+    token = browser.find_element(By.CSS_SELECTOR, 'input[name="token"]')
+    token.send_keys(TOKEN)
+    token.submit()
+    browser.get(base + "/models")
+    assert browser.find_elements(By.CSS_SELECTOR, 'form[action="/models/reload"]')
+    assert browser.find_elements(By.CSS_SELECTOR, 'form[action="/models/rollback"]')

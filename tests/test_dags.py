@@ -171,7 +171,7 @@ def test_spark_tasks_submit_the_job_files_with_the_run_arguments(dagbag: Any) ->
         "interactions": ["--as-of", "--version"],
         "train": ["--as-of", "--version", "--backend", "--factors", "--regularization",
                   "--iterations", "--alpha"],
-        "evaluate": ["--as-of", "--version"],
+        "evaluate": ["--as-of", "--version", "--gate-margin"],  # the report's gate line
     }
     for task_id, flags in expected_args.items():
         t = dag.get_task(task_id)

@@ -134,3 +134,15 @@ def test_pipeline_reloads_the_running_server_or_prints_the_command(
     err = capsys.readouterr().err
     assert "no server answered on 127.0.0.1:1" in err
     assert err.rstrip().endswith(reload_command("127.0.0.1:1", "v2"))
+
+
+def test_server_logging_leaves_out_faiss_loader_lines() -> None:
+    """faiss logs each instruction set it probes at INFO (8 lines on every start): the
+    server's logging keeps its own INFO lines and drops those."""
+    code = ("import logging; from online.metrics import configure_logging; "
+            "configure_logging(); import faiss; logging.getLogger('online').info('marker')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True,
+                         capture_output=True, timeout=120, check=True)
+    lines = out.stderr.splitlines()
+    assert any('"marker"' in ln for ln in lines), out.stderr
+    assert not [ln for ln in lines if "faiss" in ln.lower()], out.stderr

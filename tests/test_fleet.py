@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from lambdarec_client import Client
 
-from lake.config import load_settings
+from lake.config import ConfigError, load_settings
 from lake.tables import Lake
 from lake.training_cut import TrainingCut
 from online.fleet import FLEET_FILE, Fleet, free_port, read_fleet
@@ -302,3 +302,13 @@ def test_make_run_replicas_starts_and_ctrl_c_stops_the_whole_fleet(tmp_path: Pat
     assert Lake(tmp_path / "lake").read("bronze_events", columns=["event_id"]) \
         .column("event_id").to_pylist() == ["cc-1"]  # flushed on the way out
     assert not (tmp_path / "run" / FLEET_FILE).exists()
+
+
+def test_a_fleet_with_tls_on_the_replicas_is_refused_before_anything_starts(
+        tmp_path: Path) -> None:
+    env = {**fleet_env(tmp_path), "LAMBDAREC__SERVER__TLS_CERT": str(tmp_path / "cert.pem"),
+           "LAMBDAREC__SERVER__TLS_KEY": str(tmp_path / "key.pem")}
+    f = Fleet(load_settings(env=env), 2, env=env)
+    with pytest.raises(ConfigError, match=r"^server\.tls_cert: .*plaintext"):
+        f.start(timeout_s=5)
+    assert f.members == [] and not (tmp_path / "run").exists()

@@ -315,3 +315,28 @@ def test_write_returns_its_own_commit_version(spark, lake: Lake, monkeypatch) ->
     monkeypatch.setattr(DeltaTable, "create_write_transaction", commit_then_other_writer)
     v = write_table(events_df(spark), lake, "bronze_events", mode="append")
     assert v == before + 1 and lake.version("bronze_events") == before + 2
+
+
+def test_tasks_write_one_file_per_partition_value_in_hive_directories(spark, tmp_path):
+    from urllib.parse import unquote
+
+    from lake.spark_bridge import HIVE_NULL, write_staged
+
+    keys = ["a", "b/c", "50% off", None]
+    rows = [(keys[i % 4], i) for i in range(40)]
+    df = spark.createDataFrame(rows, "k string, n long").repartition(3)  # rows of 3 tasks
+    files = write_staged(df, tmp_path, ["k"])
+    found: dict[str | None, list[int]] = {}
+    written = sorted(tmp_path.rglob("*.parquet"))
+    assert files == len(written)
+    for f in written:
+        d = f.parent.relative_to(tmp_path)
+        assert len(d.parts) == 1 and d.parts[0].startswith("k=")
+        raw = d.parts[0][2:]
+        key = None if raw == HIVE_NULL else unquote(raw)
+        t = pq.read_table(f)
+        assert t.column_names == ["n"]  # the partition column lives in the directory only
+        found.setdefault(key, []).extend(t.column("n").to_pylist())
+    assert {k: sorted(v) for k, v in found.items()} == {
+        k: [n for kk, n in rows if kk == k] for k in keys}
+    assert len(written) <= 3 * len(keys)  # at most one file per task and value

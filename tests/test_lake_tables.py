@@ -202,3 +202,41 @@ def test_concurrent_appends_from_two_processes_all_land(lake: Lake) -> None:
     expected = sorted(f"{t}-{b}-{k}" for t in "ab" for b in range(n) for k in range(2))
     assert sorted(got.column("event_id").to_pylist()) == expected
     assert lake.version("bronze_events") == 2 * n  # version 0 = create, one commit per batch
+
+
+DELETE_RACER = textwrap.dedent("""
+    import sys
+    from datetime import UTC, datetime
+    from lake.tables import Lake
+    from lake.validation import events_to_table
+    root, n = sys.argv[1], int(sys.argv[2])
+    lake = Lake(root, commit_retries=60)
+    print("ready", flush=True)
+    for b in range(n):
+        lake.append("bronze_events", events_to_table([
+            {"event_id": f"x-{b}", "user_id": "x", "item_id": "i", "event_type": "click",
+             "ts": datetime(2024, 5, 1, 8, tzinfo=UTC)}]))
+""")
+
+
+@pytest.mark.slow
+def test_delete_retries_when_another_writer_commits_first(lake: Lake) -> None:
+    """ForgetUser's deletes race the ingest flushes: a delete whose commit loses the race
+    (the other writer added rows its predicate matches) is redone on the new snapshot, not
+    failed."""
+    lake.append("bronze_events", events_to_table([
+        {"event_id": f"{u}-0", "user_id": u, "item_id": "i", "event_type": "click",
+         "ts": datetime(2024, 5, 1, 8, tzinfo=UTC)} for u in ("x", "y")]))
+    racer = subprocess.Popen([sys.executable, "-c", DELETE_RACER, str(lake.root), "60"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    assert racer.stdout is not None and racer.stdout.readline().strip() == "ready"
+    deletes = 0
+    while racer.poll() is None:
+        lake.delete("bronze_events", "user_id = 'x'")
+        deletes += 1
+    _, err = racer.communicate(timeout=120)
+    assert racer.returncode == 0, err[-2000:]
+    assert lake.commit_conflicts > 0, f"no delete of {deletes} raced a commit"
+    lake.delete("bronze_events", "user_id = 'x'")
+    assert lake.read("bronze_events").column("user_id").to_pylist() == ["y"]

@@ -259,6 +259,29 @@ def test_forget_user_erases_lake_rows_and_pending_wal(env) -> None:  # type: ign
     q.close()
 
 
+def test_forget_user_leaves_none_of_their_events_in_the_wal_files(env) -> None:  # type: ignore[no-untyped-def]
+    """The WAL's bytes held an erased user's acknowledged events until the segment filled
+    (1 MB once flushed): now the flush after the erasure deletes them."""
+    settings, lake = env
+    wal_dir = Path(settings.server.wal_dir)
+
+    def wal_bytes() -> bytes:
+        return b"".join(f.read_bytes() for f in wal_dir.iterdir() if f.suffix == ".wal")
+
+    p = IngestPipeline(settings, lake)
+    p.start()
+    p.ingest([ev("f1", "erased-user"), ev("f2", "u2")])
+    p.flush()  # in bronze now: its WAL bytes went with the flush
+    p.ingest([ev("p1", "erased-user"), ev("p2", "u2")])  # pending
+    assert wal_bytes().count(b"erased-user") == 1
+    p.forget_user("erased-user")
+    p.ingest([ev("n1", "u3")])  # traffic after the erasure
+    p.flush()
+    assert b"erased-user" not in wal_bytes()
+    p.close()
+    assert sorted(bronze_ids(lake)) == ["f2", "n1", "p2"]
+
+
 def test_forget_user_survives_a_crash_before_flush(env) -> None:  # type: ignore[no-untyped-def]
     settings, lake = env
     lines = run_child(settings, [[ev("a1", "u1"), ev("b1", "u2")], [ev("a2", "u1")]],

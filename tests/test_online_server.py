@@ -353,6 +353,8 @@ def test_admin_requires_bearer_token(srv: Running) -> None:
     info = srv.client.model_info()
     assert (info.model_version, info.dim, info.n_items, info.n_users) == ("v1", kb.DIM, 30, 9)
     assert json.loads(info.metrics_json) == {"ndcg@10": 0.5}
+    assert {k: m.value for k, m in info.metrics.items()} == {"ndcg@10": 0.5}  # structured
+    assert not info.metrics["ndcg@10"].HasField("interval_low") and not info.baselines
     # the admin service is not on the public port
     public_admin = admin_pb2_grpc.AdminStub(srv.client.channel)
     code, _ = code_of(lambda: public_admin.ModelInfo(req, metadata=[("authorization",

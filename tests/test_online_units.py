@@ -357,3 +357,24 @@ def test_filter_cache_is_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> No
     assert view.derived_bytes == 40 and view.get_derived("b") == (True, "B2")
     view.put_derived("huge", 0, "H", nbytes=1000)  # alone over budget: still kept (newest)
     assert list(view.derived) == ["huge"]
+
+
+def test_seen_items_per_user_keeps_the_newest(tmp_path: Path) -> None:
+    settings = load_settings(env={}, overrides={
+        "model": {"dir": str(tmp_path / "models")}, "lake": {"root": str(tmp_path / "lake")},
+        "server": {"seen_items_per_user": 3}})
+    kb.build(Path(settings.model.dir), "v1")
+    state = OnlineState(settings)
+    manager = ModelManager(settings, on_new_model=lambda new, old: state.refold(new))
+    manager.reload()
+    eng = Recommender(settings, manager, state, Catalog(None))
+    t0 = datetime.now(UTC) - timedelta(minutes=1)
+    eng.apply_events([ev("cap", f"C{i}", ts=t0 + timedelta(seconds=i)) for i in (4, 5, 6, 7)])
+    eng.apply_events([ev("cap", "C5", ts=t0 + timedelta(seconds=8))])  # seen again: newest
+    eng.apply_events([ev("cap", "C8", ts=t0 + timedelta(seconds=9))])  # C6 is the oldest now
+    model = manager.current
+    assert model is not None
+    assert state.profile(model, "cap").seen_ids == {"C7", "C5", "C8"}
+    out = eng.recommend("cap", 7, FilterSpec())
+    # the forgotten C4 and C6 may be recommended again; C5, C7, C8 stay excluded
+    assert [i for i, _, _ in out.items] == ["C0", "C1", "C2", "C3", "C4", "C6", "C9"]

@@ -51,6 +51,9 @@ def test_dataset_settings_keep_movielens_apart_unless_configured(tmp_path):
     assert ml2.lake.root == tmp_path / "l" and ml2.interactions.half_life_days == 90
     assert ml2.model.dir.parts[-3:] == ("datasets", "ml-100k", "models")
     assert dataset_settings(default, "synthetic").lake.root == default.lake.root
+    # your own data (data.source none): the lake the server fills, not a dataset's own
+    own = dataset_settings(load_settings(env={"LAMBDAREC__DATA__SOURCE": "none"}), None)
+    assert (own.lake.root, own.model.dir) == (default.lake.root, default.model.dir)
 
 
 @pytest.mark.slow

@@ -3,8 +3,9 @@
 # (implicit's wheel links the system libgomp) and, optionally, a native BLAS for Spark
 # MLlib (ALS ~30% faster), a headless Chromium + chromedriver (the web console's browser
 # tests) and Redis 7 + HAProxy 2.6 (`make run REPLICAS=N`: the fleet's shared channel and
-# front door, and their tests). Installs what is missing with apt when we are root; otherwise says exactly what to
-# install. Only Java is required.
+# front door, and their tests). Installs what is missing with apt when we are root;
+# otherwise says exactly what to install. Only Java is required. LAMBDAREC_NO_BROWSER=1
+# skips Chromium (container images: infra/Dockerfile).
 set -euo pipefail
 
 java_major() {
@@ -19,8 +20,10 @@ have_java || missing+=(openjdk-17-jre-headless)
 if command -v dpkg-query >/dev/null 2>&1; then
   have_deb libgomp1 || missing+=(libgomp1)
   have_deb libopenblas0-pthread || missing+=(libopenblas0-pthread)
-  have_deb chromium || missing+=(chromium)
-  have_deb chromium-driver || missing+=(chromium-driver)
+  if [ "${LAMBDAREC_NO_BROWSER:-0}" != 1 ]; then
+    have_deb chromium || missing+=(chromium)
+    have_deb chromium-driver || missing+=(chromium-driver)
+  fi
   have_deb redis-server || missing+=(redis-server)
   have_deb haproxy || missing+=(haproxy)
 fi

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from lambdarec_client import Client, to_dict
 
 from lake.bundle import current_version
+from online.tls import own_client_tls
 
 RECENT_EVENTS = 20
 TRIAL_MARK = ".t"
@@ -41,7 +42,8 @@ class ConsoleData:
         self.settings = server.settings
         host = self.settings.server.host
         self.client = Client(f"{host}:{server.ports['grpc']}", f"{host}:{server.ports['admin']}",
-                             token=self.settings.server.admin_token, timeout=10.0)
+                             token=self.settings.server.admin_token, key=server.public_key,
+                             timeout=10.0, **own_client_tls(self.settings.server))
 
     def close(self) -> None:
         self.client.close()

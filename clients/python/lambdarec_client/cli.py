@@ -11,10 +11,15 @@
 Targets: `--target` / `--admin-target`, else the server's own settings from the environment
 (LAMBDAREC__SERVER__HOST, __PORT, __ADMIN_PORT), else 127.0.0.1:50051 / 127.0.0.1:50052.
 Admin calls send `authorization: Bearer <token>`: `--token`, else
-LAMBDAREC__SERVER__ADMIN_TOKEN, else the server's default token.
+LAMBDAREC__SERVER__ADMIN_TOKEN, else the server's default token. Public calls send the
+access key (`python -m online.keys create`) the same way: `--key`, else LAMBDAREC_KEY.
+TLS: `--tls-ca FILE` (else LAMBDAREC_TLS_CA) is the PEM root the server's certificate is
+checked against; `--tls-cert` / `--tls-key` (LAMBDAREC_TLS_CERT / _KEY) a client
+certificate for servers that ask for one.
 
 Exit status: 0 done; 1 the server answered with an error (printed as {"error": ...}) or,
-for `ingest`, rejected some events; 2 bad input (a flag, an unreadable JSON lines file).
+for `ingest`, rejected some events, or for `health`, a status other than SERVING (so the
+command is a container health check); 2 bad input (a flag, an unreadable JSON lines file).
 """
 
 from __future__ import annotations
@@ -54,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="host:port of the Recommender service")
     p.add_argument("--admin-target", help="host:port of the Admin service")
     p.add_argument("--token", help="admin bearer token")
+    p.add_argument("--key", help="access key of the public service (env LAMBDAREC_KEY)")
+    p.add_argument("--tls-ca", type=Path, help="PEM root certificate: use TLS "
+                   "(env LAMBDAREC_TLS_CA)")
+    p.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS; "
+                   "env LAMBDAREC_TLS_CERT)")
+    p.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert (env LAMBDAREC_TLS_KEY)")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -133,8 +144,25 @@ def run_cli(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dict[str,
     target, admin_target, token = default_targets(env)
     target, admin_target = args.target or target, args.admin_target or admin_target
     token = token if args.token is None else args.token
+    key = args.key or env.get("LAMBDAREC_KEY") or None
+    tls: dict[str, bytes] = {}
+    for arg, var, kwarg in (("tls_ca", "LAMBDAREC_TLS_CA", "root_cert"),
+                            ("tls_cert", "LAMBDAREC_TLS_CERT", "cert_chain"),
+                            ("tls_key", "LAMBDAREC_TLS_KEY", "private_key")):
+        path = getattr(args, arg) or env.get(var)
+        if path:
+            flag = "--" + arg.replace("_", "-")
+            try:
+                tls[kwarg] = Path(path).read_bytes()
+            except OSError as exc:
+                raise UsageError(f"{flag} ({var}): cannot read {path}: "
+                                 f"{exc.strerror or exc}") from exc
+    if ("cert_chain" in tls) != ("private_key" in tls):
+        raise UsageError("--tls-cert and --tls-key: give both or neither")
     cmd = args.cmd
-    with Client(target, admin_target, token=token, timeout=args.timeout) as c:
+    with Client(target, admin_target, token=token, key=key, timeout=args.timeout,
+                root_cert=tls.get("root_cert"), cert_chain=tls.get("cert_chain"),
+                private_key=tls.get("private_key")) as c:
         if cmd in ("recommend", "similar"):
             filters = dict(exclude_item_ids=args.exclude, include_categories=args.category,
                            exclude_categories=args.not_category,
@@ -167,9 +195,12 @@ def run_cli(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dict[str,
                 raise UsageError("upsert-items: give --file or --item")
             return to_dict(c.upsert_items(items)), 0
         if cmd == "health":
-            return {"status": c.health(args.service, admin=args.admin)}, 0
+            status = c.health(args.service, admin=args.admin)
+            return {"status": status}, 0 if status == "SERVING" else 1
         if cmd == "model-info":
-            return to_dict(c.model_info()), 0
+            info = to_dict(c.model_info())
+            info.pop("metrics_json", None)  # deprecated duplicate of metrics / baselines
+            return info, 0
         if cmd == "reload":
             return to_dict(c.reload(args.version)), 0
         if cmd == "forget-user":

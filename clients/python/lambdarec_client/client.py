@@ -1,9 +1,13 @@
 """Typed Python client for the lambdarec online API (Recommender + Admin services).
 
     from lambdarec_client import Client
-    with Client("127.0.0.1:50051", "127.0.0.1:50052", token="...") as c:
+    with Client("127.0.0.1:50051", "127.0.0.1:50052", key="lrk_...", token="...") as c:
         c.ingest([{"user_id": "u1", "item_id": "i3", "event_type": "view"}])
         c.recommend("u1", k=10, explain=True)
+
+`key` is the public service's access key (`python -m online.keys create`), `token` the
+admin token; `root_cert` (PEM bytes or a file) turns on TLS for both channels, and
+`cert_chain` / `private_key` present a client certificate (mutual TLS).
 
 Needs only grpcio and protobuf (and the standard health-check stubs).
 """
@@ -13,6 +17,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -79,6 +85,22 @@ def make_event(e: Mapping[str, Any]) -> pb.Event:
     return ev
 
 
+Pem = bytes | str | PathLike[str]
+"""PEM data, or the path of a PEM file."""
+
+
+def _pem(value: Pem | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def _channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, credentials)
+
+
 def to_dict(msg: Any) -> dict[str, Any]:
     return MessageToDict(msg, preserving_proto_field_name=True,
                          always_print_fields_with_no_presence=True)
@@ -88,12 +110,20 @@ class Client:
     """Thin typed wrapper over both services; every call takes `timeout` (the deadline)."""
 
     def __init__(self, target: str, admin_target: str | None = None, *,
-                 token: str | None = None, timeout: float = 5.0) -> None:
-        self.channel = grpc.insecure_channel(target)
-        self.admin_channel = grpc.insecure_channel(admin_target) if admin_target else None
+                 token: str | None = None, key: str | None = None,
+                 root_cert: Pem | None = None, cert_chain: Pem | None = None,
+                 private_key: Pem | None = None, timeout: float = 5.0) -> None:
+        creds = None
+        if root_cert is not None or cert_chain is not None:
+            creds = grpc.ssl_channel_credentials(_pem(root_cert), _pem(private_key),
+                                                 _pem(cert_chain))
+        self.channel = _channel(target, creds)
+        self.admin_channel = _channel(admin_target, creds) if admin_target else None
         self.stub = recommender_pb2_grpc.RecommenderStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.admin_channel) if self.admin_channel else None
         self.token = token
+        self.md = [("authorization", f"Bearer {key}")] if key else []
+        """Metadata of every public call: the access key, if any."""
         self.timeout = timeout
 
     def close(self) -> None:
@@ -112,7 +142,8 @@ class Client:
                   **filters: Any) -> pb.RecommendResponse:
         req = _recommend_request(user_id, k, context_item_ids=context_item_ids,
                                  explain=explain, **filters)
-        return self.stub.Recommend(req, metadata=_user(user_id), timeout=timeout or self.timeout)
+        return self.stub.Recommend(req, metadata=self.md + _user(user_id),
+                                   timeout=timeout or self.timeout)
 
     def recommend_batch(self, requests: Iterable[Mapping[str, Any]], *,
                         timeout: float | None = None) -> pb.RecommendBatchResponse:
@@ -120,19 +151,19 @@ class Client:
         (`user_id`, `k`, `context_item_ids`, `explain`, and the filter keywords)."""
         reqs = [_recommend_request(**{"user_id": "", **r}) for r in requests]
         return self.stub.RecommendBatch(pb.RecommendBatchRequest(requests=reqs),
-                                        metadata=_user(reqs[0].user_id if reqs else ""),
+                                        metadata=self.md + _user(reqs[0].user_id if reqs else ""),
                                         timeout=timeout or self.timeout)
 
     def similar(self, item_id: str, k: int = 10, *, timeout: float | None = None,
                 **filters: Any) -> pb.SimilarItemsResponse:
         req = pb.SimilarItemsRequest(item_id=item_id, k=k, filters=_filters(**filters))
-        return self.stub.SimilarItems(req, timeout=timeout or self.timeout)
+        return self.stub.SimilarItems(req, metadata=self.md, timeout=timeout or self.timeout)
 
     def ingest(self, events: Iterable[Mapping[str, Any] | pb.Event], *, atomic: bool = False,
                timeout: float | None = None) -> pb.IngestEventsResponse:
         evs = [e if isinstance(e, pb.Event) else make_event(e) for e in events]
         return self.stub.IngestEvents(pb.IngestEventsRequest(events=evs, atomic=atomic),
-                                      metadata=_user(evs[0].user_id if evs else ""),
+                                      metadata=self.md + _user(evs[0].user_id if evs else ""),
                                       timeout=timeout or self.timeout)
 
     def upsert_items(self, items: Iterable[Mapping[str, Any]], *,
@@ -145,7 +176,7 @@ class Client:
                     setattr(m, key, it[key])
             msgs.append(m)
         return self.stub.UpsertItems(pb.UpsertItemsRequest(items=msgs),
-                                     timeout=timeout or self.timeout)
+                                     metadata=self.md, timeout=timeout or self.timeout)
 
     def health(self, service: str = "", *, admin: bool = False) -> str:
         ch = self.admin_channel if admin else self.channel
