@@ -11,6 +11,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OPENBLAS_NUM_THREADS ?= 1
 export PYTHONHASHSEED ?= 0
 DATA ?=
+REPLICAS ?= 1
 
 .PHONY: help setup java run test test-all test-slow test-reliability lint protos pipeline bench airflow sql tables clean
 
@@ -42,8 +43,8 @@ java: ## Check system packages: Java >= 17, OpenMP, native BLAS (apt-installs th
 protos: $(STAMP) ## Generate gRPC code + .pyi stubs from protos/ into clients/python/lambdarec/
 	@$(PY) clients/python/protogen.py --if-stale
 
-run: setup ## Bring the system up on the embedded default (lake, sample model, gRPC server)
-	$(PY) -m online.run
+run: setup ## Bring the system up (lake, sample model, gRPC server); REPLICAS=N: N behind HAProxy
+	$(PY) -m online.run --replicas $(REPLICAS)
 
 test: setup ## Run the test suite (fast + slow, no GPU, no reliability soak)
 	$(PY) -m pytest -m "not gpu and not reliability and not integration" -q

@@ -1,6 +1,6 @@
 """`make bench`: run the benchmark sections into one report.
 
-    python -m bench.run [--only ann,online,ingest,freshness,training,accuracy,scaling]
+    python -m bench.run [--only ann,online,ingest,freshness,fleet,training,accuracy,scaling]
                         [--quick] [--big-training] [--big-scaling]
 
 Every figure is printed as one JSON line (`bench.report.Report.add`) next to a reference
@@ -27,7 +27,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from bench.report import Report  # noqa: E402
 
-SECTIONS = ("online", "ingest", "freshness", "training", "accuracy", "ann", "scaling")
+SECTIONS = ("online", "ingest", "freshness", "fleet", "training", "accuracy", "ann",
+            "scaling")
 
 
 def _sections(quick: bool, big_training: bool,
@@ -55,6 +56,14 @@ def _sections(quick: bool, big_training: bool,
             return freshness.run(r, n_items=20_000, n_users=20_000, trials=40)
         return freshness.run(r)
 
+    def fleet(r: Report) -> Any:
+        from bench import fleet
+
+        if quick:
+            return fleet.run(r, n_items=20_000, n_users=20_000, trials=40, concurrency=(1, 8),
+                             duration=2.0, max_requests=5000, n_requests=1500)
+        return fleet.run(r)
+
     def training(r: Report) -> Any:
         from bench import training
 
@@ -81,7 +90,7 @@ def _sections(quick: bool, big_training: bool,
         sizes = ("200k",) if quick else ("200k", "2m") + (("20m",) if big_scaling else ())
         return scaling.run(r, sizes=sizes)
 
-    return {"online": online, "ingest": ingest, "freshness": freshness,
+    return {"online": online, "ingest": ingest, "freshness": freshness, "fleet": fleet,
             "training": training, "accuracy": accuracy, "ann": ann, "scaling": scaling}
 
 

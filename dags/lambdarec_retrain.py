@@ -182,7 +182,8 @@ def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
         )
     cfg = settings()
     return notify_reload(cfg.airflow.reload_targets, cfg.server.admin_token,
-                         publish_result.get("version"), tls=own_client_tls(cfg.server))
+                         publish_result.get("version"), fleet_dir=cfg.fleet.run_dir,
+                         tls=own_client_tls(cfg.server))
 
 
 @dag(

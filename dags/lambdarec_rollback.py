@@ -51,7 +51,8 @@ def notify(rollback_result: dict[str, Any]) -> dict[str, Any]:
     """Ask the online servers to hot-reload the model now named by CURRENT."""
     cfg = settings()
     return notify_reload(cfg.airflow.reload_targets, cfg.server.admin_token,
-                         rollback_result.get("version"), tls=own_client_tls(cfg.server))
+                         rollback_result.get("version"), fleet_dir=cfg.fleet.run_dir,
+                         tls=own_client_tls(cfg.server))
 
 
 @dag(

@@ -352,6 +352,23 @@ class AirflowSettings(_Strict):
     configuration's own server, `server.host:server.admin_port`."""
 
 
+class FleetSettings(_Strict):
+    redis_url: str = ""
+    """Redis 7 the replicas share their acknowledged events, availability changes and
+    erasures through (a Stream); empty = a single process, nothing shared. `make run
+    REPLICAS=N` (N > 1) starts its own `redis-server` when this is empty."""
+    stream: str = "lambdarec:fleet"
+    """Redis Stream key of the cross-replica channel."""
+    stream_maxlen: int = Field(default=100_000, ge=100)
+    """Entries (one per ingest batch, upsert or erasure) the stream retains, roughly: a
+    replica that starts replays the retained events its peers have not flushed yet."""
+    publish_buffer: int = Field(default=100_000, ge=1)
+    """Messages a replica keeps while Redis is unreachable, sent when it is back (the oldest
+    are dropped beyond this; ingest never waits for Redis)."""
+    run_dir: Path = Path("var/run")
+    """Where `make run REPLICAS=N` writes `fleet.json`, the HAProxy config and Redis' files."""
+
+
 class Settings(_Strict):
     lake: LakeSettings = Field(default_factory=LakeSettings)
     spark: SparkSettings = Field(default_factory=SparkSettings)
@@ -366,6 +383,7 @@ class Settings(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
 
     def resolved(self, base: Path = PROJECT_ROOT) -> Settings:
         """Return a copy whose relative paths are anchored at `base` (the project root)."""
@@ -373,7 +391,7 @@ class Settings(_Strict):
         for section, key in (("lake", "root"), ("model", "dir"), ("server", "wal_dir"),
                              ("server", "keys_file"), ("server", "tls_cert"),
                              ("server", "tls_key"), ("server", "tls_client_ca"),
-                             ("data", "dir")):
+                             ("data", "dir"), ("fleet", "run_dir")):
             if data[section][key] is None:
                 continue
             p = Path(data[section][key])

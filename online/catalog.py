@@ -17,7 +17,7 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -108,9 +108,11 @@ class Catalog:
     def __init__(self, lake: Lake | None = None) -> None:
         self._lake = lake
         self._items: dict[str, ItemInfo] = {}
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()  # upsert holds it across write + apply
         self._codes: dict[str, int] = {}
         self._views: weakref.WeakKeyDictionary[Any, RowView] = weakref.WeakKeyDictionary()
+        # Called with each upsert once it is in the lake (the fleet channel tells the peers).
+        self.published: Callable[[list[Mapping[str, Any]]], None] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -214,6 +216,15 @@ class Catalog:
         with self._write_lock:
             if self._lake is not None:
                 write_items(self._lake, items)
+            n = self.apply(items)
+        if self.published is not None:  # in the lake by now: peers may apply it
+            self.published(items)
+        return n
+
+    def apply(self, items: Iterable[Mapping[str, Any]]) -> int:
+        """Update the in-memory view only (an upsert already in the lake, e.g. a peer's)."""
+        items = list(items)
+        with self._write_lock:
             infos = []
             for i in items:
                 iid = str(i["item_id"])

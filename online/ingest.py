@@ -77,6 +77,10 @@ class IngestOverloadedError(IngestError):
     """Too many events wait for the bronze flush (the lake is down or too slow): retry later."""
 
 
+APP_PREFIX = "lambdarec-wal-"
+"""A node's bronze app transaction is this prefix + its node id."""
+
+
 @dataclass
 class IngestResult:
     accepted: list[dict[str, Any]]
@@ -85,6 +89,9 @@ class IngestResult:
     """Events whose event_id was seen before (in this batch or earlier); not re-appended."""
     rejected: list[tuple[int, str]]
     """(position in the request, reason naming the field) for each invalid event."""
+    seq: int = 0
+    """The WAL record holding `accepted` (0: none): with the node id, what replicas that
+    receive the events through the fleet channel tell apart and skip once in bronze."""
 
 
 @dataclass
@@ -217,6 +224,7 @@ class IngestPipeline:
         self.duplicates_total = 0
         self.rejected_total = 0
         self.replayed_events = 0
+        self.replayed: list[tuple[int, list[dict[str, Any]]]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _table_txn_version(self) -> int:
@@ -266,6 +274,8 @@ class IngestPipeline:
             self._seen.trim(now)
             self._load_committed_ids()
             self.replayed_events = self._pending_events
+            # (seq, events) acknowledged before a crash, maybe never told to the peers
+            self.replayed = [(p.seq, p.events) for p in self._pending if p.events]
             self._wal = wal
             # A tombstone not yet covered by a commit may not have reached the lake: redo its
             # deletes before flushing (later events of that user are still pending).
@@ -333,7 +343,7 @@ class IngestPipeline:
     @property
     def app_id(self) -> str:
         """The Delta app transaction this node's WAL flushes under."""
-        return f"lambdarec-wal-{self.node_id}"
+        return f"{APP_PREFIX}{self.node_id}"
 
     def _release_claim(self) -> None:
         if self._claim is not None:
@@ -387,6 +397,7 @@ class IngestPipeline:
         accepted: list[dict[str, Any]] = []
         duplicates = 0
         wait_seq = 0
+        seq = 0
         with self._ingest_lock:
             if self._pending_events >= self.max_pending_events:
                 raise IngestOverloadedError(
@@ -430,7 +441,13 @@ class IngestPipeline:
                 wal.sync(wait_seq)
             except WALError as exc:
                 raise IngestError(f"write-ahead log failed: {exc}") from exc
-        return IngestResult(accepted=accepted, duplicates=duplicates, rejected=rejected)
+        return IngestResult(accepted=accepted, duplicates=duplicates, rejected=rejected,
+                            seq=seq)
+
+    def note_peer_events(self, event_ids: list[str]) -> None:
+        """Ids another replica acknowledged (durable in its WAL, bound for bronze): from now
+        on a resend of one of them here is a duplicate, as if bronze already held it."""
+        self._committed_ids.add(event_ids)
 
     # -- flushing ----------------------------------------------------------------------------
     def _flush_loop(self) -> None:

@@ -39,11 +39,28 @@ def reload_command(admin_target: str, version: str) -> str:
             f"reload --version {version}")
 
 
+def fleet_targets(targets: Sequence[str], run_dir: Path | None) -> list[str]:
+    """`targets` with a fleet's front door (`<run_dir>/fleet.json`) replaced by each of its
+    replicas' admin addresses: the front door would reach only one of them."""
+    from online.fleet import read_fleet
+
+    fleet = read_fleet(run_dir) if run_dir is not None else None
+    if fleet is None:
+        return list(targets)
+    out: list[str] = []
+    for t in targets:
+        out += [r["admin"] for r in fleet["replicas"]] if t == fleet["front_door"]["admin"] \
+            else [t]
+    return list(dict.fromkeys(out))
+
+
 def notify_reload(
     targets: Sequence[str], token: str, version: str | None, *, timeout_s: float = 60.0,
-    tls: ClientTLS | None = None,
+    fleet_dir: Path | None = None, tls: ClientTLS | None = None,
 ) -> dict[str, Any]:
     """Ask each admin endpoint (`host:port`) to reload `version` (`Admin.ReloadModel`).
+    A target that is the front door of the fleet running from `fleet_dir` (`fleet.run_dir`)
+    stands for every replica of it.
 
     `tls`: `Client` TLS arguments (`online.tls.own_client_tls`); None = plaintext.
 
@@ -58,7 +75,7 @@ def notify_reload(
     from lambdarec_client import Client, to_dict
 
     failures = []
-    for target in targets:
+    for target in fleet_targets(targets, fleet_dir):
         try:
             with Client(target, admin_target=target, token=token, timeout=timeout_s,
                         **(tls or ClientTLS())) as c:

@@ -363,3 +363,9 @@ class Recommender:
     def apply_events(self, events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Fold accepted events into the online state on the serving model."""
         return self.state.apply(self.manager.current, events)
+
+    def forget_user(self, user_id: str) -> bool:
+        """Stop serving the user: their batch vector (until a retrain) and online state.
+        Returns whether they had online state."""
+        self.manager.forget(user_id)
+        return self.state.forget(user_id)

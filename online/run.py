@@ -31,6 +31,7 @@ import yaml  # noqa: E402
 from lake.bundle import current_version  # noqa: E402
 from lake.config import ENV_PREFIX, PROJECT_ROOT, ConfigError, Settings, load_settings  # noqa: E402
 from lake.tables import Lake  # noqa: E402
+from online.fleet import Fleet, FleetError  # noqa: E402
 from online.keys import KeyStore, keys_file  # noqa: E402
 from online.node_identity import NodeIdentityError  # noqa: E402
 from online.notify import python_command  # noqa: E402
@@ -95,6 +96,36 @@ def example_ids(lake: Lake) -> tuple[str, str, str]:
     return user, fresh, popular
 
 
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    print("shutting down...", flush=True)
+
+
+def _run_fleet(args: argparse.Namespace) -> int:
+    """N replicas + HAProxy (+ Redis): the same preparation, then `online.fleet.Fleet`."""
+    from online.metrics import configure_logging
+
+    configure_logging()
+    settings = load_settings()
+    srv = settings.server
+    for setting in ("port", "admin_port"):  # the front door's
+        ensure_free(srv.host, getattr(srv, setting), f"server.{setting}")
+    done = prepare(settings, pipeline=not args.no_pipeline)
+    fleet = Fleet(settings, args.replicas)
+    state = fleet.start()
+    print(json.dumps({"model": done["model"], "fleet": state}), flush=True)
+    ports = {"grpc": srv.port, "admin": srv.admin_port}
+    print(usage(settings, ports, example_ids(Lake.from_settings(settings.lake))), flush=True)
+    print(f"{args.replicas} replicas behind HAProxy; addresses and pids in "
+          f"{settings.fleet.run_dir / 'fleet.json'}", flush=True)
+    _wait_for_signal()
+    fleet.stop()
+    return 0
+
+
 def usage(settings: Settings, ports: dict[str, int], ids: tuple[str, str, str]) -> str:
     srv = settings.server
     user, fresh, popular = ids
@@ -135,10 +166,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-pipeline", action="store_true",
                    help="do not train a model when none is CURRENT (serve popularity)")
     p.add_argument("--no-console", action="store_true", help="do not serve the web console")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="N > 1: N replicas behind an HAProxy front door on server.port "
+                        "(online/fleet.py; no web console)")
     args = p.parse_args(argv)
     try:
-        return _run(args)
-    except (ConfigError, PortInUse, NodeIdentityError) as exc:
+        if args.replicas < 1:
+            raise ConfigError(f"REPLICAS: must be at least 1, got {args.replicas}")
+        return _run_fleet(args) if args.replicas > 1 else _run(args)
+    except (ConfigError, PortInUse, NodeIdentityError, FleetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -173,11 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     print(json.dumps({"model": done["model"], "ports": ports}), flush=True)
     print(usage(settings, ports, example_ids(server.lake)), flush=True)
 
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
-    print("shutting down...", flush=True)
+    _wait_for_signal()
     if console is not None:
         console.stop()
     server.stop(grace=settings.server.flush_interval_s)

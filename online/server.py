@@ -20,7 +20,8 @@ import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from concurrent import futures  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
@@ -38,7 +39,8 @@ from lake.tables import Lake  # noqa: E402
 from lake.training_cut import trained_from  # noqa: E402
 from online.auth import admin_guard, public_guard  # noqa: E402
 from online.catalog import Catalog  # noqa: E402
-from online.ingest import IngestPipeline  # noqa: E402
+from online.fleet_channel import FleetChannel, PublishingIngest, ReplicaApplier  # noqa: E402
+from online.ingest import APP_PREFIX, IngestPipeline  # noqa: E402
 from online.metrics import Metrics, configure_logging  # noqa: E402
 from online.model import LoadedModel, ModelManager  # noqa: E402
 from online.node_identity import NodeIdentityError  # noqa: E402
@@ -90,6 +92,9 @@ class OnlineServer:
     _stop_poll: threading.Event = field(default_factory=threading.Event)
     _poller: threading.Thread | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
+    fleet: FleetChannel | None = None
+    bronze_floor: Callable[[str], int] = lambda node: 0
+    created_ms: int = 0  # before the catalogue and erasures were read from the lake
 
     def start(self) -> None:
         if self.metrics_enabled:  # first: a busy port fails before anything else started
@@ -98,6 +103,12 @@ class OnlineServer:
             self.ports["metrics"] = self.metrics.serve(srv.host, srv.metrics_port)
         self.ingest.start()
         self.warm_start()
+        if self.settings.fleet.redis_url:  # after the warm start: the replay builds on it
+            self.fleet = FleetChannel(self.settings.fleet, self.ingest.node_id,
+                                      ReplicaApplier(self.engine, self.ingest.inner))
+            self.ingest.attach(self.fleet)
+            self.engine.catalog.published = self.fleet.publish_items
+            self.fleet.start(self.bronze_floor, self.created_ms)
         self.grpc_server.start()
         self.admin_server.start()
         for h in (self.health, self.admin_health):
@@ -118,7 +129,13 @@ class OnlineServer:
         """
         model = self.manager.current
         cut = model.cut if model is not None else None
-        if model is None or cut is None or not self.lake.exists("bronze_events"):
+        if not self.lake.exists("bronze_events"):
+            return 0
+        # One snapshot: the fleet channel replays a peer's events only past what it held.
+        snapshot = self.lake.delta("bronze_events")
+        self.bronze_floor = lambda node: int(
+            snapshot.transaction_version(f"{APP_PREFIX}{node}") or 0)
+        if model is None or cut is None:
             return 0
         ts_type = pa.timestamp("us", tz="UTC")
         newer = ds.field("ts") >= pa.scalar(cut.ts_before, ts_type)
@@ -127,7 +144,7 @@ class OnlineServer:
         else:
             newer = newer & (ds.field("event_date") >= pa.scalar(cut.ts_before.date()))
         table = self.lake.read(
-            "bronze_events",
+            "bronze_events", version=snapshot.version(),
             columns=["user_id", "item_id", "event_type", "value", "ts", "received_at"],
             filters=newer)
         if table.num_rows > max_events:
@@ -171,6 +188,8 @@ class OnlineServer:
         a.wait()
         b.wait()
         try:
+            if self.fleet is not None:  # before the WAL closes: a peer's erasure needs it
+                self.fleet.close()
             self.ingest.close()
         finally:
             self.metrics.close()
@@ -215,6 +234,7 @@ def create_server(
         threads: set FAISS/BLAS to one thread in this process.
     """
     srv = settings.server
+    created_ms = int(time.time() * 1000)
     # Before anything is built or written: a busy port is one clear line, not a traceback.
     for setting, port in (("server.port", srv.port), ("server.admin_port", srv.admin_port)):
         ensure_free(srv.host, port, setting)
@@ -225,6 +245,8 @@ def create_server(
     lake = lake or Lake.from_settings(settings.lake)
     if ingest is None:
         ingest = IngestPipeline(settings, lake)
+    if settings.fleet.redis_url:
+        ingest = PublishingIngest(ingest)
     m = Metrics()
     if hasattr(ingest, "stats"):
         m.watch_ingest(ingest.stats)
@@ -259,6 +281,7 @@ def create_server(
         m, guard=admin_guard(srv), undecodable_log=undecodable_log))
     server = OnlineServer(settings, public, admin, public_health, admin_health, manager,
                           engine, ingest, m, lake, metrics_enabled=metrics,
+                          created_ms=created_ms,
                           public_key=guard.internal_key if guard is not None else None)
 
     recommender_pb2_grpc.add_RecommenderServicer_to_server(

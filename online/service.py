@@ -484,8 +484,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def ForgetUser(self, request: admin_pb2.ForgetUserRequest,  # noqa: N802
                    context: grpc.ServicerContext) -> admin_pb2.ForgetUserResponse:
         user_id = self.v.id("user_id", request.user_id)
-        self.engine.manager.forget(user_id)  # their batch vector, until a retrain
-        removed = self.state.forget(user_id)
+        removed = self.engine.forget_user(user_id)
         lake = self.ingest.forget_user(user_id)
         log.info("user forgotten", extra={"user_id": user_id, "lake": lake})
         return admin_pb2.ForgetUserResponse(user_id=user_id, online_state_removed=removed,

@@ -97,6 +97,7 @@ def reload_servers(settings: Settings, version: str) -> dict[str, str]:
     targets = settings.airflow.reload_targets or []
     outcome: dict[str, str] = notify_reload(targets, settings.server.admin_token, version,
                                             timeout_s=60.0,
+                                            fleet_dir=settings.fleet.run_dir,
                                             tls=own_client_tls(settings.server))["targets"]
     for target, result in outcome.items():
         if result.startswith("ok"):

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # System packages the Python venv cannot bring: a Java >= 17 runtime (Spark), OpenMP
 # (implicit's wheel links the system libgomp) and, optionally, a native BLAS for Spark
-# MLlib (ALS ~30% faster) and a headless Chromium + chromedriver (the web console's browser
-# tests). Installs what is missing with apt when we are root; otherwise says exactly what to
-# install. Only Java is required. LAMBDAREC_NO_BROWSER=1 skips Chromium (container images:
-# infra/Dockerfile).
+# MLlib (ALS ~30% faster), a headless Chromium + chromedriver (the web console's browser
+# tests) and Redis 7 + HAProxy 2.6 (`make run REPLICAS=N`: the fleet's shared channel and
+# front door, and their tests). Installs what is missing with apt when we are root;
+# otherwise says exactly what to install. Only Java is required. LAMBDAREC_NO_BROWSER=1
+# skips Chromium (container images: infra/Dockerfile).
 set -euo pipefail
 
 java_major() {
@@ -23,6 +24,8 @@ if command -v dpkg-query >/dev/null 2>&1; then
     have_deb chromium || missing+=(chromium)
     have_deb chromium-driver || missing+=(chromium-driver)
   fi
+  have_deb redis-server || missing+=(redis-server)
+  have_deb haproxy || missing+=(haproxy)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
@@ -38,4 +41,4 @@ if ! have_java; then
   echo "              or: brew install openjdk@17                        (macOS)" >&2
   exit 1
 fi
-echo "note: optional packages missing (${missing[*]}); Spark MLlib runs slower without native BLAS, the console's browser tests skip without chromium" >&2
+echo "note: optional packages missing (${missing[*]}); Spark MLlib runs slower without native BLAS, the console's browser tests skip without chromium, REPLICAS>1 and the fleet tests need redis-server and haproxy" >&2

@@ -27,6 +27,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lambdarec.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2_grpc
 from lambdarec.v1 import recommender_pb2 as pb
 
+USER_HEADER = "x-lambdarec-user"
+"""Sent on every call that carries a user id: a fleet's front door hashes it, so a user's
+calls go to one replica while it is up (HAProxy `balance hdr(x-lambdarec-user)`)."""
+
+
+def _user(user_id: str) -> list[tuple[str, str]]:
+    # gRPC metadata values are ASCII: a non-ASCII id is sent escaped (still one per user)
+    return [(USER_HEADER, user_id.encode("unicode_escape").decode("ascii"))] if user_id else []
+
 
 def _filters(
     exclude_seen: bool | None = None,
@@ -133,7 +142,8 @@ class Client:
                   **filters: Any) -> pb.RecommendResponse:
         req = _recommend_request(user_id, k, context_item_ids=context_item_ids,
                                  explain=explain, **filters)
-        return self.stub.Recommend(req, metadata=self.md, timeout=timeout or self.timeout)
+        return self.stub.Recommend(req, metadata=self.md + _user(user_id),
+                                   timeout=timeout or self.timeout)
 
     def recommend_batch(self, requests: Iterable[Mapping[str, Any]], *,
                         timeout: float | None = None) -> pb.RecommendBatchResponse:
@@ -141,7 +151,8 @@ class Client:
         (`user_id`, `k`, `context_item_ids`, `explain`, and the filter keywords)."""
         reqs = [_recommend_request(**{"user_id": "", **r}) for r in requests]
         return self.stub.RecommendBatch(pb.RecommendBatchRequest(requests=reqs),
-                                        metadata=self.md, timeout=timeout or self.timeout)
+                                        metadata=self.md + _user(reqs[0].user_id if reqs else ""),
+                                        timeout=timeout or self.timeout)
 
     def similar(self, item_id: str, k: int = 10, *, timeout: float | None = None,
                 **filters: Any) -> pb.SimilarItemsResponse:
@@ -152,7 +163,8 @@ class Client:
                timeout: float | None = None) -> pb.IngestEventsResponse:
         evs = [e if isinstance(e, pb.Event) else make_event(e) for e in events]
         return self.stub.IngestEvents(pb.IngestEventsRequest(events=evs, atomic=atomic),
-                                      metadata=self.md, timeout=timeout or self.timeout)
+                                      metadata=self.md + _user(evs[0].user_id if evs else ""),
+                                      timeout=timeout or self.timeout)
 
     def upsert_items(self, items: Iterable[Mapping[str, Any]], *,
                      timeout: float | None = None) -> pb.UpsertItemsResponse:
@@ -195,5 +207,6 @@ class Client:
 
     def forget_user(self, user_id: str, *, timeout: float = 60.0) -> admin_pb2.ForgetUserResponse:
         stub, md = self._admin()
-        return stub.ForgetUser(admin_pb2.ForgetUserRequest(user_id=user_id), metadata=md,
+        return stub.ForgetUser(admin_pb2.ForgetUserRequest(user_id=user_id),
+                               metadata=md + _user(user_id),
                                timeout=timeout)
