@@ -426,25 +426,23 @@ def write_staged(df: DataFrame, staging: Path, cols: Sequence[str]) -> int:
 
 
 def _split_by_partition(t: pa.Table, cols: Sequence[str]) -> list[tuple[tuple[str, ...], pa.Table]]:
-    """(directory values, rows without the partition columns) per partition value in `t`."""
-    import pyarrow.compute as pc
+    """(directory values, rows without the partition columns) per partition value in `t`.
+
+    One pass: row indices grouped by value (nulls are a group), then one `take` each, so a
+    task holding many dates costs O(rows), not O(rows x dates) masks."""
+    import numpy as np
 
     if not cols:
         return [((), t)]
     data = t.drop_columns(list(cols))
-    distinct = t.select(list(cols)).group_by(list(cols)).aggregate([])
-    out = []
-    for row in distinct.to_pylist():
-        if distinct.num_rows == 1:
-            part = data
-        else:
-            mask = None
-            for c in cols:
-                m = pc.is_null(t[c]) if row[c] is None else pc.equal(t[c], row[c])
-                mask = m if mask is None else pc.and_(mask, m)
-            part = data.filter(mask)
-        out.append((tuple(_dir_value(row[c]) for c in cols), part))
-    return out
+    rows = pa.array(np.arange(t.num_rows, dtype=np.int64))
+    groups = (t.select(list(cols)).append_column("__row", rows)
+              .group_by(list(cols), use_threads=False).aggregate([("__row", "list")]))
+    if groups.num_rows == 1:
+        return [(tuple(_dir_value(groups[c][0].as_py()) for c in cols), data)]
+    members = groups["__row_list"]
+    return [(tuple(_dir_value(groups[c][i].as_py()) for c in cols), data.take(members[i].values))
+            for i in range(groups.num_rows)]
 
 
 def _dir_value(v: Any) -> str:
