@@ -217,6 +217,12 @@ def test_standalone_runs_the_retrain_dag_from_the_rest_api(tmp_path: Path) -> No
         assert published["accepted"] is True
         version = published["version"]
         assert version.startswith(f"v{as_of:%Y%m%d}-")
+        # The UI's log view reads this endpoint: with the task-log servers skipped
+        # (infra/airflow_bin/airflow) the API server must read the log files itself.
+        task_log = _api(cfg.base_url, token, "GET",
+                        f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/publish/"
+                        "logs/1?full_content=true")
+        assert f"publish {version}: ACCEPTED" in json.dumps(task_log["content"])
         assert (models / "CURRENT").read_text().strip() == version
         assert (models / "reports" / version / "report.md").exists()
         runs = _api(cfg.base_url, token, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns")
