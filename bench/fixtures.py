@@ -184,24 +184,14 @@ def thread_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def wait_serving(target: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    """Until the server on `target` is SERVING; its log's tail in the error if it exits."""
+    from online.fleet import FleetError
+    from online.fleet import wait_serving as wait_health
 
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; log {log_path}:\n"
-                                   + log_path.read_text()[-3000:])
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"server on {target} not SERVING after {timeout} s; log {log_path}")
+    try:
+        wait_health(target, timeout, proc, what="server")
+    except FleetError as exc:
+        raise RuntimeError(f"{exc}; log {log_path}:\n" + log_path.read_text()[-3000:]) from None
 
 
 @contextmanager

@@ -184,6 +184,9 @@ class EvaluateSettings(_Strict):
     """EASE baseline regularisation."""
     max_eval_users: int = Field(default=20_000, ge=1)
     """Evaluate on at most this many test users (sampled, seeded)."""
+    max_eval_cells: int = Field(default=60_000_000, ge=1)
+    """...and on at most this many users x items scores per model: ranking costs users x
+    items, so a larger catalogue samples fewer users (20k items: 3,000 users)."""
 
 
 class GateSettings(_Strict):

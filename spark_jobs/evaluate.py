@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from lake.config import Settings
+from lake.config import EvaluateSettings, Settings
 from lake.tables import Lake
 from spark_jobs.baseline_cache import baseline_results
 from spark_jobs.baselines import popularity
@@ -74,6 +74,12 @@ def ci_metrics(settings: Settings) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
+def eval_user_limit(ev: EvaluateSettings, n_items: int) -> int:
+    """How many test users to score: `max_eval_users`, fewer when users x items would pass
+    `max_eval_cells`, never below `min_test_users` (the gate's own minimum)."""
+    return max(ev.min_test_users, min(ev.max_eval_users, ev.max_eval_cells // max(n_items, 1)))
+
+
 def evaluate_recipe(
     log: EventLog,
     test: Holdout,
@@ -96,7 +102,7 @@ def evaluate_recipe(
     if exclude is not None:
         candidates = sp.diags((~exclude).astype(np.float64)) @ test.test
         candidates.eliminate_zeros()
-    users = sample_users(candidates, ev.max_eval_users, settings.train.seed)
+    users = sample_users(candidates, eval_user_limit(ev, matrix.shape[1]), settings.train.seed)
     users = users[np.diff(matrix.indptr)[users] > 0]  # users with nothing to train on: cold
     if len(users) == 0:
         raise JobError("the holdout has no test users with training events")

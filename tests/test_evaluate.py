@@ -293,3 +293,13 @@ def test_baseline_fingerprint_sees_pairs_users_and_cutoffs_not_strengths():
     assert fingerprint(x, test, users[:2], [10], ev) != key
     assert fingerprint(x, test, users, [5, 10], ev) != key
     assert fingerprint(x, test.T.tocsr(), users, [10], ev) != key
+
+
+def test_the_number_of_evaluated_users_shrinks_as_the_catalogue_grows() -> None:
+    from lake.config import EvaluateSettings
+    from spark_jobs.evaluate import eval_user_limit
+
+    ev = EvaluateSettings(max_eval_users=20_000, max_eval_cells=100_000_000, min_test_users=50)
+    assert eval_user_limit(ev, 3_706) == 20_000        # MovieLens-1M: the user cap binds
+    assert eval_user_limit(ev, 20_000) == 5_000        # 10^8 cells / 20k items
+    assert eval_user_limit(ev, 10_000_000) == 50       # never below the gate's minimum
