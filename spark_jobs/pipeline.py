@@ -60,7 +60,7 @@ def dataset_settings(settings: Settings, data: str | None) -> Settings:
 
 
 FACT_KEYS = ("mode", "dates", "bronze_rows", "silver_rows", "events", "pairs", "users", "items",
-             "nnz", "trials", "best", "best_metric", "n_test_users", "baselines_cached",
+             "reused", "nnz", "trials", "best", "best_metric", "n_test_users", "baselines_cached",
              "accepted", "reason")
 
 

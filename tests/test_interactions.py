@@ -149,3 +149,36 @@ def test_interactions_job_rewrites_only_its_partition(spark, tmp_path):
 
     interactions.run(settings, as_of=AS_OF, spark=spark)  # rerun: same rows, nothing added
     assert gold(lake) == both
+
+
+def test_a_rerun_on_unchanged_inputs_reuses_the_partition_and_a_change_rebuilds_it(
+        spark, tmp_path):
+    settings = load_settings(env={}, overrides={"lake": {"root": str(tmp_path / "lake")},
+                                                "interactions": {"half_life_days": 30.0}})
+    lake = Lake.from_settings(settings.lake)
+    lake.append("silver_events", pa.Table.from_pylist(silver_rows()))
+    built = interactions.run(settings, as_of=AS_OF, spark=spark)
+    assert built["reused"] is False
+
+    again = interactions.run(settings, as_of=AS_OF, spark=spark)
+    assert again["reused"] is True and again["gold_version"] == built["gold_version"]
+    assert {k: again[k] for k in ("pairs", "events", "users", "items")} == {
+        "pairs": 3, "events": 3, "users": 2, "items": 2}
+
+    # other strength settings: the partition was built from something else
+    halved = settings.model_copy(update={"interactions": settings.interactions.model_copy(
+        update={"half_life_days": 15.0})})
+    other = interactions.run(halved, as_of=AS_OF, spark=spark)
+    assert other["reused"] is False
+    assert {(r["user_id"], r["item_id"]): r["confidence"] for r in gold(lake, AS_OF)}[
+        ("u1", "i1")] == pytest.approx(8.0 * 2 ** (-30 / 15), abs=1e-12)
+    # ...and back: rebuilt again, not mistaken for the first build
+    assert interactions.run(settings, as_of=AS_OF, spark=spark)["reused"] is False
+
+    # a new silver event: rebuilt; --rebuild: rebuilt even on the same inputs
+    lake.append("silver_events", pa.Table.from_pylist([dict(
+        event_id="e5", user_id="u3", item_id="i1", event_type="view", value=None,
+        ts=END - timedelta(days=1), received_at=END - timedelta(days=1))]))
+    grown = interactions.run(settings, as_of=AS_OF, spark=spark)
+    assert grown["reused"] is False and grown["pairs"] == 4
+    assert interactions.run(settings, as_of=AS_OF, spark=spark, rebuild=True)["reused"] is False
