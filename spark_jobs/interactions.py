@@ -158,10 +158,10 @@ def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None,
     # Read before silver is: a compaction committing in between makes the next run rebuild.
     built_from = build_fingerprint(lake.delta("silver_events").version(), params,
                                    cfg.lookback_days)
-    gold = lake.delta("gold_interactions")
-    if not rebuild and gold.transaction_version(gold_app_id(as_of)) == built_from:
+    current = lake.delta("gold_interactions")
+    if not rebuild and current.transaction_version(gold_app_id(as_of)) == built_from:
         return {"job": "interactions", "as_of": as_of, **partition_counts(lake, as_of),
-                "gold_version": gold.version(), "reused": True,
+                "gold_version": current.version(), "reused": True,
                 "seconds": round(time.perf_counter() - t0, 3)}
     spark = spark or get_spark(settings.spark)
     first = as_of - timedelta(days=cfg.lookback_days)
