@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import scipy.sparse as sp
 
 from bench.vectors import clustered_vectors
 from lake.config import PROJECT_ROOT, IndexSettings
+from online.ports import free_port
 
 CACHE_DIR = PROJECT_ROOT / "var" / "bench"
 N_CLUSTERS = 200
@@ -153,12 +153,6 @@ def write_catalog(lake_root: Path, item_cluster: np.ndarray) -> None:
     })
     table = table.cast(ITEMS.schema)
     Lake(lake_root).append("items", table)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -55,7 +55,8 @@ MAX_WAIT_S = 10.0
 def running_fleet(bb: BenchBundle, work: Path, replicas: int) -> Iterator[Any]:
     """`online.fleet.Fleet` of `replicas` on a fresh lake (catalogue) under `work`."""
     from lake.config import load_settings
-    from online.fleet import Fleet, free_port
+    from online.fleet import Fleet
+    from online.ports import free_port
 
     root = work / f"fleet-{replicas}"
     write_catalog(root / "lake", bb.world()["item_cluster"])

@@ -34,6 +34,7 @@ from typing import IO, Any
 
 from lake.config import ENV_PREFIX, PROJECT_ROOT, ConfigError, Settings
 from online.node_identity import NODE_FILE
+from online.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,6 @@ INSTALL_HINT = "(`make java` as root installs it with infra/scripts/ensure_syste
 
 class FleetError(RuntimeError):
     """A fleet part could not start; the message says which and why."""
-
-
-def free_port(host: str) -> int:
-    """A port the OS reports free now (a replica binds it a moment later)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _binary(name: str) -> str:

@@ -283,10 +283,9 @@ class PublishingIngest:
     def attach(self, channel: FleetChannel) -> None:
         """Publish from now on, starting with what the WAL replay recovered: events a crash
         may have kept from the peers (those they already have are skipped by seq)."""
-        replayed = getattr(self.inner, "replayed", [])
-        for seq, events in replayed:
+        for seq, events in self.inner.replayed:
             channel.publish_events(seq, events)
-        replayed.clear()  # in the channel's buffer now
+        self.inner.replayed.clear()  # in the channel's buffer now
         self.channel = channel
 
     def ingest(self, events: list[dict[str, Any]]) -> Any:

@@ -28,3 +28,10 @@ def ensure_free(host: str, port: int, setting: str) -> None:
             raise PortInUse(
                 f"{host}:{port} ({setting}) is already in use ({exc.strerror}): stop the "
                 f"process holding it or choose another port with {env}") from exc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free now (for a process that binds it a moment later)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
