@@ -36,6 +36,11 @@ class Decision:
         return asdict(self)
 
 
+def popularity_bar(popularity_value: float, min_lift: float) -> float:
+    """The value a new model must reach on the gate metric: popularity x (1 + min_lift)."""
+    return popularity_value * (1.0 + min_lift)
+
+
 def _metric(metrics: Mapping[str, Any] | None, name: str) -> float | None:
     if metrics is None or name not in metrics or metrics[name] is None:
         return None
@@ -90,7 +95,7 @@ def _evaluate(
     pop = _metric(popularity, m)
     if pop is None:
         return Decision(False, f"popularity baseline has no {m} metric to compare against")
-    need = pop * (1.0 + gate.min_lift_over_popularity)
+    need = popularity_bar(pop, gate.min_lift_over_popularity)
     if not v >= need:
         return Decision(
             False,

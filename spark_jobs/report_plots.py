@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spark_jobs.gate import popularity_bar
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -45,7 +47,7 @@ def gate_line(metric: str, popularity: Mapping[str, float] | None,
     """The gate's threshold on `metric`, or None when popularity has no such metric."""
     if not popularity or metric not in popularity or "@" not in metric:
         return None
-    need = float(popularity[metric]) * (1.0 + min_lift)
+    need = popularity_bar(float(popularity[metric]), min_lift)
     return GateLine(metric, need, f"gate: popularity x (1 + {min_lift:g}) = {need:.4f}")
 
 
