@@ -12,6 +12,10 @@ var/bench/, twice:
 * **second run, no new events** — what a night without new data costs (incremental
   compaction, cached baselines).
 
+Both on the Spark engine (`spark.engine: spark`), so that the growth from size to size is
+one engine's. Where the default (`auto`, `spark_jobs.engine`) would choose the Arrow
+engine, a third run on a fresh lake measures that default: what `make pipeline` costs.
+
 Same-run references on the same data:
 * raw `implicit` fit on the gold matrix the train step used (same hyper-parameters,
   `threadpool_limits(1, "blas")`), next to the train step;
@@ -43,6 +47,7 @@ import numpy as np
 
 from bench.fixtures import scratch_dir
 from bench.report import Report
+from lake.config import SparkSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SIZES: dict[str, dict[str, int]] = {
@@ -51,8 +56,8 @@ SIZES: dict[str, dict[str, int]] = {
     "20m": {"synthetic_events": 20_000_000, "synthetic_users": 500_000,
             "synthetic_items": 20_000},
 }
-STEPS = ("data", "spark_session", "compact", "read_events", "holdout", "interactions", "train",
-         "evaluate", "publish")
+STEPS = ("data", "compact", "read_events", "holdout", "interactions", "train", "evaluate",
+         "publish")
 SAMPLE_S = 0.2
 
 
@@ -206,12 +211,19 @@ def run(report: Report, *, sizes: tuple[str, ...] = ("200k", "2m")) -> dict[str,
         try:
             env = _env(root, spec)
             print(f"[bench] scaling {name}: first run ...", file=sys.stderr, flush=True)
-            first, peaks = run_pipeline(env)
+            first, peaks = run_pipeline(env | {"LAMBDAREC__SPARK__ENGINE": "spark"})
             print(f"[bench] scaling {name}: second run, no new events ...", file=sys.stderr,
                   flush=True)
-            second, _ = run_pipeline(env)
+            second, _ = run_pipeline(env | {"LAMBDAREC__SPARK__ENGINE": "spark"})
             raw_s, nnz = raw_implicit_fit(root, date.fromisoformat(str(first["as_of"])))
             pl_s, pl_silver, pl_pairs = polars_compact_and_aggregate(root, root)
+            default = None
+            if n <= SparkSettings().arrow_max_rows:
+                print(f"[bench] scaling {name}: default engine (auto: arrow), fresh lake ...",
+                      file=sys.stderr, flush=True)
+                for d in ("lake", "models"):
+                    shutil.rmtree(root / d, ignore_errors=True)
+                default, _ = run_pipeline(env | {"LAMBDAREC__SPARK__ENGINE": "auto"})
         finally:
             shutil.rmtree(root, ignore_errors=True)
         steps = first["steps_seconds"]
@@ -222,7 +234,8 @@ def run(report: Report, *, sizes: tuple[str, ...] = ("200k", "2m")) -> dict[str,
                       "rerun_steps": second["steps_seconds"], "raw_implicit_s": raw_s,
                       "nnz": nnz, "polars_s": pl_s, "polars_rows": (pl_silver, pl_pairs),
                       "ours_rows": (first["counts"]["silver_rows"], first["counts"]["pairs"]),
-                      "evaluation_s": evaluation, "evaluate_share": first["evaluate_share"]}
+                      "evaluation_s": evaluation, "evaluate_share": first["evaluate_share"],
+                      "default": default}
         report.add(f"scaling.{name}.pipeline_total_s", first["seconds"], "s",
                    "sum of its steps' seconds", sum(steps.values()))
         report.add(f"scaling.{name}.train_s", steps["train"], "s",
@@ -235,6 +248,9 @@ def run(report: Report, *, sizes: tuple[str, ...] = ("200k", "2m")) -> dict[str,
                    "first run s", first["seconds"])
         report.add(f"scaling.{name}.peak_rss_gib", max(peaks.values()) / 2**30, "GiB",
                    "machine memory GiB", _machine_gib())
+        if default is not None:
+            report.add(f"scaling.{name}.default_engine_total_s", default["seconds"], "s",
+                       "the same on the Spark engine, s", first["seconds"])
     _write(report, rows)
     return rows
 
@@ -247,8 +263,8 @@ def _machine_gib() -> float:
 
 def _write(report: Report, rows: dict[str, dict[str, Any]]) -> None:
     names = list(rows)
-    md = ["Pipeline (tuning off) per step, seconds and peak tree RSS (GiB) while the step ran; "
-          "`local[2]`.", "",
+    md = ["Pipeline (tuning off, Spark engine) per step, seconds and peak tree RSS (GiB) "
+          "while the step ran; `local[2]`.", "",
           "| step | " + " | ".join(f"{n} s | {n} GiB" for n in names) + " |",
           "|---|" + "---:|---:|" * len(names)]
     for step in STEPS:
@@ -270,6 +286,18 @@ def _write(report: Report, rows: dict[str, dict[str, Any]]) -> None:
                   f" | {r['raw_implicit_s']:.1f} s | "
                   f"{r['steps']['compact'] + r['steps']['interactions']:.1f} s | "
                   f"{r['polars_s']:.1f} s | {r['ours_rows']} / {r['polars_rows']} |")
+    defaults = [n for n in names if rows[n]["default"] is not None]
+    if defaults:
+        md += ["", "The default engine (`spark.engine: auto`, which picks Arrow at these "
+               "sizes), fresh lake, first run:", "",
+               "| size | total | compact | interactions | evaluation | share | Spark engine "
+               "total |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for n in defaults:
+            d = rows[n]["default"]
+            st = d["steps_seconds"]
+            md.append(f"| {n} | **{d['seconds']:.1f} s** | {st['compact']:.1f} s | "
+                      f"{st['interactions']:.1f} s | {st['evaluate'] + st['holdout']:.1f} s | "
+                      f"{100 * d['evaluate_share']:.0f}% | {rows[n]['total']:.1f} s |")
     if len(names) >= 2:
         a, b = names[-2], names[-1]
         ev = (rows[a]["events"], rows[b]["events"])

@@ -38,9 +38,9 @@ if it passes the gate, makes it the model the online servers serve.
 |---|---|---|
 | `plan` | as-of date, **model version** | is a pure function of the run |
 | `coalesce_bronze` | delta-rs `optimize.compact` of bronze's small files | merges nothing |
-| `compact` | Spark: bronze → silver, the dates changed since the last run | does nothing |
+| `compact` | bronze → silver, the dates changed since the last run | does nothing |
 | `tune` | recipe search on a validation split, `tune_budget_s` | rewrites its tuning.json |
-| `interactions` | Spark: silver → gold `as_of`, tuned strength | rewrites that partition |
+| `interactions` | silver → gold `as_of`, tuned strength | rewrites that partition |
 | `train` | Spark: ALS (`backend` implicit/mllib/ials) → staged `version` | overwrites its staging |
 | `evaluate` | per-user holdout vs popularity, EASE/item-kNN + report | overwrites the report |
 | `publish` | gate, bundle, `model_runs`, CURRENT; rejected: fails with the reason | keeps it |
@@ -67,7 +67,9 @@ CURRENT is unchanged and `notify_reload` does not run (`upstream_failed`).
 
 **Spark.** Jobs are submitted with `spark-submit` to the master of Airflow connection
 `{_CONN}` (default `local[*]`; point it at `spark://127.0.0.1:7077` for the standalone
-cluster).
+cluster). `compact` and `interactions` run on Spark, or in the task's own process on Arrow
+when the master is local and the input is small (`spark.engine`, default `auto`: up to
+`spark.arrow_max_rows` rows); each logs which.
 """
 
 

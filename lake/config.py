@@ -68,6 +68,12 @@ class SparkSettings(_Strict):
     """`spark.sql.shuffle.partitions`."""
     conf: dict[str, str] = Field(default_factory=dict)
     """Extra `spark.*` settings passed verbatim to the session builder."""
+    engine: Literal["auto", "spark", "arrow"] = "auto"
+    """What runs compaction and gold: `spark`, `arrow` (in the job's own process on Arrow
+    tables, no JVM), or `auto`: `arrow` when the master is local and the step's input has
+    at most `arrow_max_rows` rows, else `spark`."""
+    arrow_max_rows: int = Field(default=5_000_000, ge=0)
+    """Largest input (rows, from the Delta log) that `engine: auto` gives the Arrow engine."""
 
 
 Transform = Literal["none", "linear", "log1p"]

@@ -15,7 +15,10 @@ There are no delta-spark jars on these machines, so Spark never sees `format("de
   named partitions (or of the whole table). Files that are not in the log are invisible
   to every Delta reader, so a failure before the commit changes nothing.
 
-On a cluster with delta-spark these two functions are the only code to swap for
+- `write_arrow` commits an Arrow table built in the driver (the jobs' Arrow engine,
+  `spark_jobs.engine`) the same way: same files, checks and one commit.
+
+On a cluster with delta-spark these functions are the only code to swap for
 `spark.read.format("delta")` / `df.write.format("delta")`.
 """
 
@@ -39,7 +42,7 @@ from deltalake import CommitProperties, Transaction
 from deltalake.transaction import AddAction, RemoveAction
 
 from lake.schemas import TableSpec
-from lake.tables import Lake, LakeError, spec
+from lake.tables import Lake, LakeError, conform, spec
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -371,8 +374,7 @@ STAGED_BUFFER_ROWS = 1_048_576
 
 
 def write_staged(df: DataFrame, staging: Path, cols: Sequence[str]) -> int:
-    """Every Spark task writes its rows into `staging` with pyarrow: one Parquet file per
-    partition value it holds, in hive-style directories, rows in the task's order.
+    """Every Spark task writes its rows into `staging` with pyarrow (`write_partitioned`).
 
     Spark's own partitioned Parquet writer costs ~11 ms a file here (Hadoop output
     committer, checksum files): 10 of MovieLens-1M's 26 s compaction, with ~900 event
@@ -386,43 +388,50 @@ def write_staged(df: DataFrame, staging: Path, cols: Sequence[str]) -> int:
     keys = list(cols)
 
     def write(batches: Any) -> Any:
-        task = uuid.uuid4().hex
-        writers: dict[tuple[str, ...], pq.ParquetWriter] = {}
-        pending: dict[tuple[str, ...], list[pa.Table]] = {}
-        rows: dict[tuple[str, ...], int] = {}
-
-        def flush(key: tuple[str, ...]) -> None:
-            part = pa.concat_tables(pending.pop(key))
-            rows.pop(key)
-            w = writers.get(key)
-            if w is None:
-                d = os.path.join(target, *(f"{c}={v}" for c, v in zip(keys, key, strict=True)))
-                os.makedirs(d, exist_ok=True)
-                w = writers[key] = pq.ParquetWriter(os.path.join(d, f"part-{task}.parquet"),
-                                                    part.schema)
-            w.write_table(part, row_group_size=len(part) or None)
-
-        try:
-            for batch in batches:
-                if batch.num_rows == 0:
-                    continue
-                t = pa.Table.from_batches([batch])
-                for key, part in _split_by_partition(t, keys):
-                    pending.setdefault(key, []).append(part)
-                    rows[key] = rows.get(key, 0) + part.num_rows
-                    if rows[key] >= STAGED_ROW_GROUP:
-                        flush(key)
-                if sum(rows.values()) >= STAGED_BUFFER_ROWS:
-                    for key in list(pending):
-                        flush(key)
-            for key in list(pending):
-                flush(key)
-        finally:
-            for w in writers.values():
-                w.close()
-        yield pa.RecordBatch.from_pydict({"files": pa.array([len(writers)], pa.int64())})
+        n = write_partitioned(batches, target, keys)
+        yield pa.RecordBatch.from_pydict({"files": pa.array([n], pa.int64())})
 
     return sum(r["files"] for r in df.mapInArrow(write, "files long").collect())
+
+
+def write_partitioned(batches: Any, target: str, keys: Sequence[str]) -> int:
+    """Write Arrow batches under `target`: one Parquet file per partition value they hold,
+    in hive-style directories, rows in the batches' order. Returns the number of files."""
+    task = uuid.uuid4().hex
+    writers: dict[tuple[str, ...], pq.ParquetWriter] = {}
+    pending: dict[tuple[str, ...], list[pa.Table]] = {}
+    rows: dict[tuple[str, ...], int] = {}
+
+    def flush(key: tuple[str, ...]) -> None:
+        part = pa.concat_tables(pending.pop(key))
+        rows.pop(key)
+        w = writers.get(key)
+        if w is None:
+            d = os.path.join(target, *(f"{c}={v}" for c, v in zip(keys, key, strict=True)))
+            os.makedirs(d, exist_ok=True)
+            w = writers[key] = pq.ParquetWriter(os.path.join(d, f"part-{task}.parquet"),
+                                                part.schema)
+        w.write_table(part, row_group_size=len(part) or None)
+
+    try:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            t = pa.Table.from_batches([batch])
+            for key, part in _split_by_partition(t, keys):
+                pending.setdefault(key, []).append(part)
+                rows[key] = rows.get(key, 0) + part.num_rows
+                if rows[key] >= STAGED_ROW_GROUP:
+                    flush(key)
+            if sum(rows.values()) >= STAGED_BUFFER_ROWS:
+                for key in list(pending):
+                    flush(key)
+        for key in list(pending):
+            flush(key)
+    finally:
+        for w in writers.values():
+            w.close()
+    return len(writers)
 
 
 def _split_by_partition(t: pa.Table, cols: Sequence[str]) -> list[tuple[tuple[str, ...], pa.Table]]:
@@ -483,23 +492,66 @@ def write_table(
         LakeError: bad arguments, rows outside the named partitions, nulls in a
             required column. Nothing is committed in any of these cases.
     """
+    s = spec(name)
+    wanted = _wanted_partitions(s, mode, partitions)
+    df = conform_df(df, s)
+    return _commit_staged(lake, s, mode, wanted, app_transaction,
+                          lambda staging, cols: write_staged(df, staging, cols))
+
+
+def write_arrow(
+    table: pa.Table,
+    lake: Lake,
+    name: str,
+    *,
+    mode: Literal["append", "overwrite"],
+    partitions: list[dict[str, Any]] | None = None,
+    app_transaction: tuple[str, int] | None = None,
+) -> int:
+    """`write_table` for an Arrow table built in this process (the jobs' Arrow engine):
+    the same files, checks and single Delta commit, written here instead of by Spark tasks.
+
+    The table is cast to the catalog schema (`lake.tables.conform`); rows are written in
+    the table's order.
+    """
+    s = spec(name)
+    wanted = _wanted_partitions(s, mode, partitions)
+    table = conform(table, s)
+    return _commit_staged(
+        lake, s, mode, wanted, app_transaction,
+        lambda staging, cols: write_partitioned(table.to_batches(), str(staging), cols))
+
+
+Partitions = set[tuple[tuple[str, str | None], ...]]
+
+
+def _wanted_partitions(s: TableSpec, mode: str,
+                       partitions: list[dict[str, Any]] | None) -> Partitions | None:
+    """Check the write's arguments; the partitions to overwrite as comparable keys."""
     if mode not in ("append", "overwrite"):
         raise ValueError(f"mode must be 'append' or 'overwrite', got {mode!r}")
-    s = spec(name)
+    if partitions is None:
+        return None
     cols = list(s.partition_by)
-    wanted: set[tuple[tuple[str, str | None], ...]] | None = None
-    if partitions is not None:
-        if mode != "overwrite":
-            raise ValueError("partitions= is only valid with mode='overwrite'")
-        if not partitions:
-            raise ValueError("partitions= must name at least one partition (or be None)")
-        for p in partitions:
-            if sorted(p) != sorted(cols):
-                raise LakeError(f"{name}: partition {p} must name exactly the partition "
-                                f"columns {cols}")
-        wanted = {tuple(sorted((k, None if v is None else _partition_str(v))
-                               for k, v in p.items())) for p in partitions}
-    df = conform_df(df, s)
+    if mode != "overwrite":
+        raise ValueError("partitions= is only valid with mode='overwrite'")
+    if not partitions:
+        raise ValueError("partitions= must name at least one partition (or be None)")
+    for p in partitions:
+        if sorted(p) != sorted(cols):
+            raise LakeError(f"{s.name}: partition {p} must name exactly the partition "
+                            f"columns {cols}")
+    return {tuple(sorted((k, None if v is None else _partition_str(v)) for k, v in p.items()))
+            for p in partitions}
+
+
+def _commit_staged(lake: Lake, s: TableSpec, mode: str, wanted: Partitions | None,
+                   app_transaction: tuple[str, int] | None,
+                   stage: Any) -> int:
+    """Have `stage(staging_dir, partition_cols)` write the files, then check them, move
+    them into place and commit them as one Delta transaction (see `write_table`)."""
+    name = s.name
+    cols = list(s.partition_by)
     lake.ensure(name)
     root = lake.path(name)
     _sweep_stale_staging(root / STAGING_DIR)
@@ -507,7 +559,7 @@ def write_table(
     staging = root / STAGING_DIR / f"{int(time.time() * 1000)}-{write_id}"
     moved: list[Path] = []
     try:
-        write_staged(df, staging, cols)
+        stage(staging, cols)
         actions = _stage_actions(s, staging, root, cols, wanted, moved)
         if not actions and mode == "append":
             return lake.version(name)

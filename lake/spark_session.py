@@ -83,3 +83,14 @@ def get_spark(settings: SparkSettings | None = None) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(LOG_LEVEL)
     return spark
+
+
+def stop_started_session() -> None:
+    """Stop the session this process started, if it started one (starts none itself)."""
+    if "pyspark.sql" not in sys.modules:
+        return
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 Transform = Literal["none", "linear", "log1p"]
 TRANSFORMS: tuple[str, ...] = ("none", "linear", "log1p")
 SECONDS_PER_DAY = 86_400.0
+Batch = TypeVar("Batch", pa.RecordBatch, pa.Table)
 _LOG2 = math.log(2.0)
 
 
@@ -88,14 +89,12 @@ class StrengthParams:
         out = np.zeros(types.shape, dtype=np.float64)
         if types.size == 0:
             return out
-        uniq, inv = np.unique(types.astype(str), return_inverse=True)
-        inv = inv.reshape(types.shape)
-        for code, t in enumerate(uniq):
-            w = float(self.weights.get(str(t), 0.0))
-            if w <= 0:
-                continue
-            sel = inv == code
-            out[sel] = w * value_factor(self.transforms.get(str(t), "none"), v[sel])
+        if types.dtype.kind not in "US":
+            types = types.astype(str)
+        # one comparison per weighted type (a handful), not a sort of every event's type
+        for t in self.active_types:
+            sel = types == t
+            out[sel] = self.weights[t] * value_factor(self.transforms.get(t, "none"), v[sel])
         return out
 
     def decay(self, age_days: np.ndarray) -> np.ndarray:
@@ -141,9 +140,10 @@ def epoch_seconds(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(us.to_numpy(zero_copy_only=False), dtype=np.float64) / 1e6
 
 
-def score_batch(batch: pa.RecordBatch, params: StrengthParams) -> pa.RecordBatch:
-    """Add `score` to a batch with `event_type`, `value`, `ts` and `ref_ts` (the user's
-    latest event). This is how Spark applies the definition (`mapInArrow`)."""
+def score_batch(batch: Batch, params: StrengthParams) -> Batch:
+    """Add `score` to a batch (or table) with `event_type`, `value`, `ts` and `ref_ts` (the
+    user's latest event). This is how gold applies the definition: in Spark per batch
+    (`mapInArrow`), on the Arrow engine to the whole table."""
     value = batch.column("value")
     v = np.asarray(pc.fill_null(pc.cast(value, pa.float64()), float("nan"))
                    .to_numpy(zero_copy_only=False), dtype=np.float64)

@@ -4,8 +4,9 @@
 
 with `strength` the one definition in `lake.strength` (type weight x value transform x
 decay from the user's latest event), applied to Arrow batches inside Spark
-(`mapInArrow`), so the gold table, the tuning search and the online layer agree to the
-last bit. Only events with `ts` before the end of the as-of day (midnight UTC after it) and
+(`mapInArrow`) or, on the Arrow engine (`spark_jobs.engine`), to the whole table, so the
+gold table, the tuning search and the online layer agree on every event's strength.
+Only events with `ts` before the end of the as-of day (midnight UTC after it) and
 within `lookback_days` of it count; event types of weight 0 are ignored. The strength
 settings are the tuned recipe of `--version` when its search ran (`spark_jobs.tune`), else
 the configured ones. The job rewrites the gold partition `as_of = D`, so reruns for a date
@@ -32,11 +33,20 @@ from typing import TYPE_CHECKING, Any
 
 from lake.config import Settings
 from lake.strength import StrengthParams, score_batch
-from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
+from spark_jobs.cli import (
+    JobError,
+    date_range,
+    job_parser,
+    parse_date,
+    run_main,
+    settings_from_args,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
     from pyspark.sql import DataFrame, SparkSession
+
+    from lake.tables import Lake
 
 MICROS_PER_DAY = 86_400_000_000
 OUTPUT_COLUMNS = ("user_id", "item_id", "confidence", "n_events", "last_ts", "as_of")
@@ -71,15 +81,7 @@ def build_interactions(
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    if lookback_days < 1:
-        raise JobError(f"lookback_days must be >= 1, got {lookback_days}")
-    active = params.active_types
-    if not active:
-        raise JobError("every event type has weight 0: no interactions can be built")
-
-    end = end_of_day(as_of)
-    end_us = int((end - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1))
-    start_us = end_us - lookback_days * MICROS_PER_DAY
+    active, start_us, end_us = event_window(params, as_of, lookback_days)
     ts_us = F.unix_micros(F.col("ts"))
     kept = (
         events.where(F.col("event_type").isin(*active) & F.col("ts").isNotNull())
@@ -113,6 +115,52 @@ def build_interactions(
     )
 
 
+def event_window(params: StrengthParams, as_of: date,
+                 lookback_days: int) -> tuple[list[str], int, int]:
+    """The event types that count and the `ts` window [start, end) in epoch microseconds."""
+    if lookback_days < 1:
+        raise JobError(f"lookback_days must be >= 1, got {lookback_days}")
+    active = params.active_types
+    if not active:
+        raise JobError("every event type has weight 0: no interactions can be built")
+    end = end_of_day(as_of)
+    end_us = int((end - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1))
+    return active, end_us - lookback_days * MICROS_PER_DAY, end_us
+
+
+def build_interactions_arrow(events: pa.Table, *, params: StrengthParams, as_of: date,
+                             lookback_days: int) -> pa.Table:
+    """`build_interactions` on an Arrow table (the Arrow engine, `spark_jobs.engine`): the
+    same rules and columns, rows sorted by `user_id, item_id`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    active, start_us, end_us = event_window(params, as_of, lookback_days)
+    ts_us = pc.cast(pc.cast(events["ts"], pa.timestamp("us", tz="UTC")), pa.int64())
+    keep = pc.and_kleene(pc.is_in(events["event_type"], pa.array(active, pa.string())),
+                         pc.and_kleene(pc.less(ts_us, end_us),
+                                       pc.greater_equal(ts_us, start_us)))
+    kept = pa.table({
+        "user_id": events["user_id"], "item_id": events["item_id"],
+        "event_type": events["event_type"], "value": pc.cast(events["value"], pa.float64()),
+        "ts": events["ts"],
+    }).filter(pc.fill_null(keep, False))
+    ref = kept.group_by("user_id").aggregate([("ts", "max")]).rename_columns(
+        ["user_id", "ref_ts"])
+    scored = score_batch(kept.join(ref, "user_id"), params)
+    g = scored.group_by(["user_id", "item_id"]).aggregate(
+        [("score", "sum"), ("score", "count"), ("ts", "max")])
+    g = g.filter(pc.greater(g["score_sum"], 0.0))
+    out = pa.table({
+        "user_id": g["user_id"], "item_id": g["item_id"],
+        "confidence": pc.min_element_wise(g["score_sum"], float(params.max_confidence)),
+        "n_events": pc.cast(g["score_count"], pa.int64()),
+        "last_ts": g["ts_max"],
+        "as_of": pa.array([as_of] * g.num_rows, pa.date32()),
+    })
+    return out.take(pc.sort_indices(out, [("user_id", "ascending"), ("item_id", "ascending")]))
+
+
 def build_fingerprint(silver_version: int, params: StrengthParams, lookback_days: int) -> int:
     """What a gold partition was built from, as a positive int64 (a Delta application
     transaction holds an integer)."""
@@ -139,14 +187,12 @@ def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None,
     """Rebuild gold partition `as_of` from silver, unless it was built from the same inputs.
 
     Returns:
-        `{"job", "as_of", "events", "pairs", "users", "items", "gold_version", "reused",
-        "seconds"}`.
+        `{"job", "as_of", "engine", "events", "pairs", "users", "items", "gold_version",
+        "reused", "seconds"}` (no `engine` when the partition was reused).
     """
-    from pyspark.sql import functions as F
-
-    from lake.spark_bridge import read_table, write_table
-    from lake.spark_session import get_spark
     from lake.tables import Lake
+    from spark_jobs.compact import logged_rows
+    from spark_jobs.engine import choose_engine
     from spark_jobs.tune import load_recipe
 
     t0 = time.perf_counter()
@@ -155,45 +201,24 @@ def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None,
     lake.ensure("silver_events")
     lake.ensure("gold_interactions")
     params = load_recipe(settings, version).strength
-    # Read before silver is: a compaction committing in between makes the next run rebuild.
-    built_from = build_fingerprint(lake.delta("silver_events").version(), params,
-                                   cfg.lookback_days)
+    # The build reads this silver version, so the fingerprint names exactly its input.
+    silver_version = lake.delta("silver_events").version()
+    built_from = build_fingerprint(silver_version, params, cfg.lookback_days)
     current = lake.delta("gold_interactions")
     if not rebuild and current.transaction_version(gold_app_id(as_of)) == built_from:
         return {"job": "interactions", "as_of": as_of, **partition_counts(lake, as_of),
                 "gold_version": current.version(), "reused": True,
                 "seconds": round(time.perf_counter() - t0, 3)}
-    spark = spark or get_spark(settings.spark)
     first = as_of - timedelta(days=cfg.lookback_days)
-    # Partition pruning by event_date (= UTC date of ts); exact bounds are applied on ts.
-    events = read_table(
-        spark, lake, "silver_events",
-        partition_filter=f"event_date >= '{first.isoformat()}' AND "
-                         f"event_date <= '{as_of.isoformat()}'",
-    )
-    gold = build_interactions(
-        events, params=params, as_of=as_of, lookback_days=cfg.lookback_days,
-    ).cache()
-    try:
-        stats = gold.agg(
-            F.count(F.lit(1)).alias("pairs"),
-            F.coalesce(F.sum("n_events"), F.lit(0)).alias("events"),
-            F.countDistinct("user_id").alias("users"),
-            F.countDistinct("item_id").alias("items"),
-        ).first()
-        if stats is None:  # an aggregate without grouping always has one row
-            raise RuntimeError("aggregate returned no row")
-        # gold is one partition: a few files rather than one per shuffle partition
-        files = max(1, min(settings.spark.shuffle_partitions, int(stats["pairs"]) // 1_000_000 + 1))
-        out = gold.coalesce(files).sortWithinPartitions("user_id", "item_id")
-        gold_version = write_table(out, lake, "gold_interactions", mode="overwrite",
-                                   partitions=[{"as_of": as_of}],
-                                   app_transaction=(gold_app_id(as_of), built_from))
-    finally:
-        gold.unpersist()
+    n_silver = logged_rows(lake, "silver_events", date_range(first, as_of), silver_version)
+    engine = choose_engine(settings.spark, n_silver, spark)
+    build = _build_arrow if engine == "arrow" else _build_spark
+    stats, gold_version = build(settings, lake, silver_version, params, as_of,
+                                (gold_app_id(as_of), built_from), spark)
     return {
         "job": "interactions",
         "as_of": as_of,
+        "engine": engine,
         "events": int(stats["events"]),
         "pairs": int(stats["pairs"]),
         "users": int(stats["users"]),
@@ -202,6 +227,71 @@ def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None,
         "reused": False,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+Built = tuple[dict[str, int], int]
+"""A gold build's counts (`pairs`, `events`, `users`, `items`) and the gold version."""
+
+
+def _build_spark(settings: Settings, lake: Lake, silver_version: int, params: StrengthParams,
+                 as_of: date, record: tuple[str, int], spark: SparkSession | None) -> Built:
+    from pyspark.sql import functions as F
+
+    from lake.spark_bridge import read_table, write_table
+    from lake.spark_session import get_spark
+
+    spark = spark or get_spark(settings.spark)
+    first = as_of - timedelta(days=settings.interactions.lookback_days)
+    # Partition pruning by event_date (= UTC date of ts); exact bounds are applied on ts.
+    events = read_table(
+        spark, lake, "silver_events", silver_version,
+        partition_filter=f"event_date >= '{first.isoformat()}' AND "
+                         f"event_date <= '{as_of.isoformat()}'",
+    )
+    gold = build_interactions(
+        events, params=params, as_of=as_of, lookback_days=settings.interactions.lookback_days,
+    ).cache()
+    try:
+        row = gold.agg(
+            F.count(F.lit(1)).alias("pairs"),
+            F.coalesce(F.sum("n_events"), F.lit(0)).alias("events"),
+            F.countDistinct("user_id").alias("users"),
+            F.countDistinct("item_id").alias("items"),
+        ).first()
+        if row is None:  # an aggregate without grouping always has one row
+            raise RuntimeError("aggregate returned no row")
+        stats = {k: int(row[k]) for k in ("pairs", "events", "users", "items")}
+        # gold is one partition: a few files rather than one per shuffle partition
+        files = max(1, min(settings.spark.shuffle_partitions, stats["pairs"] // 1_000_000 + 1))
+        out = gold.coalesce(files).sortWithinPartitions("user_id", "item_id")
+        version = write_table(out, lake, "gold_interactions", mode="overwrite",
+                              partitions=[{"as_of": as_of}], app_transaction=record)
+    finally:
+        gold.unpersist()
+    return stats, version
+
+
+def _build_arrow(settings: Settings, lake: Lake, silver_version: int, params: StrengthParams,
+                 as_of: date, record: tuple[str, int], spark: SparkSession | None) -> Built:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from lake.spark_bridge import write_arrow
+
+    first = as_of - timedelta(days=settings.interactions.lookback_days)
+    events = lake.delta("silver_events", silver_version).to_pyarrow_dataset().to_table(
+        columns=["user_id", "item_id", "event_type", "value", "ts"],
+        filter=(ds.field("event_date") >= pa.scalar(first, pa.date32()))
+        & (ds.field("event_date") <= pa.scalar(as_of, pa.date32())))
+    gold = build_interactions_arrow(events, params=params, as_of=as_of,
+                                    lookback_days=settings.interactions.lookback_days)
+    stats = {"pairs": gold.num_rows, "events": int(pc.sum(gold["n_events"]).as_py() or 0),
+             "users": pc.count_distinct(gold["user_id"]).as_py(),
+             "items": pc.count_distinct(gold["item_id"]).as_py()}
+    version = write_arrow(gold, lake, "gold_interactions", mode="overwrite",
+                          partitions=[{"as_of": as_of}], app_transaction=record)
+    return stats, version
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -59,9 +59,9 @@ def dataset_settings(settings: Settings, data: str | None) -> Settings:
     return Settings.model_validate(tree)
 
 
-FACT_KEYS = ("mode", "dates", "bronze_rows", "silver_rows", "events", "pairs", "users", "items",
-             "reused", "nnz", "trials", "best", "best_metric", "n_test_users", "baselines_cached",
-             "accepted", "reason")
+FACT_KEYS = ("engine", "mode", "dates", "bronze_rows", "silver_rows", "events", "pairs", "users",
+             "items", "reused", "nnz", "trials", "best", "best_metric", "n_test_users",
+             "baselines_cached", "accepted", "reason")
 
 
 def progress(line: str) -> None:
@@ -130,13 +130,13 @@ def run(
         version: model version (default a new `lake.bundle.new_version(as_of)`, named
             like the DAG's).
         force: publish even if the gate rejects the model.
-        spark: a running session to use; otherwise one is built from `settings.spark`
-            and stopped at the end.
+        spark: a running session to use; otherwise a step that runs on Spark builds one
+            from `settings.spark`, and it is stopped at the end.
     """
     from lake.as_of import default_as_of, event_date_bounds
     from lake.bundle import new_version
     from lake.load import ensure_sample_data
-    from lake.spark_session import get_spark
+    from lake.spark_session import get_spark, stop_started_session
     from lake.tables import Lake
     from spark_jobs import compact, evaluate, interactions, publish, train, tune
     from spark_jobs.event_log import read_event_log
@@ -169,10 +169,9 @@ def run(
     start = max(first, as_of - timedelta(days=settings.interactions.lookback_days))
     version = version or new_version(as_of)
 
+    # No session up front: a step that runs on Spark (`spark_jobs.engine`) starts one
+    # (get_spark), and the rest of the run shares it.
     own_session = spark is None
-    t = time.perf_counter()
-    spark = spark or get_spark(settings.spark)
-    steps["spark_session"] = round(time.perf_counter() - t, 2)
     try:
         c = timed("compact", compact.run, settings, spark=spark)  # changed dates only
         log = timed("read_events", read_event_log, Lake.from_settings(settings.lake),
@@ -184,12 +183,14 @@ def run(
                        test=test)
         g = timed("interactions", interactions.run, settings, as_of=as_of, spark=spark,
                   version=version)
+        if spark is None and settings.train.backend == "mllib":
+            spark = get_spark(settings.spark)  # the configured session, not a default one
         tr = timed("train", train.run, settings, as_of=as_of, version=version, spark=spark)
         ev = timed("evaluate", evaluate.run, settings, as_of=as_of, version=version,
                    spark=spark, log=log, test=test)
     finally:
         if own_session:
-            spark.stop()
+            stop_started_session()
     p = timed("publish", publish.run, settings, version=version, force=force)
     reload = reload_servers(settings, version) if p["accepted"] else None
     from spark_jobs.staging import load_metrics

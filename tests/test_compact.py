@@ -1,4 +1,6 @@
-"""Compaction bronze -> silver: validation, first-arrival de-duplication, idempotent reruns."""
+"""Compaction bronze -> silver: validation, first-arrival de-duplication, idempotent reruns.
+
+Every test runs on both engines (`spark_jobs.engine`): the same known answers for each."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pyspark.sql.types import (
 from lake.config import load_settings
 from lake.tables import Lake
 from spark_jobs import compact
-from spark_jobs.compact import compact_events
+from spark_jobs.compact import compact_events, compact_events_arrow
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
@@ -41,11 +43,28 @@ def ev(event_id, user="u1", item="i1", etype="view", value=None, ts=T0, received
             received if received is not None else ts + timedelta(seconds=1), session, None)
 
 
-def rows_by_id(df):
-    return {r["event_id"]: r.asDict() for r in df.collect()}
+RAW_ARROW = pa.schema([
+    ("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
+    ("event_type", pa.string()), ("value", pa.float64()),
+    ("ts", pa.timestamp("us", tz="UTC")), ("received_at", pa.timestamp("us", tz="UTC")),
+    ("session_id", pa.string()), ("properties", pa.string()),
+])
 
 
-def test_invalid_rows_are_dropped(spark):
+@pytest.fixture(params=["spark", "arrow"])
+def compacted(request, spark):
+    """Raw rows -> {event_id: silver row} with the engine of the test's parameter."""
+    def run(rows):
+        if request.param == "spark":
+            return {r["event_id"]: r.asDict()
+                    for r in compact_events(spark.createDataFrame(rows, RAW)).collect()}
+        table = pa.Table.from_pylist([dict(zip(RAW_ARROW.names, r, strict=True)) for r in rows],
+                                     schema=RAW_ARROW)
+        return {r["event_id"]: r for r in compact_events_arrow(table).to_pylist()}
+    return run
+
+
+def test_invalid_rows_are_dropped(compacted):
     rows = [
         ev("ok-view"),
         ev("ok-purchase", etype=" Purchase ", value=19.5),  # normalised to "purchase"
@@ -59,7 +78,7 @@ def test_invalid_rows_are_dropped(spark):
         (None, "u1", "i1", "view", None, T0, T0, None, None),  # null event_id
         ("null-received", "u1", "i1", "view", None, T0, None, None, None),
     ]
-    out = rows_by_id(compact_events(spark.createDataFrame(rows, RAW)))
+    out = compacted(rows)
     assert set(out) == {"ok-view", "ok-purchase"}
     assert out["ok-purchase"]["event_type"] == "purchase"
     assert out["ok-purchase"]["value"] == 19.5
@@ -67,7 +86,7 @@ def test_invalid_rows_are_dropped(spark):
     assert out["ok-view"]["event_date"] == date(2026, 3, 10)
 
 
-def test_first_arrival_wins_and_is_order_independent(spark):
+def test_first_arrival_wins_and_is_order_independent(compacted):
     rows = [
         ev("e1", session="third", received=T0 + timedelta(seconds=5)),
         ev("e1", session="first", received=T0 + timedelta(seconds=1)),
@@ -78,7 +97,7 @@ def test_first_arrival_wins_and_is_order_independent(spark):
         ev("e3", item="i3"),
     ]
     for order in (rows, list(reversed(rows))):
-        out = rows_by_id(compact_events(spark.createDataFrame(order, RAW)))
+        out = compacted(order)
         assert sorted(out) == ["e1", "e2", "e3"]
         assert out["e1"]["session_id"] == "first"
         # collect() gives naive local datetimes; compare instants
@@ -86,10 +105,10 @@ def test_first_arrival_wins_and_is_order_independent(spark):
         assert out["e2"]["user_id"] == "u2"
 
 
-def test_late_events_are_kept_in_their_event_date(spark):
+def test_late_events_are_kept_in_their_event_date(compacted):
     late_ts = datetime(2026, 1, 2, 23, 30, tzinfo=UTC)
     rows = [ev("late", ts=late_ts, received=late_ts + timedelta(days=60))]
-    out = rows_by_id(compact_events(spark.createDataFrame(rows, RAW)))
+    out = compacted(rows)
     assert out["late"]["event_date"] == date(2026, 1, 2)
 
 
@@ -98,6 +117,9 @@ def test_output_has_the_silver_columns(spark):
 
     df = compact_events(spark.createDataFrame([ev("x")], RAW))
     assert df.columns == SILVER_EVENTS.schema.names
+    table = compact_events_arrow(pa.Table.from_pylist(
+        [dict(zip(RAW_ARROW.names, ev("x"), strict=True))], schema=RAW_ARROW))
+    assert table.schema.names == SILVER_EVENTS.schema.names
 
 
 # -- the job -----------------------------------------------------------------------------
@@ -131,10 +153,11 @@ def silver_contents(lake: Lake) -> list[dict]:
     return sorted(t.to_pylist(), key=lambda r: r["event_id"])
 
 
-@pytest.fixture()
-def settings(tmp_path):
+@pytest.fixture(params=["spark", "arrow"])
+def settings(request, tmp_path):
     return load_settings(env={}, overrides={"lake": {"root": str(tmp_path / "lake")},
-                                            "model": {"dir": str(tmp_path / "models")}})
+                                            "model": {"dir": str(tmp_path / "models")},
+                                            "spark": {"engine": request.param}})
 
 
 def test_compact_job_rerun_is_identical_and_empty_dates_are_cleared(spark, settings):
@@ -142,6 +165,7 @@ def test_compact_job_rerun_is_identical_and_empty_dates_are_cleared(spark, setti
     lake.append("bronze_events", pa.Table.from_pylist(bronze_rows()))
 
     first = compact.run(settings, start=D1, end=D3, spark=spark)
+    assert first["engine"] == settings.spark.engine
     assert first["bronze_rows"] == 11
     assert first["silver_rows"] == 10  # the duplicate is gone, the late event is kept
     rows = silver_contents(lake)

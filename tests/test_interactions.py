@@ -13,7 +13,7 @@ from lake.config import load_settings
 from lake.strength import StrengthParams
 from lake.tables import Lake
 from spark_jobs import interactions
-from spark_jobs.interactions import build_interactions
+from spark_jobs.interactions import build_interactions, build_interactions_arrow
 
 AS_OF = date(2026, 1, 31)
 END = datetime(2026, 2, 1, tzinfo=UTC)  # the end of the as-of day
@@ -28,16 +28,36 @@ EVENTS = StructType([
 ])
 
 
-def build(spark, rows, weights=WEIGHTS, transforms=None, half_life_days=30.0,
-          max_confidence=100.0, lookback_days=90):
-    params = StrengthParams(weights, transforms or {}, half_life_days, max_confidence)
-    rows = [r if len(r) == 5 else (*r[:3], None, r[3]) for r in rows]
-    df = build_interactions(spark.createDataFrame(rows, EVENTS), params=params, as_of=AS_OF,
-                            lookback_days=lookback_days)
-    return {(r["user_id"], r["item_id"]): r.asDict() for r in df.collect()}
+EVENTS_ARROW = pa.schema([("user_id", pa.string()), ("item_id", pa.string()),
+                          ("event_type", pa.string()), ("value", pa.float64()),
+                          ("ts", pa.timestamp("us", tz="UTC"))])
 
 
-def test_confidence_known_values(spark):
+@pytest.fixture(params=["spark", "arrow"])
+def engine(request):
+    return request.param
+
+
+@pytest.fixture()
+def build(engine, spark):
+    """Events -> {(user, item): gold row} with the engine of the test's parameter."""
+    def run(rows, weights=WEIGHTS, transforms=None, half_life_days=30.0, max_confidence=100.0,
+            lookback_days=90):
+        params = StrengthParams(weights, transforms or {}, half_life_days, max_confidence)
+        rows = [r if len(r) == 5 else (*r[:3], None, r[3]) for r in rows]
+        if engine == "spark":
+            df = build_interactions(spark.createDataFrame(rows, EVENTS), params=params,
+                                    as_of=AS_OF, lookback_days=lookback_days)
+            return {(r["user_id"], r["item_id"]): r.asDict() for r in df.collect()}
+        table = pa.Table.from_pylist(
+            [dict(zip(EVENTS_ARROW.names, r, strict=True)) for r in rows], schema=EVENTS_ARROW)
+        out = build_interactions_arrow(table, params=params, as_of=AS_OF,
+                                       lookback_days=lookback_days)
+        return {(r["user_id"], r["item_id"]): r for r in out.to_pylist()}
+    return run
+
+
+def test_confidence_known_values(build):
     """Decay runs from each user's latest counted event (not from the as-of date)."""
     rows = [
         # u1's latest event is the click (END - 15 d): the purchase is 45 days older,
@@ -57,7 +77,7 @@ def test_confidence_known_values(spark):
         # exactly at the lookback boundary: included; u4's only event, so age 0 -> 1
         ("u4", "i4", "view", END - timedelta(days=90)),
     ]
-    out = build(spark, rows)
+    out = build(rows)
     assert set(out) == {("u1", "i1"), ("u1", "i2"), ("u2", "i1"), ("u3", "i2"), ("u4", "i4")}
     assert out[("u1", "i1")]["confidence"] == pytest.approx(8 * 2 ** -1.5, abs=1e-12)
     assert out[("u1", "i1")]["n_events"] == 1
@@ -72,14 +92,14 @@ def test_confidence_known_values(spark):
     assert {r["as_of"] for r in out.values()} == {AS_OF}
 
 
-def test_values_count_through_their_transform(spark):
+def test_values_count_through_their_transform(build):
     rows = [
         ("u1", "i1", "rating", 4.0, END - timedelta(days=1)),     # linear: 4
         ("u1", "i2", "purchase", 3.0, END - timedelta(days=1)),   # log1p: 2 * log2(4) = 4
         ("u1", "i3", "purchase", None, END - timedelta(days=1)),  # no value: 2 * 1
         ("u1", "i4", "rating", 0.0, END - timedelta(days=1)),     # value 0: no pair
     ]
-    out = build(spark, rows, weights={"rating": 1.0, "purchase": 2.0},
+    out = build(rows, weights={"rating": 1.0, "purchase": 2.0},
                 transforms={"rating": "linear", "purchase": "log1p"}, half_life_days=None)
     assert set(out) == {("u1", "i1"), ("u1", "i2"), ("u1", "i3")}
     assert out[("u1", "i1")]["confidence"] == pytest.approx(4.0, abs=1e-12)
@@ -87,20 +107,20 @@ def test_values_count_through_their_transform(spark):
     assert out[("u1", "i3")]["confidence"] == pytest.approx(2.0, abs=1e-12)
 
 
-def test_a_backfilled_history_keeps_its_weight(spark):
+def test_a_backfilled_history_keeps_its_weight(build):
     """Two years before the as-of date, but all the user has: no decay to nothing."""
     old = END - timedelta(days=730)
     rows = [("u1", "i1", "view", old), ("u1", "i2", "view", old - timedelta(days=30))]
-    out = build(spark, rows, lookback_days=3650)
+    out = build(rows, lookback_days=3650)
     assert out[("u1", "i1")]["confidence"] == pytest.approx(1.0, abs=1e-12)
     assert out[("u1", "i2")]["confidence"] == pytest.approx(0.5, abs=1e-12)
 
 
-def test_all_zero_weights_is_an_error(spark):
+def test_all_zero_weights_is_an_error(build):
     from spark_jobs.cli import JobError
 
     with pytest.raises(JobError, match="weight 0"):
-        build(spark, [], weights={"view": 0.0})
+        build([], weights={"view": 0.0})
 
 
 # -- the job -----------------------------------------------------------------------------
@@ -122,13 +142,15 @@ def gold(lake: Lake, as_of: date | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: (r["as_of"], r["user_id"], r["item_id"]))
 
 
-def test_interactions_job_rewrites_only_its_partition(spark, tmp_path):
+def test_interactions_job_rewrites_only_its_partition(spark, engine, tmp_path):
     settings = load_settings(env={}, overrides={"lake": {"root": str(tmp_path / "lake")},
-                                                "interactions": {"half_life_days": 30.0}})
+                                                "interactions": {"half_life_days": 30.0},
+                                                "spark": {"engine": engine}})
     lake = Lake.from_settings(settings.lake)
     lake.append("silver_events", pa.Table.from_pylist(silver_rows()))
 
     res = interactions.run(settings, as_of=AS_OF, spark=spark)
+    assert res["engine"] == engine
     assert res["pairs"] == 3 and res["events"] == 3
     first = gold(lake)
     conf = {(r["user_id"], r["item_id"]): r["confidence"] for r in first}
@@ -152,9 +174,10 @@ def test_interactions_job_rewrites_only_its_partition(spark, tmp_path):
 
 
 def test_a_rerun_on_unchanged_inputs_reuses_the_partition_and_a_change_rebuilds_it(
-        spark, tmp_path):
+        spark, engine, tmp_path):
     settings = load_settings(env={}, overrides={"lake": {"root": str(tmp_path / "lake")},
-                                                "interactions": {"half_life_days": 30.0}})
+                                                "interactions": {"half_life_days": 30.0},
+                                                "spark": {"engine": engine}})
     lake = Lake.from_settings(settings.lake)
     lake.append("silver_events", pa.Table.from_pylist(silver_rows()))
     built = interactions.run(settings, as_of=AS_OF, spark=spark)

@@ -122,3 +122,17 @@ def test_top_k_of_a_large_matrix_matches_a_full_sort():
     assert got.shape == (600, 50)
     assert np.array_equal(got, expected)
     assert not (got == 17).any()
+
+
+def test_top_k_breaks_ties_by_index_across_the_cut():
+    # many equal scores (item-kNN's zeros, excluded -inf): the lowest indices fill the cut
+    s = np.zeros((2, 10), dtype=np.float32)
+    s[0, 7] = 1.0
+    s[1, :] = -np.inf
+    s[1, 9] = -0.0  # equal to 0.0, so tied with nothing else here but ranked first
+    assert top_k(s, 3).tolist() == [[7, 0, 1], [9, 0, 1]]
+    rng = np.random.default_rng(5)
+    big = np.where(rng.random((700, 3000)) < 0.03, rng.random((700, 3000)), 0.0)
+    big[:, :40] = -np.inf
+    expected = np.argsort(-big, axis=1, kind="stable")[:, :30]
+    assert np.array_equal(top_k(big.astype(np.float32), 30), expected)

@@ -173,6 +173,9 @@ def run_writers(spark: SparkSession, tmp_path: Path, *, compactions_under_load: 
         "model": {"dir": str(tmp_path / "models")},
         "server": {"wal_dir": str(tmp_path / "wal"), "flush_interval_s": 0.05,
                    "flush_max_events": 200, "wal_fsync_interval_ms": 1.0},
+        # Spark's compaction takes seconds, so the writers' commits surely land during it
+        # (the Arrow engine's takes milliseconds here and commits the same way)
+        "spark": {"engine": "spark"},
     })
     lake = Lake.from_settings(settings.lake)
     lake.ensure("bronze_events")  # version 0; every later version is one acknowledged write
