@@ -15,8 +15,8 @@ There are no delta-spark jars on these machines, so Spark never sees `format("de
   named partitions (or of the whole table). Files that are not in the log are invisible
   to every Delta reader, so a failure before the commit changes nothing.
 
-- `write_arrow` commits an Arrow table built in the driver (the jobs' Arrow engine,
-  `spark_jobs.engine`) the same way: same files, checks and one commit.
+- `write_table` also takes an Arrow table built in the driver (the jobs' Arrow engine,
+  `spark_jobs.engine`) and commits it the same way.
 
 On a cluster with delta-spark these functions are the only code to swap for
 `spark.read.format("delta")` / `df.write.format("delta")`.
@@ -460,7 +460,7 @@ def _dir_value(v: Any) -> str:
 
 
 def write_table(
-    df: DataFrame,
+    df: DataFrame | pa.Table,
     lake: Lake,
     name: str,
     *,
@@ -471,7 +471,10 @@ def write_table(
     """Write a DataFrame into a lake table as one Delta commit and return the new version.
 
     Args:
-        df: rows to write; its schema must fit the catalog (see `conform_df`).
+        df: rows to write; its schema must fit the catalog (see `conform_df`). An Arrow
+            table (built in the driver: the jobs' Arrow engine) is cast to the catalog
+            schema (`lake.tables.conform`) and written here, in its row order, instead of
+            by Spark tasks; the same files, checks and commit.
         lake: the lake holding the table (the table is created when missing).
         name: catalog table name.
         mode: "append" adds the rows; "overwrite" replaces the named `partitions`, or the
@@ -494,32 +497,14 @@ def write_table(
     """
     s = spec(name)
     wanted = _wanted_partitions(s, mode, partitions)
-    df = conform_df(df, s)
+    if isinstance(df, pa.Table):
+        table = conform(df, s)
+        return _commit_staged(
+            lake, s, mode, wanted, app_transaction,
+            lambda staging, cols: write_partitioned(table.to_batches(), str(staging), cols))
+    sdf = conform_df(df, s)
     return _commit_staged(lake, s, mode, wanted, app_transaction,
-                          lambda staging, cols: write_staged(df, staging, cols))
-
-
-def write_arrow(
-    table: pa.Table,
-    lake: Lake,
-    name: str,
-    *,
-    mode: Literal["append", "overwrite"],
-    partitions: list[dict[str, Any]] | None = None,
-    app_transaction: tuple[str, int] | None = None,
-) -> int:
-    """`write_table` for an Arrow table built in this process (the jobs' Arrow engine):
-    the same files, checks and single Delta commit, written here instead of by Spark tasks.
-
-    The table is cast to the catalog schema (`lake.tables.conform`); rows are written in
-    the table's order.
-    """
-    s = spec(name)
-    wanted = _wanted_partitions(s, mode, partitions)
-    table = conform(table, s)
-    return _commit_staged(
-        lake, s, mode, wanted, app_transaction,
-        lambda staging, cols: write_partitioned(table.to_batches(), str(staging), cols))
+                          lambda staging, cols: write_staged(sdf, staging, cols))
 
 
 Partitions = set[tuple[tuple[str, str | None], ...]]

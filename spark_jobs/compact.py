@@ -314,14 +314,14 @@ def _compact_arrow(lake: Lake, bronze_version: int, dates: Sequence[date],
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from lake.spark_bridge import write_arrow
+    from lake.spark_bridge import write_table
 
     bronze = lake.delta("bronze_events", bronze_version).to_pyarrow_dataset().to_table(
         filter=_in_dates(dates))
     silver = compact_events_arrow(bronze)
     # event_date is recomputed from ts: keep only rows that belong to the rewritten dates
     silver = silver.filter(pc.is_in(silver["event_date"], pa.array(dates, pa.date32())))
-    version = write_arrow(silver, lake, "silver_events", mode="overwrite",
+    version = write_table(silver, lake, "silver_events", mode="overwrite",
                           partitions=[{"event_date": d} for d in dates], app_transaction=record)
     return version, bronze.num_rows
 

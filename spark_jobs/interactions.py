@@ -277,7 +277,7 @@ def _build_arrow(settings: Settings, lake: Lake, silver_version: int, params: St
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    from lake.spark_bridge import write_arrow
+    from lake.spark_bridge import write_table
 
     first = as_of - timedelta(days=settings.interactions.lookback_days)
     events = lake.delta("silver_events", silver_version).to_pyarrow_dataset().to_table(
@@ -289,7 +289,7 @@ def _build_arrow(settings: Settings, lake: Lake, silver_version: int, params: St
     stats = {"pairs": gold.num_rows, "events": int(pc.sum(gold["n_events"]).as_py() or 0),
              "users": pc.count_distinct(gold["user_id"]).as_py(),
              "items": pc.count_distinct(gold["item_id"]).as_py()}
-    version = write_arrow(gold, lake, "gold_interactions", mode="overwrite",
+    version = write_table(gold, lake, "gold_interactions", mode="overwrite",
                           partitions=[{"as_of": as_of}], app_transaction=record)
     return stats, version
 

@@ -230,6 +230,35 @@ def test_rejected_writes_commit_nothing(spark, lake: Lake) -> None:
     assert not (lake.path("bronze_events") / "_staging").exists()
 
 
+def test_an_arrow_table_is_written_and_rejected_like_a_dataframe(spark, lake: Lake) -> None:
+    """The Arrow engine's writes: same partition overwrite, same checks, same one commit."""
+    write_table(events_arrow(), lake, "bronze_events", mode="append")
+    assert arrow_rows(lake.read("bronze_events")) == expected_rows()
+    assert spark_rows(read_table(spark, lake, "bronze_events")) == expected_rows()
+    version, files = lake.version("bronze_events"), data_files(lake, "bronze_events")
+
+    new = [("e9", "u9", "i9", "purchase", 5.0, datetime(2024, 3, 2, 18, tzinfo=UTC), None)]
+    v = write_table(events_arrow(new), lake, "bronze_events", mode="overwrite",
+                    partitions=[{"event_date": D2}])
+    assert v == version + 1
+    assert arrow_rows(lake.read("bronze_events")) == expected_rows(
+        [e for e in EVENTS if e[5].date() != D2] + new)
+    assert {f for f in files if not f.startswith("event_date=2024-03-02")} <= \
+        data_files(lake, "bronze_events")  # D1/D3 files untouched
+
+    good = events_arrow()
+    with pytest.raises(LakeError, match=r"unknown column\(s\) \['colour'\]"):
+        write_table(good.append_column("colour", pa.array(["red"] * good.num_rows)), lake,
+                    "bronze_events", mode="append")
+    with pytest.raises(LakeError, match="required column 'user_id' is missing"):
+        write_table(good.drop_columns(["user_id"]), lake, "bronze_events", mode="append")
+    with pytest.raises(LakeError, match="outside the partitions"):
+        write_table(good, lake, "bronze_events", mode="overwrite",
+                    partitions=[{"event_date": D1}])
+    assert lake.version("bronze_events") == v
+    assert not (lake.path("bronze_events") / "_staging").exists()
+
+
 def test_factor_table_round_trip_with_escaped_partition_values(spark, lake: Lake) -> None:
     """Arrays, an unpartitioned table and partition values that need escaping on disk."""
     from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
