@@ -11,6 +11,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OPENBLAS_NUM_THREADS ?= 1
 export PYTHONHASHSEED ?= 0
 DATA ?=
+RETRAIN ?=
 REPLICAS ?= 1
 
 .PHONY: help setup java run test test-all test-slow test-reliability lint protos pipeline bench airflow sql tables clean
@@ -62,8 +63,8 @@ lint: setup ## ruff + mypy
 	$(PY) -m ruff check lake spark_jobs online dags tests clients/python
 	$(PY) -m mypy lake spark_jobs online clients/python/lambdarec_client
 
-pipeline: setup ## Run the batch pipeline end to end (DATA=synthetic|ml-100k|ml-1m)
-	$(PY) -m spark_jobs.pipeline $(if $(DATA),--data $(DATA),)
+pipeline: setup ## Run the batch pipeline end to end (DATA=synthetic|ml-100k|ml-1m, RETRAIN=1)
+	$(PY) -m spark_jobs.pipeline $(if $(DATA),--data $(DATA),) $(if $(RETRAIN),--retrain,)
 
 bench: setup ## Benchmarks: writes bench/results/<timestamp>/report.md
 	$(PY) -m bench.run

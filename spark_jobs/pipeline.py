@@ -117,9 +117,16 @@ def run(
     backend: str | None = None,
     version: str | None = None,
     force: bool = False,
+    retrain: bool = False,
     spark: SparkSession | None = None,
 ) -> dict[str, Any]:
     """Run every batch step once; returns the summary printed by the CLI.
+
+    After compaction, a run whose inputs (silver version, as-of date, model settings:
+    `spark_jobs.staging.inputs_fingerprint`) are those the CURRENT model was built from
+    stops there: it would train, evaluate and gate the same model again. It says so and
+    returns CURRENT's summary with `"unchanged": true`; `retrain` (or an explicit
+    `version`) runs every step anyway.
 
     Args:
         settings: loaded settings (adapted with `dataset_settings` for `data`).
@@ -130,16 +137,18 @@ def run(
         version: model version (default a new `lake.bundle.new_version(as_of)`, named
             like the DAG's).
         force: publish even if the gate rejects the model.
+        retrain: train even when the inputs are the CURRENT model's.
         spark: a running session to use; otherwise a step that runs on Spark builds one
             from `settings.spark`, and it is stopped at the end.
     """
     from lake.as_of import default_as_of, event_date_bounds
-    from lake.bundle import new_version
+    from lake.bundle import current_version, new_version
     from lake.load import ensure_sample_data
     from lake.spark_session import get_spark, stop_started_session
     from lake.tables import Lake
     from spark_jobs import compact, evaluate, interactions, publish, train, tune
     from spark_jobs.event_log import read_event_log
+    from spark_jobs.staging import inputs_fingerprint, load_inputs, save_inputs
 
     t0 = time.perf_counter()
     settings = dataset_settings(settings, data)
@@ -167,6 +176,7 @@ def run(
     if as_of < first:
         raise JobError(f"as-of date {as_of} is before the first event date {first}")
     start = max(first, as_of - timedelta(days=settings.interactions.lookback_days))
+    version_given = version is not None
     version = version or new_version(as_of)
 
     # No session up front: a step that runs on Spark (`spark_jobs.engine`) starts one
@@ -174,6 +184,11 @@ def run(
     own_session = spark is None
     try:
         c = timed("compact", compact.run, settings, spark=spark)  # changed dates only
+        fingerprint = inputs_fingerprint(settings, c["silver_version"], as_of)
+        current = current_version(settings.model.dir)
+        if (not retrain and not version_given and current is not None
+                and load_inputs(settings.model.dir, current) == fingerprint):
+            return unchanged(settings, current, as_of, c, steps, t0)
         log = timed("read_events", read_event_log, Lake.from_settings(settings.lake),
                     start, as_of)
         test = timed("holdout", evaluate.eval_holdout, log, settings)  # for tune + evaluate
@@ -191,6 +206,7 @@ def run(
     finally:
         if own_session:
             stop_started_session()
+    save_inputs(settings.model.dir, version, fingerprint)
     p = timed("publish", publish.run, settings, version=version, force=force)
     reload = reload_servers(settings, version) if p["accepted"] else None
     from spark_jobs.staging import load_metrics
@@ -242,6 +258,33 @@ def run(
     }
 
 
+def unchanged(settings: Settings, current: str, as_of: date, compacted: dict[str, Any],
+              steps: dict[str, float], t0: float) -> dict[str, Any]:
+    """The summary of a run that found nothing new: CURRENT's metrics, no new version."""
+    from spark_jobs.staging import load_metrics
+
+    reason = (f"nothing new since {current}: the same silver version, as-of date and model "
+              f"settings (--retrain trains anyway)")
+    progress(reason)
+    try:
+        metrics = load_metrics(settings.model.dir, current)
+    except ValueError:  # a CURRENT published without its staging metrics
+        metrics = {}
+    total = time.perf_counter() - t0
+    progress(f"total {total:.1f} s")
+    return {
+        "job": "pipeline", "unchanged": True, "master": settings.spark.master, "as_of": as_of,
+        "compacted": {k: compacted[k] for k in ("mode", "dates", "start", "end",
+                                                "bronze_version")},
+        "version": current, "current": current, "accepted": None, "status": "unchanged",
+        "reason": reason, "gate_metric": settings.gate.metric,
+        "n_test_users": metrics.get("n_test_users"), "metrics": metrics.get("models", {}),
+        "report": metrics.get("report"), "lake": settings.lake.root,
+        "models_dir": settings.model.dir, "steps_seconds": steps,
+        "seconds": round(total, 2),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("spark_jobs.pipeline",
                         "Run the batch pipeline end to end and publish a model if it passes.")
@@ -255,11 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", default=None, help="model version (default: a new one)")
     parser.add_argument("--force", action="store_true",
                         help="publish even if the gate rejects the model")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train even when nothing changed since the CURRENT model")
 
     def body(args: Any) -> dict[str, Any]:
         settings = settings_from_args(args)
         return run(settings, as_of=args.as_of, data=args.data, backend=args.backend,
-                   version=args.version, force=args.force)
+                   version=args.version, force=args.force, retrain=args.retrain)
 
     return run_main(parser, argv, body)
 

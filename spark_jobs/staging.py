@@ -6,6 +6,8 @@ Layout of `<models_dir>/staging/<version>/`:
     arrays.npz            user_ids, item_ids (unicode), user_factors, item_factors (float32),
                           user_items_{indptr,indices,data,shape}, item_popularity (float64)
     metrics.json          written by `evaluate` (see `save_metrics`)
+    inputs.json           written by the pipeline: the fingerprint of what the model was
+                          built from (`inputs_fingerprint`)
 
 A rerun of the same version overwrites the files (arrays are written to a temporary name
 and renamed into place, so a reader never sees a half-written file). Loading uses
@@ -187,3 +189,36 @@ def load_metrics(models_dir: Path | str, version: str) -> dict[str, Any]:
     if not path.exists():
         raise StagingError(f"no metrics for staged model {version!r} at {path}")
     return json.loads(path.read_text())
+
+
+INPUTS_JSON = "inputs.json"
+MODEL_SECTIONS = ("interactions", "train", "evaluate", "gate", "tune", "blend", "index")
+"""The settings a model and its evaluation depend on (not where it is served or stored)."""
+
+
+def inputs_fingerprint(settings: Any, silver_version: int, as_of: date) -> str:
+    """What a pipeline run builds its model from: the silver snapshot it reads (the lake and
+    its version), the as-of date and the model-defining settings. Two runs with the same
+    fingerprint train, evaluate and gate the same model."""
+    import hashlib
+
+    key = {"lake": str(settings.lake.root), "silver_version": silver_version,
+           "as_of": as_of.isoformat(),
+           **{s: getattr(settings, s).model_dump(mode="json") for s in MODEL_SECTIONS}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def save_inputs(models_dir: Path | str, version: str, fingerprint: str) -> None:
+    """Record in `staging/<version>/inputs.json` what the model was built from."""
+    d = staged_dir(models_dir, version)
+    d.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(d / INPUTS_JSON, json.dumps({"fingerprint": fingerprint}))
+
+
+def load_inputs(models_dir: Path | str, version: str) -> str | None:
+    """The fingerprint `save_inputs` recorded for `version`, or None."""
+    path = staged_dir(models_dir, version) / INPUTS_JSON
+    try:
+        return str(json.loads(path.read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

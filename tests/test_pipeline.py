@@ -124,3 +124,44 @@ def test_pipeline_end_to_end_then_bad_model_is_rejected(spark, tmp_path):
     assert set(list_versions(models)) == {"v-good", "v-random"}
     runs = {r["model_version"]: r for r in lake.read("model_runs").to_pylist()}
     assert runs["v-random"]["status"] == "rejected" and runs["v-good"]["status"] == "current"
+
+
+@pytest.mark.slow
+def test_a_run_with_nothing_new_stops_after_compaction_unless_told_to_retrain(tmp_path):
+    from spark_jobs.staging import staged_dir
+
+    settings = small_settings(tmp_path, tune={"enabled": False})
+    # force: publish whatever the gate says (without tuning it is a close call at this size)
+    first = pipeline.run(settings, force=True)
+    assert first["current"] == first["version"] and "unchanged" not in first
+    v1 = first["version"]
+
+    again = pipeline.run(settings, force=True)  # no new events, same settings
+    assert again["unchanged"] is True and again["status"] == "unchanged"
+    assert again["version"] == v1 and current_version(settings.model.dir) == v1
+    assert "nothing new since " + v1 in again["reason"]
+    assert again["metrics"] == first["metrics"]
+    assert set(again["steps_seconds"]) == {"data", "compact"}  # nothing trained
+    assert list_versions(settings.model.dir) == [v1]
+
+    # another model setting: a new model
+    other = small_settings(tmp_path, tune={"enabled": False}, train={"iterations": 14})
+    changed = pipeline.run(other, force=True)
+    assert "unchanged" not in changed and changed["version"] != v1
+    assert pipeline.run(other, force=True)["unchanged"] is True
+
+    # asked to: retrained on the same inputs
+    forced = pipeline.run(other, retrain=True, force=True)
+    assert "unchanged" not in forced and forced["version"] not in (v1, changed["version"])
+    assert (staged_dir(settings.model.dir, forced["version"]) / "inputs.json").exists()
+
+    # a new event: compaction commits a new silver version, so the inputs changed
+    lake = Lake.from_settings(settings.lake)
+    row = lake.read("silver_events").slice(0, 1).to_pylist()[0]
+    from lake.validation import events_to_table
+
+    lake.append("bronze_events", events_to_table([{
+        "event_id": "brand-new", "user_id": row["user_id"], "item_id": row["item_id"],
+        "event_type": "view", "ts": row["ts"], "received_at": row["received_at"]}],
+        now=row["received_at"]))
+    assert "unchanged" not in pipeline.run(other, force=True)
