@@ -9,8 +9,9 @@ var/bench/, twice:
   per step: seconds (from the pipeline's own summary) and the peak resident memory of the
   whole process tree (Python driver + Spark JVM + workers), sampled every 0.2 s and
   attributed to the step the pipeline's progress line says is running;
-* **second run, no new events** — what a night without new data costs (incremental
-  compaction, cached baselines).
+* **second run, no new events, `--retrain`** — what a night without new data costs when
+  it retrains anyway (incremental compaction, gold reused, cached baselines; without
+  `--retrain` the pipeline stops after compaction, the model being CURRENT's).
 
 Both on the Spark engine (`spark.engine: spark`), so that the growth from size to size is
 one engine's. Where the default (`auto`, `spark_jobs.engine`) would choose the Arrow
@@ -79,10 +80,11 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def run_pipeline(env: dict[str, str]) -> tuple[dict[str, Any], dict[str, int]]:
-    """`python -m spark_jobs.pipeline --force` in its own process; returns its summary and
-    the peak tree RSS per step (the step named by its latest `[pipeline] <step> ...` line)."""
-    proc = subprocess.Popen([sys.executable, "-m", "spark_jobs.pipeline", "--force"],
+def run_pipeline(env: dict[str, str], *args: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """`python -m spark_jobs.pipeline --force [args]` in its own process; returns its summary
+    and the peak tree RSS per step (the step named by its latest `[pipeline] <step> ...`
+    line)."""
+    proc = subprocess.Popen([sys.executable, "-m", "spark_jobs.pipeline", "--force", *args],
                             env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     current = ["start"]
@@ -214,7 +216,9 @@ def run(report: Report, *, sizes: tuple[str, ...] = ("200k", "2m")) -> dict[str,
             first, peaks = run_pipeline(env | {"LAMBDAREC__SPARK__ENGINE": "spark"})
             print(f"[bench] scaling {name}: second run, no new events ...", file=sys.stderr,
                   flush=True)
-            second, _ = run_pipeline(env | {"LAMBDAREC__SPARK__ENGINE": "spark"})
+            # --retrain: without it a run with nothing new stops after compaction (~0.1 s);
+            # with it every step runs on its incremental path (gold and baselines reused)
+            second, _ = run_pipeline(env | {"LAMBDAREC__SPARK__ENGINE": "spark"}, "--retrain")
             raw_s, nnz = raw_implicit_fit(root, date.fromisoformat(str(first["as_of"])))
             pl_s, pl_silver, pl_pairs = polars_compact_and_aggregate(root, root)
             default = None
@@ -275,9 +279,9 @@ def _write(report: Report, rows: dict[str, dict[str, Any]]) -> None:
         f"**{rows[n]['total']:.1f}** | {max(rows[n]['peaks'].values()) / 2**30:.2f}"
         for n in names) + " |")
     md += ["", "| size | events | evaluation (holdout + evaluate) | share | rerun, no new "
-           "events | train step | raw implicit fit | compact + interactions | Polars, same "
-           "work | rows ours / Polars (silver, pairs) |", "|---|---:|---:|---:|---:|---:|---:|"
-           "---:|---:|---|"]
+           "events, --retrain | train step | raw implicit fit | compact + interactions | "
+           "Polars, same work | rows ours / Polars (silver, pairs) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for n in names:
         r = rows[n]
         md.append(f"| {n} | {r['events']:,} | {r['evaluation_s']:.1f} s | "
