@@ -90,7 +90,8 @@ class RowSelector:
         self.n = int(mask.shape[0])
         self.bitmap = np.packbits(np.asarray(mask, dtype=bool), bitorder="little")
         self.nbytes = self.bitmap.nbytes
-        self.selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(self.bitmap))
+        # faiss takes the size of the bitmap in bytes (ids up to 8 x that are looked up)
+        self.selector = faiss.IDSelectorBitmap(self.bitmap.size, faiss.swig_ptr(self.bitmap))
         if ef_search is not None:  # HNSW: parameters replace the index's efSearch
             # faiss's SWIG stubs lack these keyword constructors
             self.params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]

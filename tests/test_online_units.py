@@ -343,6 +343,17 @@ def test_filter_search_paths_agree_with_brute_force(tmp_path: Path) -> None:
             assert hits >= 45, (hits, got, expected)
 
 
+def test_row_selector_admits_no_row_beyond_its_mask() -> None:
+    """Rows added after a selector was built are outside it: FAISS reads its bitmap only up
+    to the bitmap's size in bytes, never past the end (no row past the mask is admitted)."""
+    from online.model import RowSelector
+
+    mask = np.array([True, False] * 8 + [True] * 4)  # 20 rows: 3 bytes of bitmap
+    sel = RowSelector(mask, None).selector
+    assert [bool(sel.is_member(r)) for r in range(20)] == mask.tolist()
+    assert not any(sel.is_member(r) for r in range(20, 8 * 20))
+
+
 def test_filter_cache_is_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     from online.catalog import RowView
 
