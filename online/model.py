@@ -45,19 +45,25 @@ class RWLock:
         self._writer = False
         self._waiting_writers = 0
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
+    def acquire_read(self) -> None:
         with self._cond:
             while self._writer or self._waiting_writers:
                 self._cond.wait()
             self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        self.acquire_read()
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+            self.release_read()
 
     @contextmanager
     def write(self) -> Iterator[None]:
@@ -90,7 +96,8 @@ class RowSelector:
         self.n = int(mask.shape[0])
         self.bitmap = np.packbits(np.asarray(mask, dtype=bool), bitorder="little")
         self.nbytes = self.bitmap.nbytes
-        self.selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(self.bitmap))
+        # faiss takes the size of the bitmap in bytes (ids up to 8 x that are looked up)
+        self.selector = faiss.IDSelectorBitmap(self.bitmap.size, faiss.swig_ptr(self.bitmap))
         if ef_search is not None:  # HNSW: parameters replace the index's efSearch
             # faiss's SWIG stubs lack these keyword constructors
             self.params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
@@ -221,11 +228,15 @@ class LoadedModel:
         q = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
         if isinstance(selector, RowSubset):
             return selector.search(q, k)  # its own immutable index: no lock
-        with self._lock.read():
+        lock = self._lock
+        lock.acquire_read()  # not `with lock.read()`: a generator per search costs more
+        try:
             if selector is None:
                 scores, rows = self.index.search(q, k)
             else:
                 scores, rows = self.index.faiss_index.search(q, k, params=selector.params)
+        finally:
+            lock.release_read()
         return scores[0], rows[0]
 
     def selector(self, mask: np.ndarray, n_pass: int,

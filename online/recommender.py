@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -55,18 +55,16 @@ class RowFilter:
     categories from a concurrent upsert: in no filter) are clipped to.
     """
 
-    __slots__ = ("available", "category", "include", "exclude", "n", "key")
+    __slots__ = ("available", "category", "include", "exclude", "n")
 
     def __init__(self, view: RowView, only_available: bool, include: np.ndarray | None,
-                 exclude: np.ndarray | None, key: tuple[Any, ...]) -> None:
+                 exclude: np.ndarray | None) -> None:
         avail = view.available  # before `category`: see RowView on the order of updates
         self.category = view.category
         self.available = avail if only_available else None
         self.include = include
         self.exclude = exclude
         self.n = min(len(avail), len(self.category))
-        self.key = key
-        """What the filter depends on: (only_available, include codes, exclude codes)."""
 
     @property
     def empty(self) -> bool:
@@ -86,6 +84,22 @@ class RowFilter:
             if self.exclude is not None:
                 keep &= ~self.exclude[np.minimum(codes, len(self.exclude) - 1)]
         return keep
+
+
+class ResolvedFilter(NamedTuple):
+    """The catalogue part of a request's filters on one row view (`Recommender._filter`)."""
+
+    selector: RowFilterIndex | None
+    """What the search filters with (None: it does not filter)."""
+    n_pass: int
+    """How many rows pass."""
+    rows: RowFilter
+    view: RowView
+    version: int
+    """The view's version all of this was computed at."""
+    exact: bool
+    """The search applies the filter itself (or there is none): while the view is still at
+    `version`, its results need no mask."""
 
 
 @dataclass
@@ -134,8 +148,7 @@ class Recommender:
         if f.exclude_categories:
             exc_codes = tuple(sorted(self.catalog.category_codes(f.exclude_categories)))
             exclude = self._code_table(exc_codes)
-        key = (f.only_available, inc_codes if f.include_categories else None, exc_codes)
-        return RowFilter(view, f.only_available, include, exclude, key)
+        return RowFilter(view, f.only_available, include, exclude)
 
     def _code_table(self, codes: Sequence[int]) -> np.ndarray:
         """True at `codes`, plus a False slot for codes made later."""
@@ -143,27 +156,35 @@ class Recommender:
         table[list(codes)] = True
         return table
 
-    def _selector(self, model: LoadedModel, rf: RowFilter) -> tuple[RowFilterIndex | None, int]:
-        """The search-time form of `rf` and how many rows pass it, cached on the row view
-        until the view changes. With it the search returns only rows that pass, so a
-        selective filter (a small category) costs one search instead of rounds of ever
-        larger over-fetches; one that admits few rows is searched exactly over them.
-        (None, n) when the filter admits every row or the index cannot filter while
-        searching."""
-        if rf.empty:
-            return None, model.n_items
+    def _filter(self, model: LoadedModel, f: FilterSpec) -> ResolvedFilter:
+        """The catalogue part of `f` on `model`'s rows, cached on the row view by the
+        filter's catalogue fields until the view changes (a filter in use costs a request
+        one lookup).
+
+        Besides the row lookups (`RowFilter`) it holds the search-time form of the filter:
+        with it the search returns only rows that pass, so a selective filter (a small
+        category) costs one search instead of rounds of ever larger over-fetches; one that
+        admits few rows is searched exactly over them. No selector when the filter admits
+        every row or the index cannot filter while searching."""
         view = self.catalog.rows(model)
-        found, hit = view.get_derived(rf.key)
+        key = (f.only_available, f.include_categories, f.exclude_categories)
+        found, hit = view.get_derived(key)
         if found:
             return hit  # type: ignore[no-any-return]
         version = view.version  # before reading the arrays: a later change recomputes
-        fresh = RowFilter(view, rf.available is not None, rf.include, rf.exclude, rf.key)
-        keep = fresh.mask(np.arange(fresh.n, dtype=np.int64))
-        n_pass = int(np.count_nonzero(keep))
-        sel = None if n_pass == keep.size else \
-            model.selector(keep, n_pass, self.exact_max_rows)
-        view.put_derived(rf.key, version, (sel, n_pass), nbytes=getattr(sel, "nbytes", 0))
-        return sel, n_pass
+        rf = self._row_filter(model, f)
+        sel: RowFilterIndex | None = None
+        if rf.empty:
+            n_pass = model.n_items
+        else:
+            keep = rf.mask(np.arange(rf.n, dtype=np.int64))
+            n_pass = int(np.count_nonzero(keep))
+            if n_pass < keep.size:
+                sel = model.selector(keep, n_pass, self.exact_max_rows)
+        entry = ResolvedFilter(sel, n_pass, rf, view, version,
+                               exact=rf.empty or sel is not None or n_pass == rf.n)
+        view.put_derived(key, version, entry, nbytes=getattr(sel, "nbytes", 0))
+        return entry
 
     def _search(
         self, model: LoadedModel, query: np.ndarray, k: int, f: FilterSpec,
@@ -172,11 +193,12 @@ class Recommender:
         """Top-k rows by inner product that pass the filters; over-fetches, then grows.
 
         `skip_rows` are rows never to return (seen items, excluded ids, the query item);
-        the catalogue filters run as array operations over each batch of candidates.
+        the catalogue filters run as array operations over each batch of candidates, unless
+        the search applied them itself on the catalogue as it still is.
         """
         total = model.n_items
-        rf = self._row_filter(model, f)
-        sel, n_pass = self._selector(model, rf)
+        flt = self._filter(model, f)
+        rf, sel, n_pass = flt.rows, flt.selector, flt.n_pass
         if n_pass == 0 and rf.n >= total:
             return []  # nothing in the catalogue passes (e.g. an unknown category)
         if sel is not None:
@@ -189,18 +211,29 @@ class Recommender:
         while True:
             check("vector search")
             scores, rows = model.search(query, fetch, sel)
-            if model.n_items > rf.n and rows.size and int(rows.max()) >= rf.n:
-                # items added to the model since the view last grew
-                rf = self._row_filter(model, f)
-            keep = rf.mask(rows)  # the catalogue as of now (the selector may be older)
+            rows_l = rows.tolist()
             out: list[tuple[int, float]] = []
             # plain lists: indexing numpy arrays per element costs more than the search's
             # Python wrapper (this loop was the largest Python self-time of a Recommend)
-            for r, s, ok in zip(rows.tolist(), scores.tolist(), keep.tolist(), strict=True):
-                if ok and r not in skip_rows:
-                    out.append((r, s))
-                    if len(out) == k:
-                        return out
+            if flt.exact and flt.view.version == flt.version and (
+                    not rows_l or max(rows_l) < rf.n):
+                # The search admitted exactly the rows the filter passes on the catalogue as
+                # it still is: only "no result" (-1) and the rows to skip drop out.
+                for r, s in zip(rows_l, scores.tolist(), strict=True):
+                    if r >= 0 and r not in skip_rows:
+                        out.append((r, s))
+                        if len(out) == k:
+                            return out
+            else:
+                if model.n_items > rf.n and rows_l and max(rows_l) >= rf.n:
+                    # items added to the model since the view last grew
+                    rf = self._row_filter(model, f)
+                keep = rf.mask(rows)  # the catalogue as of now (the selector may be older)
+                for r, s, ok in zip(rows_l, scores.tolist(), keep.tolist(), strict=True):
+                    if ok and r not in skip_rows:
+                        out.append((r, s))
+                        if len(out) == k:
+                            return out
             if fetch >= total:
                 return out
             fetch = min(total, fetch * 4)
@@ -227,7 +260,7 @@ class Recommender:
         check("fold-in")
         prof = self.state.profile(model, user_id, context_rows or None)
         seen_ids = prof.seen_ids | set(context_item_ids) if f.exclude_seen else set()
-        if prof.vector is None or not prof.vector.any():
+        if prof.vector is None or not np.count_nonzero(prof.vector):  # (faster than any())
             return self._fallback(model, k, f, seen_ids, user_id, check)
         # Seen = the batch history + real-time events of `seen_event_types` (by id) + context.
         skip_rows = set(prof.batch_rows.tolist()) if f.exclude_seen else set()
@@ -238,12 +271,11 @@ class Recommender:
                 skip_rows.add(r)
         query = model.user_query(prof.vector, int(prof.rows.size))
         hits = self._search(model, query, k, f, skip_rows, check)
-        items = []
-        for r, s in hits:
-            because: list[str] = []
-            if explain and prof.rows.size:
-                because = self._because(model, prof.rows, r)
-            items.append((model.item_ids[r], float(s), because))
+        item_ids = model.item_ids
+        if explain and prof.rows.size:
+            items = [(item_ids[r], s, self._because(model, prof.rows, r)) for r, s in hits]
+        else:
+            items = [(item_ids[r], s, []) for r, s in hits]
         return Result(items, model.version, PERSONALISED)
 
     def _because(self, model: LoadedModel, rows: np.ndarray, target: int) -> list[str]:

@@ -217,7 +217,12 @@ class Validator:
         values = list(values)
         if len(values) > self.max_batch:
             raise InvalidArgument(field, f"at most {self.max_batch} entries, got {len(values)}")
-        return [self.id(f"{field}[{i}]", v) for i, v in enumerate(values)]
+        max_id = self.max_id
+        for i, v in enumerate(values):  # the entry's field name only when it is wrong
+            problem = id_problem(v, max_id)
+            if problem:
+                raise InvalidArgument(f"{field}[{i}]", problem)
+        return values
 
     def k(self, field: str, k: int) -> int:
         if k <= 0 or k > self.max_k:
@@ -290,6 +295,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self.ingest = ingest
         self.metrics = metrics
         self.v = Validator(settings)
+        self._by_strategy: dict[str, Any] = {}  # strategy -> its counter child
 
     def Recommend(self, request: pb.RecommendRequest,  # noqa: N802 (gRPC names)
                   context: grpc.ServicerContext) -> pb.RecommendResponse:
@@ -349,7 +355,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         user_id, k, filters, ctx_items, explain = call
         result = self.engine.recommend(user_id, k, filters, context_item_ids=ctx_items,
                                        explain=explain, check=check)
-        self.metrics.child(self.metrics.strategy, result.strategy).inc()
+        counter = self._by_strategy.get(result.strategy)
+        if counter is None:  # first answer of this strategy
+            counter = self._by_strategy[result.strategy] = self.metrics.child(
+                self.metrics.strategy, result.strategy)
+        counter.inc()
         resp.model_version = result.model_version
         resp.strategy = pb.STRATEGY_FALLBACK if result.strategy == FALLBACK \
             else pb.STRATEGY_PERSONALISED

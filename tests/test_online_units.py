@@ -280,6 +280,27 @@ def test_selective_filters_search_once_and_follow_upserts(
     assert sorted(i for i, _, _ in engine.recommend("uC0", 3, any_tiny).items) == ["A5", "B5"]
 
 
+def test_an_upsert_during_the_search_still_filters_the_answer(
+    engine: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filter of a request is cached with the catalogue version it was built at; an
+    upsert that lands while the search runs is still applied to that search's answer."""
+    from online.model import LoadedModel
+
+    assert [i for i, _, _ in engine.recommend("uC0", 3, FilterSpec()).items] == \
+        ["C2", "C3", "C4"]  # C0, C1 seen; the filter (every row available) is now cached
+    real = LoadedModel.search
+
+    def upsert_meanwhile(self: LoadedModel, query: np.ndarray, k: int,
+                         selector: object = None) -> tuple:
+        engine.catalog.upsert([{"item_id": "C2", "available": False}])
+        return real(self, query, k, selector)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LoadedModel, "search", upsert_meanwhile)
+    assert [i for i, _, _ in engine.recommend("uC0", 3, FilterSpec()).items] == \
+        ["C3", "C4", "C5"]
+
+
 @pytest.mark.parametrize("name", ["v1", "v20261122T181500Z-3fa9", "a" * 100, "model_2.b"])
 def test_version_names_accepted(name: str) -> None:
     assert check_version_name(name) == name
@@ -341,6 +362,17 @@ def test_filter_search_paths_agree_with_brute_force(tmp_path: Path) -> None:
         else:  # approximate search: most of the exact answer
             hits = sum(len(set(got[u]) & set(expected[u])) for u in range(5))
             assert hits >= 45, (hits, got, expected)
+
+
+def test_row_selector_admits_no_row_beyond_its_mask() -> None:
+    """Rows added after a selector was built are outside it: FAISS reads its bitmap only up
+    to the bitmap's size in bytes, never past the end (no row past the mask is admitted)."""
+    from online.model import RowSelector
+
+    mask = np.array([True, False] * 8 + [True] * 4)  # 20 rows: 3 bytes of bitmap
+    sel = RowSelector(mask, None).selector
+    assert [bool(sel.is_member(r)) for r in range(20)] == mask.tolist()
+    assert not any(sel.is_member(r) for r in range(20, 8 * 20))
 
 
 def test_filter_cache_is_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
