@@ -85,12 +85,10 @@ def get_spark(settings: SparkSettings | None = None) -> SparkSession:
     return spark
 
 
-def stop_started_session() -> None:
-    """Stop the session this process started, if it started one (starts none itself)."""
+def active_session() -> SparkSession | None:
+    """The session running in this process, if any (starts none)."""
     if "pyspark.sql" not in sys.modules:
-        return
+        return None
     from pyspark.sql import SparkSession
 
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        active.stop()
+    return SparkSession.getActiveSession()

@@ -139,12 +139,13 @@ def run(
         force: publish even if the gate rejects the model.
         retrain: train even when the inputs are the CURRENT model's.
         spark: a running session to use; otherwise a step that runs on Spark builds one
-            from `settings.spark`, and it is stopped at the end.
+            from `settings.spark` (or uses the process's running one), and a session
+            built by this run is stopped at the end.
     """
     from lake.as_of import default_as_of, event_date_bounds
     from lake.bundle import current_version, new_version
     from lake.load import ensure_sample_data
-    from lake.spark_session import get_spark, stop_started_session
+    from lake.spark_session import active_session, get_spark
     from lake.tables import Lake
     from spark_jobs import compact, evaluate, interactions, publish, train, tune
     from spark_jobs.event_log import read_event_log
@@ -180,8 +181,9 @@ def run(
     version = version or new_version(as_of)
 
     # No session up front: a step that runs on Spark (`spark_jobs.engine`) starts one
-    # (get_spark), and the rest of the run shares it.
-    own_session = spark is None
+    # (get_spark), and the rest of the run shares it. Only a session this run started is
+    # stopped at the end, not one the caller (or anyone else in the process) runs.
+    running_before = spark or active_session()
     try:
         c = timed("compact", compact.run, settings, spark=spark)  # changed dates only
         fingerprint = inputs_fingerprint(settings, c["silver_version"], as_of)
@@ -204,8 +206,9 @@ def run(
         ev = timed("evaluate", evaluate.run, settings, as_of=as_of, version=version,
                    spark=spark, log=log, test=test)
     finally:
-        if own_session:
-            stop_started_session()
+        started = active_session() if running_before is None else None
+        if started is not None:
+            started.stop()
     save_inputs(settings.model.dir, version, fingerprint)
     p = timed("publish", publish.run, settings, version=version, force=force)
     reload = reload_servers(settings, version) if p["accepted"] else None

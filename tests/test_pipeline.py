@@ -127,7 +127,7 @@ def test_pipeline_end_to_end_then_bad_model_is_rejected(spark, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_with_nothing_new_stops_after_compaction_unless_told_to_retrain(tmp_path):
+def test_a_run_with_nothing_new_stops_after_compaction_unless_told_to_retrain(spark, tmp_path):
     from spark_jobs.staging import staged_dir
 
     settings = small_settings(tmp_path, tune={"enabled": False})
@@ -165,3 +165,5 @@ def test_a_run_with_nothing_new_stops_after_compaction_unless_told_to_retrain(tm
         "event_type": "view", "ts": row["ts"], "received_at": row["received_at"]}],
         now=row["received_at"]))
     assert "unchanged" not in pipeline.run(other, force=True)
+    # runs given no session leave the one the process already had running
+    assert spark.range(3).count() == 3
