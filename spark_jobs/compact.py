@@ -12,6 +12,9 @@ The first run, or `--full`, rewrites every date. Late events (a `ts` long before
 `received_at`) live in the bronze partition of their `ts` date, so the run after their
 arrival rewrites that date, however old.
 
+The rules are stated twice, as Spark columns (`compact_events`) and as Arrow compute
+(`compact_events_arrow`); `spark_jobs.engine` picks one per run by the size of the input.
+
     python -m spark_jobs.compact                                       # changed dates
     python -m spark_jobs.compact --full                                # every date
     python -m spark_jobs.compact --start 2026-11-01 --end 2026-11-21   # exactly these

@@ -12,6 +12,9 @@ settings are the tuned recipe of `--version` when its search ran (`spark_jobs.tu
 the configured ones. The job rewrites the gold partition `as_of = D`, so reruns for a date
 replace it.
 
+Like compaction, the job has a Spark form (`build_interactions`) and an Arrow form
+(`build_interactions_arrow`), picked per run by `spark_jobs.engine`.
+
 A rerun with nothing new reuses the partition: its commit records (a Delta application
 transaction per as-of date) a fingerprint of what it was built from (the silver version,
 the strength settings, the lookback), and a run that finds the same fingerprint only reads
