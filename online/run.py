@@ -48,8 +48,8 @@ def prepare(settings: Settings, *, pipeline: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"data": ensure_sample_data(settings)}
     has_events = Lake.from_settings(settings.lake).count("bronze_events") > 0
     if pipeline and has_events and current_version(settings.model.dir) is None:
-        print("no CURRENT model yet: running the batch pipeline once (a few minutes; "
-              "progress below)...", flush=True)
+        print("no CURRENT model yet: running the batch pipeline once (progress below)...",
+              flush=True)
         out["pipeline"] = run_pipeline_process(settings)
     out["model"] = current_version(settings.model.dir)
     return out
@@ -59,9 +59,12 @@ def run_pipeline_process(settings: Settings) -> dict[str, Any]:
     """`spark_jobs.pipeline` with exactly `settings`, in a process of its own: its Spark
     JVM (GBs) exits with it instead of living on next to the server. Returns the summary
     it prints (also when the gate refused the model: `ok` false)."""
+    tree = settings.model_dump(mode="json")
+    # the server starts after this and loads CURRENT itself: nobody to tell about it yet
+    tree["airflow"]["reload_targets"] = []
     with tempfile.TemporaryDirectory(prefix="lambdarec-run-") as tmp:
         config = Path(tmp) / "settings.yaml"
-        config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+        config.write_text(yaml.safe_dump(tree))
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env["LAMBDAREC_CONFIG"] = str(config)
         done = subprocess.run([sys.executable, "-m", "spark_jobs.pipeline"], cwd=PROJECT_ROOT,
