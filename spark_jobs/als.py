@@ -80,7 +80,11 @@ class ALSFactors:
 class ALSTrainer(Protocol):
     backend: str
 
-    def fit(self, matrix: InteractionMatrix) -> ALSFactors: ...
+    def fit(self, matrix: InteractionMatrix, users: np.ndarray | None = None) -> ALSFactors:
+        """Train on `matrix`. `users`: the rows whose vectors will be used (an evaluation's
+        scored users); a trainer may skip work for the others, whose vectors are then
+        those of its last iteration. Default: every row."""
+        ...
 
 
 def train_params(settings: TrainSettings, backend: str | None = None) -> dict[str, Any]:
@@ -130,7 +134,7 @@ class ImplicitTrainer:
             raise TrainError("train.use_gpu is true but implicit was built without CUDA")
         return bool(self.settings.use_gpu)
 
-    def fit(self, matrix: InteractionMatrix) -> ALSFactors:
+    def fit(self, matrix: InteractionMatrix, users: np.ndarray | None = None) -> ALSFactors:
         _check_matrix(matrix)
         from implicit.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
@@ -156,15 +160,16 @@ class ImplicitTrainer:
             if gpu:
                 model = model.to_cpu()
             fit_s = time.perf_counter() - t0
+            factors = np.array(model.user_factors, dtype=np.float32)
             if self.final_user_step:
-                # Exact re-solve of every user against the final item factors: the same
-                # objective lake.foldin.fold_in solves (implicit's Cholesky path).
-                users = model.recalculate_user(np.arange(cui.shape[0]), cui)
-            else:
-                users = model.user_factors
+                # Exact re-solve of the users (each independently) against the final item
+                # factors: the objective lake.foldin.fold_in solves (implicit's Cholesky path).
+                rows = np.arange(cui.shape[0]) if users is None else np.asarray(users)
+                if rows.size:
+                    factors[rows] = model.recalculate_user(rows, cui[rows])
         total_s = time.perf_counter() - t0
         return ALSFactors(
-            user_factors=np.ascontiguousarray(users, dtype=np.float32),
+            user_factors=factors,
             item_factors=np.ascontiguousarray(model.item_factors, dtype=np.float32),
             foldin=FoldInParams.for_backend("implicit", alpha=s.alpha,
                                             regularization=s.effective_regularization),
@@ -212,7 +217,7 @@ class MLlibTrainer:
             coldStartStrategy="nan",
         )
 
-    def fit(self, matrix: InteractionMatrix) -> ALSFactors:
+    def fit(self, matrix: InteractionMatrix, users: np.ndarray | None = None) -> ALSFactors:
         """Train from an in-memory matrix (handed to Spark as a temporary Parquet file)."""
         _check_matrix(matrix)
         rows, cols, vals = matrix.coo_arrays()
@@ -585,7 +590,7 @@ class ScaledALSTrainer:
         self.init_std = init_std
         self.cg_steps = cg_steps
 
-    def fit(self, matrix: InteractionMatrix) -> ALSFactors:
+    def fit(self, matrix: InteractionMatrix, users: np.ndarray | None = None) -> ALSFactors:
         _check_matrix(matrix)
         from threadpoolctl import threadpool_limits
 

@@ -83,7 +83,9 @@ class EventLog:
             return sp.csr_matrix(self.shape)
         t = ts - ts.min() + 1.0
         key = u * self.shape[1] + i
-        order = np.lexsort((t, key))
+        # events are time-ordered per user (event_log_from_table), so a stable sort by pair
+        # keeps each pair's events in time order: no second sort key needed
+        order = np.argsort(key, kind="stable")
         first = np.ones(order.size, bool)
         first[1:] = key[order][1:] != key[order][:-1]
         o = order[first]

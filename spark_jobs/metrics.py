@@ -25,7 +25,8 @@ import numpy as np
 import scipy.sparse as sp
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]
-"""Maps an array of user row numbers (b,) to a dense score matrix (b, n_items)."""
+"""Maps an array of user row numbers (b,) to a dense score matrix (b, n_items): a new
+array each call (or a read-only view), since the ranking writes into an array it owns."""
 
 
 PARALLEL_MIN_CELLS = 2_000_000
@@ -186,7 +187,11 @@ def evaluate_ranking(
     counts = {k: np.zeros(n_items, dtype=np.float64) for k in ks}
     for start in range(0, len(users), batch_size):
         rows = users[start : start + batch_size]
-        scores = np.array(score_fn(rows), dtype=np.float32, copy=True)
+        # the ranking writes -inf into the scores: a scorer's fresh array is used as is, a
+        # view or a read-only array (popularity's broadcast row) is copied first
+        scores = np.asarray(score_fn(rows), dtype=np.float32)
+        if not (scores.flags.owndata and scores.flags.writeable):
+            scores = scores.copy()
         if scores.shape != (len(rows), n_items):
             raise ValueError(f"score_fn returned {scores.shape}, expected {(len(rows), n_items)}")
         tr = train[rows]

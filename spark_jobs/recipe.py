@@ -107,7 +107,7 @@ def fit_and_score(
     t0 = time.perf_counter()
     m = InteractionMatrix(np.arange(matrix.shape[0]).astype(str),
                           np.arange(matrix.shape[1]).astype(str), matrix)
-    fitted = make_trainer(recipe.train, spark).fit(m)
+    fitted = make_trainer(recipe.train, spark).fit(m, users)  # only `users` are scored
     fit_s = time.perf_counter() - t0
     result = evaluate_ranking(recipe_scorer(fitted, matrix, recipe.blend), matrix, test, ks,
                               users=users, batch_size=score_batch_size(matrix.shape[1]))

@@ -106,6 +106,15 @@ class ALSContract:
         again = self.trainer().fit(m)
         np.testing.assert_allclose(again.item_factors, res.item_factors, rtol=1e-4, atol=1e-5)
 
+    def test_the_users_to_score_get_the_vectors_of_a_full_fit(self, fitted):
+        """`fit(m, users)` may skip work for the other rows, never change the asked ones."""
+        m, _, _, full = fitted
+        rows = np.array([0, 3, 17, m.shape[0] - 1])
+        part = self.trainer().fit(m, rows)
+        np.testing.assert_allclose(part.user_factors[rows], full.user_factors[rows],
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(part.item_factors, full.item_factors, rtol=1e-5, atol=1e-6)
+
     def test_empty_matrix_is_an_error(self):
         empty = InteractionMatrix(np.array([], dtype=str), np.array([], dtype=str),
                                   sp.csr_matrix((0, 0)))
