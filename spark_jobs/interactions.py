@@ -36,14 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from lake.config import Settings
 from lake.strength import StrengthParams, score_batch
-from spark_jobs.cli import (
-    JobError,
-    date_range,
-    job_parser,
-    parse_date,
-    run_main,
-    settings_from_args,
-)
+from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -194,6 +187,7 @@ def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None,
         "reused", "seconds"}` (no `engine` when the partition was reused).
     """
     from lake.tables import Lake
+    from spark_jobs.cli import date_range
     from spark_jobs.compact import logged_rows
     from spark_jobs.engine import choose_engine
     from spark_jobs.tune import load_recipe
