@@ -115,16 +115,17 @@ def test_user_lookup_shows_titles_categories_reasons_and_strategy(console, brows
 
 
 def test_admin_ingests_a_test_event_and_the_answer_changes(console, browser) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     _, base = console
     browser.get(base + "/users/console-new")
     assert browser.find_element(By.CLASS_NAME, "strategy").text == "fallback"
     token = browser.find_element(By.CSS_SELECTOR, 'input[name="token"]')
     token.send_keys("wrong")
-    token.submit()
-    assert browser.title.startswith("Admin token needed")
+    token.submit()  # returns before the next page has loaded: wait for it
+    WebDriverWait(browser, 15).until(lambda d: d.title.startswith("Admin token needed"))
     browser.get(base + "/users/console-new")
     token = browser.find_element(By.CSS_SELECTOR, 'input[name="token"]')
     token.send_keys(TOKEN)
@@ -135,7 +136,8 @@ def test_admin_ingests_a_test_event_and_the_answer_changes(console, browser) -> 
     item.send_keys("C4")
     Select(form.find_element(By.NAME, "event_type")).select_by_visible_text("purchase")
     form.submit()
-    assert "ingested purchase of C4" in browser.find_element(By.CLASS_NAME, "note").text
+    WebDriverWait(browser, 15, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: "ingested purchase of C4" in d.find_element(By.CLASS_NAME, "note").text)
     assert browser.find_element(By.CLASS_NAME, "strategy").text == "personalised"
     assert [r[0] for r in _cells(browser, "recommendations")[:4]] == ["C0", "C1", "C2", "C3"]
     events = _cells(browser, "events")
