@@ -239,10 +239,6 @@ def run(
         `incremental` or `full`; engine `spark` or `arrow` (`spark_jobs.engine`; absent
         when there was nothing to do).
     """
-    from pyspark.sql import functions as F
-
-    from lake.spark_bridge import read_table, write_table
-    from lake.spark_session import get_spark
     from lake.tables import Lake
     from spark_jobs.engine import choose_engine
 
@@ -274,6 +270,11 @@ def run(
         version, read = _compact_arrow(lake, bronze_version, dates, record)
         n_bronze = read if n_bronze is None else n_bronze
     else:
+        from pyspark.sql import functions as F
+
+        from lake.spark_bridge import read_table, write_table
+        from lake.spark_session import get_spark
+
         spark = spark or get_spark(settings.spark)
         in_dates = F.col("event_date").isin(*dates)
         bronze = read_table(spark, lake, "bronze_events", bronze_version,

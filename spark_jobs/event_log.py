@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from datetime import time as dtime
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +22,7 @@ import scipy.sparse as sp
 
 from lake.strength import StrengthParams, epoch_seconds, user_reference
 from lake.tables import Lake
+from lake.training_cut import end_of_day
 from spark_jobs.cli import JobError
 
 SILVER = "silver_events"
@@ -137,13 +137,18 @@ def holdout(log: EventLog, protocol: str, test_fraction: float, min_items: int, 
     return Holdout(split.test.tocsr(), sel & ~in_test, info)
 
 
-def end_of_day(d: date) -> datetime:
-    return datetime.combine(d + timedelta(days=1), dtime.min, tzinfo=UTC)
-
-
 def read_event_log(lake: Lake, start: date, end: date, *, version: int | None = None,
                    event_types: list[str] | None = None) -> EventLog:
     """Silver events with `event_date` in [start, end] and `ts` before the end of `end`."""
+    return event_log_from_table(silver_window(lake, start, end, version=version,
+                                              event_types=event_types))
+
+
+def silver_window(lake: Lake, start: date, end: date, *, version: int | None = None,
+                  event_types: list[str] | None = None,
+                  columns: tuple[str, ...] = COLUMNS) -> pa.Table:
+    """`columns` of the silver events dated [start, end] with `ts` before the end of `end`,
+    read with delta-rs (partition-pruned) at `version` (default the latest)."""
     lake.ensure(SILVER)
     dataset = lake.delta(SILVER, version).to_pyarrow_dataset()
     flt = ((ds.field("event_date") >= pa.scalar(start, pa.date32()))
@@ -151,8 +156,7 @@ def read_event_log(lake: Lake, start: date, end: date, *, version: int | None = 
            & (ds.field("ts") < pa.scalar(end_of_day(end), pa.timestamp("us", tz="UTC"))))
     if event_types is not None:
         flt = flt & ds.field("event_type").isin(event_types)
-    table = dataset.to_table(columns=list(COLUMNS), filter=flt)
-    return event_log_from_table(table)
+    return dataset.to_table(columns=list(columns), filter=flt)
 
 
 def lookback_log(lake: Lake, as_of: date, lookback_days: int) -> EventLog:

@@ -31,11 +31,11 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
-from datetime import time as dtime
 from typing import TYPE_CHECKING, Any
 
 from lake.config import Settings
 from lake.strength import StrengthParams, score_batch
+from lake.training_cut import end_of_day
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
 
 if TYPE_CHECKING:
@@ -46,11 +46,6 @@ if TYPE_CHECKING:
 
 MICROS_PER_DAY = 86_400_000_000
 OUTPUT_COLUMNS = ("user_id", "item_id", "confidence", "n_events", "last_ts", "as_of")
-
-
-def end_of_day(d: date) -> datetime:
-    """The first instant after `d` (midnight UTC of the next day)."""
-    return datetime.combine(d + timedelta(days=1), dtime.min, tzinfo=UTC)
 
 
 def build_interactions(
@@ -270,17 +265,13 @@ def _build_spark(settings: Settings, lake: Lake, silver_version: int, params: St
 
 def _build_arrow(settings: Settings, lake: Lake, silver_version: int, params: StrengthParams,
                  as_of: date, record: tuple[str, int], spark: SparkSession | None) -> Built:
-    import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as ds
 
     from lake.spark_bridge import write_table
+    from spark_jobs.event_log import silver_window
 
     first = as_of - timedelta(days=settings.interactions.lookback_days)
-    events = lake.delta("silver_events", silver_version).to_pyarrow_dataset().to_table(
-        columns=["user_id", "item_id", "event_type", "value", "ts"],
-        filter=(ds.field("event_date") >= pa.scalar(first, pa.date32()))
-        & (ds.field("event_date") <= pa.scalar(as_of, pa.date32())))
+    events = silver_window(lake, first, as_of, version=silver_version)
     gold = build_interactions_arrow(events, params=params, as_of=as_of,
                                     lookback_days=settings.interactions.lookback_days)
     stats = {"pairs": gold.num_rows, "events": int(pc.sum(gold["n_events"]).as_py() or 0),
