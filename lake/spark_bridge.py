@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -532,7 +532,7 @@ def _wanted_partitions(s: TableSpec, mode: str,
 
 def _commit_staged(lake: Lake, s: TableSpec, mode: str, wanted: Partitions | None,
                    app_transaction: tuple[str, int] | None,
-                   stage: Any) -> int:
+                   stage: Callable[[Path, list[str]], object]) -> int:
     """Have `stage(staging_dir, partition_cols)` write the files, then check them, move
     them into place and commit them as one Delta transaction (see `write_table`)."""
     name = s.name

@@ -29,12 +29,15 @@ import os
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from lake.foldin import FoldInParams
+
+if TYPE_CHECKING:
+    from lake.config import Settings
 
 STAGING = "staging"
 MODEL_JSON = "model.json"
@@ -196,7 +199,7 @@ MODEL_SECTIONS = ("interactions", "train", "evaluate", "gate", "tune", "blend", 
 """The settings a model and its evaluation depend on (not where it is served or stored)."""
 
 
-def inputs_fingerprint(settings: Any, silver_version: int, as_of: date) -> str:
+def inputs_fingerprint(settings: Settings, silver_version: int, as_of: date) -> str:
     """What a pipeline run builds its model from: the silver snapshot it reads (the lake and
     its version), the as-of date and the model-defining settings. Two runs with the same
     fingerprint train, evaluate and gate the same model."""
