@@ -77,10 +77,16 @@ class EventLog:
     def pair_first_touch(self, keep: np.ndarray | None = None) -> sp.csr_matrix:
         """(n_users x n_items) first-touch time of each pair (seconds since the first event
         + 1, so that every stored entry is > 0)."""
+        return self._pairs(keep)[0]
+
+    def _pairs(self, keep: np.ndarray | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+        """`pair_first_touch` and, per kept event, the position of its pair among the
+        matrix's stored entries (-1 for events not kept)."""
         sel = np.ones(self.n_events, bool) if keep is None else np.asarray(keep, bool)
+        pair = np.full(self.n_events, -1, dtype=np.int64)
         u, i, ts = self.user[sel], self.item[sel], self.ts[sel]
         if u.size == 0:
-            return sp.csr_matrix(self.shape)
+            return sp.csr_matrix(self.shape), pair
         t = ts - ts.min() + 1.0
         key = u * self.shape[1] + i
         # events are time-ordered per user (event_log_from_table), so a stable sort by pair
@@ -89,9 +95,13 @@ class EventLog:
         first = np.ones(order.size, bool)
         first[1:] = key[order][1:] != key[order][:-1]
         o = order[first]
-        m = sp.csr_matrix((t[o], (u[o], i[o])), shape=self.shape)
-        m.sort_indices()
-        return m
+        # pairs in key order are the CSR's entries in storage order (rows, then columns)
+        m = sp.csr_matrix((t[o], i[o], np.searchsorted(u[o], np.arange(self.shape[0] + 1))),
+                          shape=self.shape)
+        in_sel = np.empty(u.size, dtype=np.int64)
+        in_sel[order] = np.cumsum(first) - 1
+        pair[sel] = in_sel
+        return m, pair
 
 
 @dataclass
@@ -116,7 +126,7 @@ def holdout(log: EventLog, protocol: str, test_fraction: float, min_items: int, 
     from spark_jobs.splits import random_split, user_time_split
 
     sel = np.ones(log.n_events, bool) if keep is None else np.asarray(keep, bool)
-    first = log.pair_first_touch(sel)
+    first, pair = log._pairs(sel)
     if protocol == "user_time":
         split = user_time_split(first, test_fraction, min_items)
     elif protocol == "random":
@@ -124,13 +134,11 @@ def holdout(log: EventLog, protocol: str, test_fraction: float, min_items: int, 
         split.test.data[:] = 1.0
     else:
         raise ValueError(f"unknown holdout protocol {protocol!r}; expected user_time or random")
-    test = split.test.tocoo()
-    n_items = log.shape[1]
-    test_keys = np.sort(test.row.astype(np.int64) * n_items + test.col)
-    in_test = np.isin(log.user * n_items + log.item, test_keys, assume_unique=False)
+    in_test = np.zeros(log.n_events, bool)
+    in_test[sel] = split.test_mask[pair[sel]]
     info = dict(split.info) | {
         "protocol": protocol,
-        "test_pairs": int(test.nnz),
+        "test_pairs": int(split.test.nnz),
         "test_users": int(np.count_nonzero(np.diff(split.test.indptr))),
         "candidate_events": int(sel.sum()),
     }
@@ -187,18 +195,34 @@ def silver_received_until(lake: Lake, start: date, end: date) -> datetime | None
     return latest + timedelta(microseconds=999)
 
 
+def sorted_codes(ids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """`np.unique(ids, return_inverse=True)` for an Arrow string column: the sorted distinct
+    ids (str) and each row's index into them. Arrow hashes the rows and only the distinct
+    ids are sorted (UTF-8 byte order is code-point order, as numpy sorts str): ~10x faster
+    than numpy's sort of every row's string."""
+    column = pc.cast(ids, pa.string())
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    encoded = column.dictionary_encode()
+    if encoded.null_count:
+        raise JobError(f"{encoded.null_count} events without an id or type (silver never "
+                       "holds one: was the table written by compaction?)")
+    order = pc.sort_indices(encoded.dictionary).to_numpy()
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    codes = rank[encoded.indices.to_numpy(zero_copy_only=False)]
+    distinct = np.asarray(encoded.dictionary.take(order).to_numpy(zero_copy_only=False))
+    return distinct.astype(str), codes
+
+
 def event_log_from_table(table: pa.Table) -> EventLog:
     """An `EventLog` from an Arrow table with `user_id, item_id, event_type, value, ts`."""
-    users = np.asarray(pc.cast(table.column("user_id"), pa.string())
-                       .to_numpy(zero_copy_only=False)).astype(str)
-    items = np.asarray(pc.cast(table.column("item_id"), pa.string())
-                       .to_numpy(zero_copy_only=False)).astype(str)
-    user_ids, u = np.unique(users, return_inverse=True)
-    item_ids, i = np.unique(items, return_inverse=True)
+    user_ids, u = sorted_codes(table.column("user_id"))
+    item_ids, i = sorted_codes(table.column("item_id"))
     value = np.asarray(pc.fill_null(pc.cast(table.column("value"), pa.float64()), float("nan"))
                        .to_numpy(zero_copy_only=False), dtype=np.float64)
     ts = epoch_seconds(table.column("ts")) if table.num_rows else np.empty(0)
-    types = np.asarray(table.column("event_type").to_numpy(zero_copy_only=False)).astype(str)
+    type_names, types = sorted_codes(table.column("event_type"))
     order = np.lexsort((ts, u))
-    return EventLog(user_ids, item_ids, u[order].astype(np.int64), i[order].astype(np.int64),
-                    types[order], value[order], ts[order])
+    return EventLog(user_ids, item_ids, u[order], i[order], type_names[types[order]],
+                    value[order], ts[order])

@@ -83,7 +83,7 @@ def metrics_vs_k(metrics: Mapping[str, Mapping[str, float]], ks: Sequence[int], 
         axes[0].legend(fontsize=8)
     fig.suptitle(f"model {version}: metrics vs k"
                  + (f" (gate on {gate.metric})" if gate is not None else ""))
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.85, wspace=0.25)
     return fig
 
 
@@ -114,7 +114,7 @@ def popularity_deciles(deciles: Mapping[str, np.ndarray], k: int, *, version: st
     top = ", ".join(f"{n} {100 * float(deciles[n][0]):.0f}%" for n in names)
     fig.suptitle(f"model {version}: top-{k} per item-popularity decile\n"
                  f"from the most popular 10% of items: {top}", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.25, top=0.85)
     return fig
 
 

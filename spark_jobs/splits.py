@@ -29,6 +29,8 @@ class Split:
     test: sp.csr_matrix
     protocol: str
     info: dict
+    test_mask: np.ndarray
+    """(nnz,) bool over the input's entries (canonical CSR order): True where in test."""
 
 
 def _mask_split(x: sp.csr_matrix, test_mask: np.ndarray, protocol: str, info: dict) -> Split:
@@ -37,7 +39,7 @@ def _mask_split(x: sp.csr_matrix, test_mask: np.ndarray, protocol: str, info: di
         m = sp.csr_matrix((x.data[mask], (rows[mask], x.indices[mask])), shape=x.shape)
         m.sort_indices()
         return m
-    return Split(pick(~test_mask), pick(test_mask), protocol, info)
+    return Split(pick(~test_mask), pick(test_mask), protocol, info, test_mask)
 
 
 def random_split(matrix: sp.csr_matrix, test_fraction: float, seed: int) -> Split:

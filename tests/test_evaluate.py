@@ -15,7 +15,8 @@ from lake.foldin import FoldInParams
 from lake.strength import StrengthParams
 from spark_jobs import evaluate, train
 from spark_jobs.baselines import ease_weights, popularity
-from spark_jobs.event_log import event_log_from_table, holdout
+from spark_jobs.cli import JobError
+from spark_jobs.event_log import event_log_from_table, holdout, sorted_codes
 from spark_jobs.matrix import build_matrix, read_gold
 from spark_jobs.splits import random_split, user_time_split
 from spark_jobs.staging import (
@@ -68,6 +69,36 @@ def test_user_time_split_known_answer():
     test = {(int(u), int(i)) for u, i in zip(*s.test.nonzero(), strict=True)}
     assert test == {(0, 8), (0, 9), (3, 4), (3, 5)}
     assert s.train.nnz == first.nnz - 4 and s.train.multiply(s.test).nnz == 0
+
+
+def test_sorted_codes_are_numpys_unique_with_inverse():
+    # code-point order, as numpy sorts str: digits < upper < lower < accented letters
+    ids = pa.chunked_array([["b", "é", "a", "Z"], ["b", "10", "9", "a", "ü"]])
+    distinct, codes = sorted_codes(ids)
+    assert distinct.tolist() == ["10", "9", "Z", "a", "b", "é", "ü"]
+    assert distinct.dtype.kind == "U"
+    assert codes.tolist() == [4, 5, 3, 2, 4, 0, 1, 3, 6]
+    empty, none = sorted_codes(pa.array([], pa.string()))
+    assert empty.size == 0 and none.size == 0
+    with pytest.raises(JobError, match="1 events without an id"):
+        sorted_codes(pa.array(["a", None]))
+
+
+def test_event_log_rows_are_codes_in_time_order_per_user():
+    table = pa.table({
+        "user_id": ["u2", "u1", "u2", "u1"],
+        "item_id": ["b", "c", "a", "b"],
+        "event_type": ["view", "purchase", "view", "cart"],
+        "value": pa.array([None, 12.5, None, None], pa.float64()),
+        "ts": pa.array([datetime(2024, 1, d, tzinfo=UTC) for d in (3, 2, 1, 4)],
+                       pa.timestamp("us", tz="UTC")),
+    })
+    log = event_log_from_table(table)
+    assert log.user_ids.tolist() == ["u1", "u2"] and log.item_ids.tolist() == ["a", "b", "c"]
+    assert log.user.tolist() == [0, 0, 1, 1]
+    assert log.item.tolist() == [2, 1, 0, 1]
+    assert log.event_type.tolist() == ["purchase", "cart", "view", "view"]
+    assert np.isnan(log.value[[1, 2, 3]]).all() and log.value[0] == 12.5
 
 
 def test_holdout_drops_every_event_of_a_test_pair():

@@ -113,7 +113,7 @@ def test_bad_arguments():
 
 
 def test_top_k_of_a_large_matrix_matches_a_full_sort():
-    # large enough for the chunked, threaded path; distinct scores so the order is unique
+    # distinct scores so the order is unique; rows spread over the kernel's threads
     rng = np.random.default_rng(3)
     s = rng.permutation(600 * 4000).reshape(600, 4000).astype(np.float64)
     s[:, 17] = -np.inf  # an excluded (already seen) item never ranks
@@ -136,3 +136,16 @@ def test_top_k_breaks_ties_by_index_across_the_cut():
     big[:, :40] = -np.inf
     expected = np.argsort(-big, axis=1, kind="stable")[:, :30]
     assert np.array_equal(top_k(big.astype(np.float32), 30), expected)
+
+
+def test_top_k_matches_a_stable_sort_on_few_distinct_values_nan_and_every_k():
+    rng = np.random.default_rng(11)
+    s = rng.integers(-2, 3, (40, 60)).astype(np.float32)
+    s[rng.random(s.shape) < 0.1] = np.nan  # ranks as -inf: after every real score
+    s[rng.random(s.shape) < 0.1] = -np.inf
+    ranked = np.where(np.isnan(s), -np.inf, s)
+    expected = np.argsort(-ranked, axis=1, kind="stable")
+    for k in (1, 2, 7, 59, 60, 61):
+        assert np.array_equal(top_k(s, k), expected[:, :k]), k
+    assert top_k(s, 0).shape == (40, 0)
+    assert top_k(np.empty((0, 5), np.float32), 3).shape == (0, 3)
