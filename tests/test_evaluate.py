@@ -14,7 +14,7 @@ from lake.config import load_settings
 from lake.foldin import FoldInParams
 from lake.strength import StrengthParams
 from spark_jobs import evaluate, train
-from spark_jobs.baselines import ease_weights, popularity
+from spark_jobs.baselines import cooccurrence, ease_weights, popularity
 from spark_jobs.cli import JobError
 from spark_jobs.event_log import event_log_from_table, holdout, sorted_codes
 from spark_jobs.matrix import build_matrix, read_gold
@@ -131,6 +131,18 @@ def test_ease_closed_form_known_answer():
     # B_ij = -P_ij / P_jj: B_01 = 1/3, B_10 = 1/2, diag 0
     b = ease_weights(sp.csr_matrix(np.array([[1.0, 1.0], [1.0, 0.0]])), 1.0)
     np.testing.assert_allclose(b, [[0.0, 1 / 3], [1 / 2, 0.0]], rtol=1e-6)
+
+
+def test_cooccurrence_counts_users_per_item_pair_over_row_blocks():
+    rng = np.random.default_rng(4)
+    dense = np.where(rng.random((50, 6)) < 0.4, rng.integers(1, 9, (50, 6)), 0).astype(float)
+    binary = (dense > 0).astype(float)
+    expected = binary.T @ binary  # e.g. [j, j]: users with item j
+    for block_bytes in (4 * 6 * 7, 32 << 20):  # 7 rows a block (8 blocks), or one block
+        got = cooccurrence(sp.csr_matrix(dense), block_bytes=block_bytes)
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, expected)
+    assert np.diag(expected).tolist() == binary.sum(axis=0).tolist()
 
 
 def test_popularity_counts_users():
