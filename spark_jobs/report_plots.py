@@ -51,22 +51,21 @@ def gate_line(metric: str, popularity: Mapping[str, float] | None,
     return GateLine(metric, need, f"gate: popularity x (1 + {min_lift:g}) = {need:.4f}")
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _figure(**kwargs: Any) -> Figure:
+    """A figure outside pyplot: no global figure registry to close and no GUI backend to
+    choose (jobs and tests have no display); `Figure.savefig` renders PNG with Agg."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # no display in jobs and tests
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def metrics_vs_k(metrics: Mapping[str, Mapping[str, float]], ks: Sequence[int], *,
                  version: str, gate: GateLine | None = None) -> Figure:
     """NDCG / recall / MAP / coverage at each cut-off, one line per model; the gate's
     threshold as a dashed line (and a marker at its cut-off) on its metric's panel."""
-    plt = _pyplot()
     ks = sorted(ks)
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(16, 3.9))
+    fig = _figure(figsize=(16, 3.9))
+    axes = fig.subplots(1, len(PANELS))
     for ax, panel in zip(axes, PANELS, strict=True):
         for name, m in metrics.items():
             ax.plot(ks, [m[f"{panel}@{k}"] for k in ks], marker="o", label=name)
@@ -92,9 +91,9 @@ def popularity_deciles(deciles: Mapping[str, np.ndarray], k: int, *, version: st
     scale: a model that puts 87% of its slots in the most popular decile and 0.1% in the
     tail shows both (a linear axis flattens the tail to nothing). The title gives each
     model's share from the most popular decile."""
-    plt = _pyplot()
     names = list(deciles)
-    fig, ax = plt.subplots(figsize=(7.5, 3.9))
+    fig = _figure(figsize=(7.5, 3.9))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(names))
     lowest = LOG_FLOOR
     for j, n in enumerate(names):
@@ -122,8 +121,8 @@ def trials(points: Mapping[str, Sequence[tuple[int, float]]], metric: str, *, ve
            chosen: tuple[int, float] | None = None) -> Figure:
     """The recipe search: validation metric per trial, coloured by stage, the chosen one
     circled."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig = _figure(figsize=(7, 3.6))
+    ax = fig.subplots()
     for stage, pts in points.items():
         if pts:
             ax.scatter(*zip(*pts, strict=True), label=stage)
@@ -141,9 +140,7 @@ def trials(points: Mapping[str, Sequence[tuple[int, float]]], metric: str, *, ve
 
 
 def save(fig: Figure, path: Path) -> Path:
-    """Write `fig` as PNG and free it."""
-    plt = _pyplot()
+    """Write `fig` as PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
