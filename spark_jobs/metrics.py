@@ -76,20 +76,12 @@ def _top_k_rows(scores: np.ndarray, k: int, out: np.ndarray) -> None:
     for r in prange(n_rows):
         hs = np.empty(k, np.float32)
         hi = np.empty(k, np.int64)
-        for j in range(k):  # the first k, sifted up into the heap
+        for j in range(k):  # the first k, then heapified bottom-up
             s = scores[r, j]
-            if s != s:
-                s = -np.inf
-            pos = j
-            while pos > 0:
-                parent = (pos - 1) >> 1
-                if not _worse(s, j, hs[parent], hi[parent]):
-                    break
-                hs[pos] = hs[parent]
-                hi[pos] = hi[parent]
-                pos = parent
-            hs[pos] = s
-            hi[pos] = j
+            hs[j] = -np.inf if s != s else s
+            hi[j] = j
+        for pos in range(k // 2 - 1, -1, -1):
+            _sift_down(hs, hi, pos, k, hs[pos], hi[pos])
         for j in range(k, n):
             s = scores[r, j]
             if s > hs[0]:  # a later index wins only on a higher score; NaN never does
