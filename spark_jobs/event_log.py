@@ -74,19 +74,18 @@ class EventLog:
         m.sort_indices()
         return m
 
-    def pair_first_touch(self, keep: np.ndarray | None = None) -> sp.csr_matrix:
-        """(n_users x n_items) first-touch time of each pair (seconds since the first event
-        + 1, so that every stored entry is > 0)."""
-        return self._pairs(keep)[0]
+    def pair_first_touch(self, keep: np.ndarray | None = None
+                         ) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The pairs of the events in `keep` (bool mask; default all).
 
-    def _pairs(self, keep: np.ndarray | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
-        """`pair_first_touch` and, per kept event, the position of its pair among the
-        matrix's stored entries (-1 for events not kept)."""
+        Returns the (n_users x n_items) first-touch time of each pair (seconds since the
+        first event + 1, so that every stored entry is > 0) and, for each kept event in log
+        order, the position of its pair among the matrix's stored entries.
+        """
         sel = np.ones(self.n_events, bool) if keep is None else np.asarray(keep, bool)
-        pair = np.full(self.n_events, -1, dtype=np.int64)
         u, i, ts = self.user[sel], self.item[sel], self.ts[sel]
         if u.size == 0:
-            return sp.csr_matrix(self.shape), pair
+            return sp.csr_matrix(self.shape), np.empty(0, dtype=np.int64)
         t = ts - ts.min() + 1.0
         key = u * self.shape[1] + i
         # events are time-ordered per user (event_log_from_table), so a stable sort by pair
@@ -98,9 +97,8 @@ class EventLog:
         # pairs in key order are the CSR's entries in storage order (rows, then columns)
         m = sp.csr_matrix((t[o], i[o], np.searchsorted(u[o], np.arange(self.shape[0] + 1))),
                           shape=self.shape)
-        in_sel = np.empty(u.size, dtype=np.int64)
-        in_sel[order] = np.cumsum(first) - 1
-        pair[sel] = in_sel
+        pair = np.empty(u.size, dtype=np.int64)
+        pair[order] = np.cumsum(first) - 1
         return m, pair
 
 
@@ -126,7 +124,7 @@ def holdout(log: EventLog, protocol: str, test_fraction: float, min_items: int, 
     from spark_jobs.splits import random_split, user_time_split
 
     sel = np.ones(log.n_events, bool) if keep is None else np.asarray(keep, bool)
-    first, pair = log._pairs(sel)
+    first, pair = log.pair_first_touch(sel)
     if protocol == "user_time":
         split = user_time_split(first, test_fraction, min_items)
     elif protocol == "random":
@@ -134,8 +132,9 @@ def holdout(log: EventLog, protocol: str, test_fraction: float, min_items: int, 
         split.test.data[:] = 1.0
     else:
         raise ValueError(f"unknown holdout protocol {protocol!r}; expected user_time or random")
+    # `first` is canonical CSR, so the split's mask is over the very entries `pair` indexes
     in_test = np.zeros(log.n_events, bool)
-    in_test[sel] = split.test_mask[pair[sel]]
+    in_test[sel] = split.test_mask[pair]
     info = dict(split.info) | {
         "protocol": protocol,
         "test_pairs": int(split.test.nnz),
