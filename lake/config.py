@@ -193,6 +193,10 @@ class EvaluateSettings(_Strict):
     max_eval_cells: int = Field(default=60_000_000, ge=1)
     """...and on at most this many users x items scores per model: ranking costs users x
     items, so a larger catalogue samples fewer users (20k items: 3,000 users)."""
+    reuse_fit_max_share: float = Field(default=0.05, ge=0, le=1)
+    """When the scored users' held-out pairs are at most this share of all pairs, the
+    production fit leaves them out and the evaluation scores its item factors instead of
+    fitting the recipe again (`spark_jobs.eval_sample`); 0 = always refit."""
 
 
 class GateSettings(_Strict):

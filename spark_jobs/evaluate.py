@@ -9,7 +9,9 @@
    at the end still gives many test users; `random` holds out that share at random.
    A held-out pair loses all its events from training.
 3. The staged model's recipe (strength, ALS, blend: `spark_jobs.recipe`) is fit on the
-   remaining events and scored as served (blend included); popularity, EASE (up to
+   remaining events and scored as served (blend included) — or, when the train job left
+   the scored users' held-out pairs out of the production fit (`spark_jobs.eval_sample`),
+   the staged item factors are scored without a second fit; popularity, EASE (up to
    `ease_max_items` items) or item-kNN (above) are scored on the same users: full
    ranking over all items, training items excluded, at most `max_eval_users` users. The
    baselines' results are cached per input fingerprint (`spark_jobs.baseline_cache`): a
@@ -28,21 +30,20 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import scipy.sparse as sp
 
-from lake.config import EvaluateSettings, Settings
+from lake.config import Settings
 from lake.tables import Lake
 from spark_jobs.baseline_cache import baseline_results
 from spark_jobs.baselines import popularity
-from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
+from spark_jobs.cli import job_parser, parse_date, run_main, settings_from_args
+from spark_jobs.eval_sample import HELD_OUT_KEY, EvalSample, staged_factors, version_sample
 from spark_jobs.event_log import EventLog, Holdout, holdout, lookback_log
 from spark_jobs.intervals import bootstrap_ci, paired_diff_ci
 from spark_jobs.metrics import RankingResult, popularity_deciles
-from spark_jobs.recipe import Recipe, fit_and_score, sample_users, score_batch_size
+from spark_jobs.recipe import Recipe, fit_and_score, score_batch_size, score_fitted
 from spark_jobs.report_plots import GateLine, gate_line
-from spark_jobs.splits import tuning_users
-from spark_jobs.staging import load_staged, save_metrics
+from spark_jobs.staging import TrainedModel, load_staged, save_metrics
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -57,16 +58,6 @@ def eval_holdout(log: EventLog, settings: Settings) -> Holdout:
     return holdout(log, ev.split, ev.test_fraction, ev.min_user_items, settings.train.seed)
 
 
-def searched_users(log: EventLog, settings: Settings, version: str) -> np.ndarray | None:
-    """The users the recipe search of `version` scored (None when no search ran): the
-    evaluation leaves them out, so the recipe is never judged on the users it was picked on."""
-    from spark_jobs.tune import tuning_path
-
-    if not tuning_path(settings.model.dir, version).exists():
-        return None
-    return tuning_users(log.user_ids, settings.tune.validation_users, settings.train.seed)
-
-
 def ci_metrics(settings: Settings) -> list[str]:
     """Metrics that get intervals: the gate metric and recall/ndcg at 20 when computed."""
     wanted = [settings.gate.metric] + [f"{m}@20" for m in ("recall", "ndcg")
@@ -74,48 +65,47 @@ def ci_metrics(settings: Settings) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def eval_user_limit(ev: EvaluateSettings, n_items: int) -> int:
-    """How many test users to score: `max_eval_users`, fewer when users x items would pass
-    `max_eval_cells`, never below `min_test_users` (the gate's own minimum)."""
-    return max(ev.min_test_users, min(ev.max_eval_users, ev.max_eval_cells // max(n_items, 1)))
-
-
 def evaluate_recipe(
-    log: EventLog,
+    sample: EvalSample,
     test: Holdout,
     recipe: Recipe,
     settings: Settings,
     *,
     spark: SparkSession | None = None,
-    exclude: np.ndarray | None = None,
+    staged: TrainedModel | None = None,
+    log: EventLog | None = None,
 ) -> tuple[dict[str, RankingResult], dict[str, Any], sp.csr_matrix]:
-    """Fit `recipe` on the training events, score it and the baselines on the test users.
+    """Score `recipe` and the baselines on the sample's test users.
 
-    Args:
-        exclude: bool mask over users not to score (the users the recipe search scored).
+    The recipe's ALS is fit on the training events, unless `staged` (with the `log` the
+    sample came from) left exactly the sample's held-out pairs out of its fit
+    (`spark_jobs.eval_sample`): then its item factors are scored as shipped.
 
     Returns per-model results, run facts and the training strength matrix.
     """
     ev = settings.evaluate
-    matrix = log.matrix(recipe.strength, test.train_events)
-    candidates = test.test
-    if exclude is not None:
-        candidates = sp.diags((~exclude).astype(np.float64)) @ test.test
-        candidates.eliminate_zeros()
-    users = sample_users(candidates, eval_user_limit(ev, matrix.shape[1]), settings.train.seed)
-    users = users[np.diff(matrix.indptr)[users] > 0]  # users with nothing to train on: cold
-    if len(users) == 0:
-        raise JobError("the holdout has no test users with training events")
+    matrix, users = sample.train, sample.users
     facts: dict[str, Any] = {"n_test_users": int(len(users)),
-                             "excluded_tuning_users": int(exclude.sum()) if exclude is not None
-                             else 0}
+                             "excluded_tuning_users": sample.excluded_tuning_users}
     results: dict[str, RankingResult] = {}
     ks = sorted(ev.k)
-    scored = fit_and_score(matrix, test.test, recipe, ks, users, spark=spark)
+    reused = None
+    left_out = (staged.info.get(HELD_OUT_KEY) or {}) if staged is not None else {}
+    if staged is not None and log is not None and left_out.get("fingerprint") == \
+            sample.fingerprint:
+        reused = staged_factors(staged.item_ids, staged.item_factors, staged.foldin, log, sample)
+    if reused is not None:
+        fitted, solve_s = reused
+        scored = score_fitted(fitted, matrix, test.test, recipe, ks, users, solve_s)
+        facts["als_protocol"] = (f"the staged item factors (its fit left out the "
+                                 f"{left_out.get('pairs')} held-out pairs of these users)")
+    else:
+        scored = fit_and_score(matrix, test.test, recipe, ks, users, spark=spark)
+        facts["als_protocol"] = "refit on the training events"
+        facts["als_info"] = scored.fitted.info
     results[MODEL_KEY] = scored.result
     facts["als_fit_seconds"] = scored.fit_seconds
     facts["als_seconds"] = scored.seconds
-    facts["als_info"] = scored.fitted.info
     baselines, cache_facts = baseline_results(
         matrix, test.test, users, ks, ev, batch_size=score_batch_size(matrix.shape[1]),
         models_dir=settings.model.dir)
@@ -194,7 +184,8 @@ def write_report(
         + (f"; the {facts['excluded_tuning_users']} users the recipe search scored are left "
            "out)" if facts.get("excluded_tuning_users") else ")"),
         f"- recipe: {recipe.summary()}",
-        f"- ALS fit: {facts.get('als_fit_seconds')} s ({facts.get('als_info', {}).get('device')})",
+        f"- ALS: {facts.get('als_protocol')}, {facts.get('als_fit_seconds')} s"
+        + (f" ({facts['als_info'].get('device')})" if "als_info" in facts else ""),
     ]
     if "baselines_seconds" in facts:
         how = "read from the cache" if facts.get("baselines_cached") else "scored"
@@ -239,6 +230,7 @@ def write_report(
 def run(
     settings: Settings, *, as_of: date, version: str, spark: SparkSession | None = None,
     log: EventLog | None = None, test: Holdout | None = None,
+    sample: EvalSample | None = None,
 ) -> dict[str, Any]:
     """Evaluate staged model `version` (its recipe) on the holdout of the events to `as_of`.
 
@@ -256,8 +248,10 @@ def run(
         log = lookback_log(lake, as_of, settings.interactions.lookback_days)
     if test is None:
         test = eval_holdout(log, settings)
-    results, facts, train = evaluate_recipe(log, test, recipe, settings, spark=spark,
-                                            exclude=searched_users(log, settings, version))
+    if sample is None:
+        sample = version_sample(log, test, recipe.strength, settings, version)
+    results, facts, train = evaluate_recipe(sample, test, recipe, settings, spark=spark,
+                                            staged=staged, log=log)
     ci = intervals(results, settings)
     ev = settings.evaluate
     out_dir = Path(settings.model.dir) / REPORTS / version

@@ -58,11 +58,11 @@ class InteractionMatrix:
 
     def user_index(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Row numbers of `ids`; -1 where unknown."""
-        return _lookup(self.user_ids, ids)
+        return lookup_ids(self.user_ids, ids)
 
     def item_index(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Column numbers of `ids`; -1 where unknown."""
-        return _lookup(self.item_ids, ids)
+        return lookup_ids(self.item_ids, ids)
 
     def coo_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(user_index int32, item_index int32, value float64) of every stored entry."""
@@ -70,7 +70,8 @@ class InteractionMatrix:
         return coo.row.astype(np.int32), coo.col.astype(np.int32), coo.data.astype(np.float64)
 
 
-def _lookup(sorted_ids: np.ndarray, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+def lookup_ids(sorted_ids: np.ndarray, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Positions of `ids` in the sorted id array `sorted_ids`; -1 where absent."""
     q = np.asarray(ids).astype(str)
     if len(sorted_ids) == 0:
         return np.full(q.shape, -1, dtype=np.int64)

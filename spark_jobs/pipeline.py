@@ -61,7 +61,7 @@ def dataset_settings(settings: Settings, data: str | None) -> Settings:
 
 FACT_KEYS = ("engine", "mode", "dates", "bronze_rows", "silver_rows", "events", "pairs", "users",
              "items", "reused", "nnz", "trials", "best", "best_metric", "n_test_users",
-             "baselines_cached", "accepted", "reason")
+             "held_out_share", "baselines_cached", "accepted", "reason")
 
 
 def progress(line: str) -> None:
@@ -71,6 +71,8 @@ def progress(line: str) -> None:
 
 def step_facts(out: Any) -> str:
     """The rows in/out and decisions a step reports, for its progress line."""
+    if hasattr(out, "facts"):  # e.g. the evaluation's sample
+        out = out.facts
     if isinstance(out, dict):
         facts = {k: out[k] for k in FACT_KEYS if k in out}
     elif hasattr(out, "n_events"):
@@ -148,6 +150,7 @@ def run(
     from lake.spark_session import active_session, get_spark
     from lake.tables import Lake
     from spark_jobs import compact, evaluate, interactions, publish, train, tune
+    from spark_jobs.eval_sample import version_sample
     from spark_jobs.event_log import read_event_log
     from spark_jobs.staging import inputs_fingerprint, load_inputs, save_inputs
 
@@ -198,13 +201,18 @@ def run(
         if settings.tune.enabled:
             tu = timed("tune", tune.run, settings, as_of=as_of, version=version, log=log,
                        test=test)
+        # the users the evaluation scores: the train step leaves their held-out pairs out
+        # when they are few, and the evaluation then scores the trained item factors
+        sample = timed("eval_sample", version_sample, log, test,
+                       tune.load_recipe(settings, version).strength, settings, version)
         g = timed("interactions", interactions.run, settings, as_of=as_of, spark=spark,
                   version=version)
         if spark is None and settings.train.backend == "mllib":
             spark = get_spark(settings.spark)  # the configured session, not a default one
-        tr = timed("train", train.run, settings, as_of=as_of, version=version, spark=spark)
+        tr = timed("train", train.run, settings, as_of=as_of, version=version, spark=spark,
+                   sample=sample)
         ev = timed("evaluate", evaluate.run, settings, as_of=as_of, version=version,
-                   spark=spark, log=log, test=test)
+                   spark=spark, log=log, test=test, sample=sample)
     finally:
         started = active_session() if running_before is None else None
         if started is not None:
@@ -218,9 +226,10 @@ def run(
     total = time.perf_counter() - t0
     # the evaluation must never dominate the run it judges: say what share it took (its
     # holdout included, though the search uses that too)
-    evaluation_s = steps["evaluate"] + steps["holdout"]
+    evaluation_s = steps["evaluate"] + steps["holdout"] + steps["eval_sample"]
     evaluate_share = round(evaluation_s / total, 3) if total > 0 else None
-    progress(f"total {total:.1f} s; evaluation (holdout + evaluate) {evaluation_s:.1f} s = "
+    progress(f"total {total:.1f} s; evaluation (holdout + sample + evaluate) "
+             f"{evaluation_s:.1f} s = "
              f"{100 * (evaluate_share or 0):.0f}% of the run")
     return {
         "job": "pipeline",
@@ -253,6 +262,7 @@ def run(
         "tune": {k: v for k, v in tu.items() if k not in ("job",)} if tu else None,
         "train": {k: v for k, v in tr.items() if k not in ("job",)},
         "evaluate_seconds": ev.get("seconds"),
+        "evaluation_seconds": round(evaluation_s, 2),
         "evaluate_share": evaluate_share,
         "lake": settings.lake.root,
         "models_dir": settings.model.dir,

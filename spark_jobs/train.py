@@ -20,13 +20,22 @@ from collections.abc import Sequence
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from lake.config import Settings
 from lake.tables import Lake
 from lake.training_cut import TrainingCut, end_of_day
-from spark_jobs.als import MLlibTrainer, make_trainer
+from spark_jobs.als import ALSFactors, ALSTrainer, MLlibTrainer, make_trainer
 from spark_jobs.baselines import popularity
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
-from spark_jobs.event_log import silver_received_until
+from spark_jobs.eval_sample import (
+    HELD_OUT_KEY,
+    EvalSample,
+    leave_out,
+    resolve_users,
+    version_sample,
+)
+from spark_jobs.event_log import lookback_log, silver_received_until
 from spark_jobs.matrix import GOLD, InteractionMatrix, read_gold
 from spark_jobs.staging import TrainedModel, save_staged
 from spark_jobs.tune import load_recipe
@@ -44,11 +53,13 @@ def train_model(
     spark: SparkSession | None = None,
     lake: Lake | None = None,
     gold_version: int | None = None,
+    sample: EvalSample | None = None,
 ) -> TrainedModel:
     """Fit `settings.train` on `matrix` and wrap the result as a `TrainedModel`.
 
     With the MLlib backend and a `lake`, training reads gold through Spark (job path);
-    otherwise the in-memory matrix is used.
+    otherwise the in-memory matrix is used, without `sample`'s held-out pairs when they
+    are few enough (`fit_for_evaluation`).
     """
     recipe = load_recipe(settings, version)
     trainer = make_trainer(recipe.train, spark)
@@ -61,9 +72,13 @@ def train_model(
                         partition_filter=f"as_of = '{as_of.isoformat()}'")
         df = df.where(F.col("as_of") == F.lit(as_of.isoformat()).cast("date"))
         result = trainer.fit_dataframe(df, matrix.user_ids, matrix.item_ids)
+        held_out = None
     else:
-        result = trainer.fit(matrix)
+        result, held_out = fit_for_evaluation(trainer, matrix, sample,
+                                              settings.evaluate.reuse_fit_max_share)
     info = dict(result.info)
+    if held_out is not None:
+        info[HELD_OUT_KEY] = held_out
     if gold_version is not None:
         info["gold_version"] = gold_version
     info.update(n_users=matrix.shape[0], n_items=matrix.shape[1], nnz=matrix.nnz)
@@ -83,10 +98,49 @@ def train_model(
     )
 
 
+def fit_for_evaluation(trainer: ALSTrainer, matrix: InteractionMatrix,
+                       sample: EvalSample | None, max_share: float
+                       ) -> tuple[ALSFactors, dict[str, Any] | None]:
+    """Fit `matrix`; when the evaluation's held-out pairs are at most `max_share` of it, fit
+    without them and re-solve their users on all their pairs (`spark_jobs.eval_sample`).
+
+    Returns the factors and, when pairs were left out, what the staged model records.
+    """
+    if sample is None or sample.held_share > max_share:
+        return trainer.fit(matrix), None
+    kept = leave_out(matrix, sample)
+    if kept is None:
+        return trainer.fit(matrix), None
+    result = trainer.fit(InteractionMatrix(matrix.user_ids, matrix.item_ids, kept))
+    t0 = time.perf_counter()
+    rows = np.unique(matrix.user_index(sample.held_user_ids))
+    result.user_factors[rows] = resolve_users(matrix.csr[rows], result.item_factors,
+                                              result.foldin)
+    return result, {"fingerprint": sample.fingerprint, "users": int(len(rows)),
+                    "pairs": int(matrix.nnz - kept.nnz),
+                    "share": round(sample.held_share, 5),
+                    "resolve_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def lake_sample(lake: Lake, settings: Settings, as_of: date, version: str) -> EvalSample | None:
+    """The evaluation's sample for a train job run on its own (the DAG's task), when
+    `evaluate.reuse_fit_max_share` allows leaving it out and the backend fits in memory."""
+    recipe = load_recipe(settings, version)
+    if settings.evaluate.reuse_fit_max_share <= 0 or recipe.train.backend == "mllib":
+        return None
+    from spark_jobs.evaluate import eval_holdout
+
+    log = lookback_log(lake, as_of, settings.interactions.lookback_days)
+    return version_sample(log, eval_holdout(log, settings), recipe.strength, settings, version)
+
+
 def run(
-    settings: Settings, *, as_of: date, version: str, spark: SparkSession | None = None
+    settings: Settings, *, as_of: date, version: str, spark: SparkSession | None = None,
+    sample: EvalSample | None = None,
 ) -> dict[str, Any]:
     """Train on all gold interactions of `as_of` and stage the model as `version`.
+
+    `sample`: the evaluation's (`spark_jobs.eval_sample`); read from the lake when not given.
 
     Returns:
         `{"job", "version", "backend", "as_of", "users", "items", "nnz", "factors",
@@ -100,8 +154,10 @@ def run(
     matrix = read_gold(lake, as_of, version=gold_version)
     if matrix.nnz == 0:
         raise JobError(f"gold_interactions has no rows for as_of={as_of}")
+    if sample is None:
+        sample = lake_sample(lake, settings, as_of, version)
     model = train_model(settings, matrix, version=version, as_of=as_of, spark=spark, lake=lake,
-                        gold_version=gold_version)
+                        gold_version=gold_version, sample=sample)
     # What the model learned from, for the servers: events after this cut stay online.
     start = as_of - timedelta(days=settings.interactions.lookback_days)
     cut = TrainingCut(end_of_day(as_of), silver_received_until(lake, start, as_of))

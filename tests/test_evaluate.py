@@ -285,6 +285,33 @@ def test_itemknn_replaces_ease_above_max_items(settings, tmp_path):
     assert knn > 1.5 * metrics["models"]["popularity"]["ndcg@10"]
 
 
+def test_evaluation_scores_the_shipped_item_factors_when_few_pairs_are_held_out(settings):
+    # 40 scored users: their held-out pairs are a small share of all pairs only at scale, so
+    # the test allows any share; the default (0.05) keeps refitting on this tiny lake
+    few = {"reuse_fit_max_share": 1.0, "max_eval_users": 40, "min_test_users": 10}
+    s = load_settings(settings, overrides={"evaluate": few})
+    train.run(s, as_of=AS_OF, version="vr")  # the DAG's task: it samples from the lake
+    held = load_staged(s.model.dir, "vr").info["eval_held_out"]
+    assert held["users"] == 40 and held["pairs"] > 40 and 0 < held["share"] < 0.2
+    evaluate.run(s, as_of=AS_OF, version="vr")
+    metrics = load_metrics(s.model.dir, "vr")
+    assert metrics["facts"]["als_protocol"].startswith("the staged item factors")
+    assert metrics["n_test_users"] == 40
+    als, pop = metrics["models"]["als"]["ndcg@10"], metrics["models"]["popularity"]["ndcg@10"]
+    assert als > 1.5 * pop  # the blocks, learnt without the scored users' held-out pairs
+    report = (s.model.dir / "reports" / "vr" / "report.md").read_text()
+    assert f"its fit left out the {held['pairs']} held-out pairs" in report
+
+    # another holdout holds out other pairs: the staged fit saw them, so the evaluation refits
+    other = load_settings(settings, overrides={"evaluate": few | {"test_fraction": 0.3}})
+    evaluate.run(other, as_of=AS_OF, version="vr")
+    assert load_metrics(s.model.dir, "vr")["facts"]["als_protocol"] == \
+        "refit on the training events"
+
+    train.run(load_settings(settings), as_of=AS_OF, version="vd")  # ~20% held out: no
+    assert "eval_held_out" not in load_staged(s.model.dir, "vd").info
+
+
 @pytest.mark.slow
 def test_train_job_with_mllib_reads_gold_through_spark(settings, tmp_path, spark):
     s = load_settings(settings, overrides={"train": {"backend": "mllib", "iterations": 4}})
@@ -340,7 +367,7 @@ def test_baseline_fingerprint_sees_pairs_users_and_cutoffs_not_strengths():
 
 def test_the_number_of_evaluated_users_shrinks_as_the_catalogue_grows() -> None:
     from lake.config import EvaluateSettings
-    from spark_jobs.evaluate import eval_user_limit
+    from spark_jobs.eval_sample import eval_user_limit
 
     ev = EvaluateSettings(max_eval_users=20_000, max_eval_cells=100_000_000, min_test_users=50)
     assert eval_user_limit(ev, 3_706) == 20_000        # MovieLens-1M: the user cap binds

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 from lake.config import load_settings
+from spark_jobs.eval_sample import eval_sample
 from spark_jobs.evaluate import eval_holdout, evaluate_recipe
 from spark_jobs.event_log import event_log_from_table
 from spark_jobs.splits import tuning_users
@@ -109,7 +110,8 @@ def test_search_and_evaluation_score_disjoint_users():
     assert res.info["validation"]["tuning_users"] == int(tuned.sum())
     assert 0 < res.info["validation_users"] <= int(tuned.sum()) < len(log.user_ids)
     recipe = res.best
-    results, facts, _ = evaluate_recipe(log, test, recipe, s, exclude=tuned)
+    results, facts, _ = evaluate_recipe(eval_sample(log, test, recipe.strength, s, exclude=tuned),
+                                        test, recipe, s)
     assert facts["excluded_tuning_users"] == int(tuned.sum())
     assert facts["n_test_users"] == len(results["als"].per_user["ndcg@10"])
     assert facts["n_test_users"] <= int((~tuned).sum())
