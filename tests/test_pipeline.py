@@ -68,6 +68,11 @@ def test_pipeline_end_to_end_then_bad_model_is_rejected(spark, tmp_path):
     assert set(out["metrics"]) >= {"als", "popularity", "ease"}
     assert out["metrics"]["als"]["ndcg@10"] > out["metrics"]["popularity"]["ndcg@10"]
     assert out["counts"]["bronze_rows"] == 5000 and out["counts"]["silver_rows"] == 5000
+    # every test user is scored here (~20% of the pairs held out): the evaluation refits
+    assert out["train"]["eval_held_out"] is None
+    st = out["steps_seconds"]
+    assert out["evaluation_seconds"] == pytest.approx(
+        st["holdout"] + st["eval_sample"] + st["evaluate"], abs=0.02)
     models = settings.model.dir
     assert current_version(models) == "v-good"
     bundle = read_bundle(models / "v-good")
