@@ -54,6 +54,8 @@ class EvalSample:
     """Sorted row codes (of the event log) of the scored users."""
     train: sp.csr_matrix
     """The recipe's strengths of the training events (event-log codes)."""
+    item_ids: np.ndarray
+    """str ids of `train`'s columns."""
     held_user_ids: np.ndarray
     """str ids of the scored users' held-out pairs, with `held_item_ids`."""
     held_item_ids: np.ndarray
@@ -115,7 +117,7 @@ def eval_sample(log: EventLog, test: Holdout, strength: StrengthParams, settings
         raise JobError("the holdout has no test users with training events")
     held = sp.csr_matrix(test.test)[users].tocoo()  # canonical: sorted by (user, item) id
     return EvalSample(
-        users=users, train=matrix,
+        users=users, train=matrix, item_ids=log.item_ids,
         held_user_ids=log.user_ids[users[held.row]], held_item_ids=log.item_ids[held.col],
         total_pairs=int(matrix.nnz + test.test.nnz),
         excluded_tuning_users=int(exclude.sum()) if exclude is not None else 0)
@@ -152,11 +154,11 @@ def resolve_users(strengths: sp.csr_matrix, item_factors: np.ndarray,
 
 
 def staged_factors(item_ids: np.ndarray, item_factors: np.ndarray, params: FoldInParams,
-                   log: EventLog, sample: EvalSample) -> tuple[ALSFactors, float] | None:
+                   sample: EvalSample) -> tuple[ALSFactors, float] | None:
     """Factors in event-log codes for scoring the sample: the staged item factors, the
     sampled users solved from their training rows (others 0). None when an item of the log
     has no staged factor. Also returns the seconds the solve took."""
-    cols = lookup_ids(item_ids, log.item_ids)
+    cols = lookup_ids(item_ids, sample.item_ids)
     if (cols < 0).any():
         return None
     t0 = time.perf_counter()

@@ -73,13 +73,12 @@ def evaluate_recipe(
     *,
     spark: SparkSession | None = None,
     staged: TrainedModel | None = None,
-    log: EventLog | None = None,
 ) -> tuple[dict[str, RankingResult], dict[str, Any], sp.csr_matrix]:
     """Score `recipe` and the baselines on the sample's test users.
 
-    The recipe's ALS is fit on the training events, unless `staged` (with the `log` the
-    sample came from) left exactly the sample's held-out pairs out of its fit
-    (`spark_jobs.eval_sample`): then its item factors are scored as shipped.
+    The recipe's ALS is fit on the training events, unless `staged` left exactly the
+    sample's held-out pairs out of its fit (`spark_jobs.eval_sample`): then its item
+    factors are scored as shipped.
 
     Returns per-model results, run facts and the training strength matrix.
     """
@@ -89,11 +88,14 @@ def evaluate_recipe(
                              "excluded_tuning_users": sample.excluded_tuning_users}
     results: dict[str, RankingResult] = {}
     ks = sorted(ev.k)
-    reused = None
+    reused, why_refit = None, ""
     left_out = (staged.info.get(HELD_OUT_KEY) or {}) if staged is not None else {}
-    if staged is not None and log is not None and left_out.get("fingerprint") == \
-            sample.fingerprint:
-        reused = staged_factors(staged.item_ids, staged.item_factors, staged.foldin, log, sample)
+    if staged is not None and left_out:
+        if left_out.get("fingerprint") != sample.fingerprint:
+            why_refit = " (the staged fit left out other pairs than this holdout's)"
+        else:
+            reused = staged_factors(staged.item_ids, staged.item_factors, staged.foldin, sample)
+            why_refit = " (an item of the events has no staged factor)"
     if reused is not None:
         fitted, solve_s = reused
         scored = score_fitted(fitted, matrix, test.test, recipe, ks, users, solve_s)
@@ -101,7 +103,7 @@ def evaluate_recipe(
                                  f"{left_out.get('pairs')} held-out pairs of these users)")
     else:
         scored = fit_and_score(matrix, test.test, recipe, ks, users, spark=spark)
-        facts["als_protocol"] = "refit on the training events"
+        facts["als_protocol"] = "refit on the training events" + why_refit
         facts["als_info"] = scored.fitted.info
     results[MODEL_KEY] = scored.result
     facts["als_fit_seconds"] = scored.fit_seconds
@@ -251,7 +253,7 @@ def run(
     if sample is None:
         sample = version_sample(log, test, recipe.strength, settings, version)
     results, facts, train = evaluate_recipe(sample, test, recipe, settings, spark=spark,
-                                            staged=staged, log=log)
+                                            staged=staged)
     ci = intervals(results, settings)
     ev = settings.evaluate
     out_dir = Path(settings.model.dir) / REPORTS / version

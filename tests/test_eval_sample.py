@@ -7,9 +7,9 @@ import pytest
 import scipy.sparse as sp
 
 from lake.config import load_settings
-from lake.foldin import fold_in, gramian
+from lake.foldin import FoldInParams, fold_in, gramian
 from spark_jobs.als import make_trainer
-from spark_jobs.eval_sample import EvalSample, leave_out
+from spark_jobs.eval_sample import EvalSample, leave_out, staged_factors
 from spark_jobs.matrix import InteractionMatrix
 from spark_jobs.train import fit_for_evaluation
 
@@ -17,6 +17,7 @@ from spark_jobs.train import fit_for_evaluation
 def sample_of(users: list[str], items: list[str], total_pairs: int) -> EvalSample:
     """A sample whose held-out pairs are (users[n], items[n]); codes are not used here."""
     return EvalSample(users=np.arange(len(set(users))), train=sp.csr_matrix((1, 1)),
+                      item_ids=np.array(["x"]),
                       held_user_ids=np.array(users), held_item_ids=np.array(items),
                       total_pairs=total_pairs, excluded_tuning_users=0)
 
@@ -95,3 +96,27 @@ def test_the_fit_leaves_the_pairs_out_and_serves_their_users_on_all_pairs(backen
     assert record is None
     np.testing.assert_allclose(plain.item_factors, trainer.fit(m).item_factors,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_the_evaluation_solves_its_users_against_the_staged_item_factors() -> None:
+    rng = np.random.default_rng(3)
+    staged_ids = np.array(["w", "x", "y", "z"])  # the staged model knows one more item
+    staged_y = rng.normal(size=(4, 3)).astype(np.float32)
+    train = sp.csr_matrix(np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0], [1.0, 1.0, 0.0]]))
+    sample = EvalSample(users=np.array([0, 2]), train=train, item_ids=np.array(["x", "y", "z"]),
+                        held_user_ids=np.array(["a"]), held_item_ids=np.array(["x"]),
+                        total_pairs=6, excluded_tuning_users=0)
+    params = FoldInParams.for_backend("ials", alpha=2.0, regularization=0.1, reg_exponent=0.5)
+    out = staged_factors(staged_ids, staged_y, params, sample)
+    assert out is not None
+    fitted, _ = out
+    np.testing.assert_array_equal(fitted.item_factors, staged_y[1:])  # in the log's order
+    for u in (0, 2):
+        row = train[u]
+        np.testing.assert_allclose(
+            fitted.user_factors[u],
+            fold_in(staged_y[1:], gramian(staged_y[1:]), row.indices, row.data, params),
+            rtol=1e-5, atol=1e-6)
+    assert not fitted.user_factors[1].any()  # not scored: not solved
+    # an item without a staged factor: no reuse (the evaluation refits)
+    assert staged_factors(staged_ids[:3], staged_y[:3], params, sample) is None

@@ -306,7 +306,7 @@ def test_evaluation_scores_the_shipped_item_factors_when_few_pairs_are_held_out(
     other = load_settings(settings, overrides={"evaluate": few | {"test_fraction": 0.3}})
     evaluate.run(other, as_of=AS_OF, version="vr")
     assert load_metrics(s.model.dir, "vr")["facts"]["als_protocol"] == \
-        "refit on the training events"
+        "refit on the training events (the staged fit left out other pairs than this holdout's)"
 
     train.run(load_settings(settings), as_of=AS_OF, version="vd")  # ~20% held out: no
     assert "eval_held_out" not in load_staged(s.model.dir, "vd").info
