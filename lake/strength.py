@@ -82,18 +82,29 @@ class StrengthParams:
         return sorted(t for t, w in self.weights.items() if w > 0)
 
     # -- the definition ----------------------------------------------------------------
-    def base(self, event_type: np.ndarray, value: np.ndarray) -> np.ndarray:
-        """weight[type] * transform[type](value) per event (float64; NaN value = missing)."""
+    def base(self, event_type: np.ndarray, value: np.ndarray,
+             type_names: np.ndarray | None = None) -> np.ndarray:
+        """weight[type] * transform[type](value) per event (float64; NaN value = missing).
+
+        `event_type`: each event's type name, or, with `type_names`, its index into them
+        (small integer codes compare far faster than strings over millions of events).
+        """
         types = np.asarray(event_type)
         v = np.asarray(value, dtype=np.float64)
         out = np.zeros(types.shape, dtype=np.float64)
         if types.size == 0:
             return out
-        if types.dtype.kind not in "US":
+        if type_names is None and types.dtype.kind not in "US":
             types = types.astype(str)
+        names = None if type_names is None else [str(n) for n in type_names]
         # one comparison per weighted type (a handful), not a sort of every event's type
         for t in self.active_types:
-            sel = types == t
+            if names is None:
+                sel = types == t
+            elif t in names:
+                sel = types == names.index(t)
+            else:
+                continue
             out[sel] = self.weights[t] * value_factor(self.transforms.get(t, "none"), v[sel])
         return out
 
@@ -105,10 +116,11 @@ class StrengthParams:
         return np.exp2(-age / self.half_life_days)
 
     def scores(self, event_type: np.ndarray, value: np.ndarray, ts_s: np.ndarray,
-               reference_s: np.ndarray) -> np.ndarray:
-        """strength(e) per event; `ts_s` / `reference_s` in epoch seconds."""
+               reference_s: np.ndarray, type_names: np.ndarray | None = None) -> np.ndarray:
+        """strength(e) per event; `ts_s` / `reference_s` in epoch seconds; `event_type` and
+        `type_names` as in `base`."""
         age = (np.asarray(reference_s, np.float64) - np.asarray(ts_s, np.float64))
-        return self.base(event_type, value) * self.decay(age / SECONDS_PER_DAY)
+        return self.base(event_type, value, type_names) * self.decay(age / SECONDS_PER_DAY)
 
     def cap(self, summed: np.ndarray) -> np.ndarray:
         return np.minimum(np.asarray(summed, dtype=np.float64), self.max_confidence)
@@ -134,10 +146,15 @@ def user_reference(user_codes: np.ndarray, ts_s: np.ndarray, n_users: int) -> np
     return ref
 
 
+def epoch_micros(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A timestamp column as int64 epoch microseconds."""
+    us = pc.cast(pc.cast(col, pa.timestamp("us", tz="UTC")), pa.int64())
+    return np.asarray(us.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
 def epoch_seconds(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A timestamp column as float64 epoch seconds."""
-    us = pc.cast(pc.cast(col, pa.timestamp("us", tz="UTC")), pa.int64())
-    return np.asarray(us.to_numpy(zero_copy_only=False), dtype=np.float64) / 1e6
+    return epoch_micros(col) / 1e6
 
 
 def score_batch(batch: Batch, params: StrengthParams) -> Batch:

@@ -136,7 +136,7 @@ class TuneResult:
 def _valued_types(log: EventLog, params: StrengthParams) -> list[str]:
     """Active event types of which some events carry a value (rating, count, quantity)."""
     has_value = ~np.isnan(log.value)
-    return sorted({str(t) for t in np.unique(log.event_type[has_value])}
+    return sorted({str(t) for t in log.type_names[np.unique(log.type_code[has_value])]}
                   & set(params.active_types))
 
 

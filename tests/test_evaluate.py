@@ -373,3 +373,17 @@ def test_the_number_of_evaluated_users_shrinks_as_the_catalogue_grows() -> None:
     assert eval_user_limit(ev, 3_706) == 20_000        # MovieLens-1M: the user cap binds
     assert eval_user_limit(ev, 20_000) == 5_000        # 10^8 cells / 20k items
     assert eval_user_limit(ev, 10_000_000) == 50       # never below the gate's minimum
+
+
+def test_user_time_order_is_lexsort_by_user_then_time_ties_in_input_order() -> None:
+    from spark_jobs.event_log import user_time_order
+
+    rng = np.random.default_rng(4)
+    user = rng.integers(0, 50, 5_000)
+    ts_us = 1_700_000_000_000_000 + rng.integers(0, 40, 5_000) * 1_000_000  # many ties
+    np.testing.assert_array_equal(user_time_order(user, ts_us, 50), np.lexsort((ts_us, user)))
+    # a span x users too wide for one int64 key: lexsort itself
+    wide = ts_us.copy()
+    wide[0] = 0
+    np.testing.assert_array_equal(user_time_order(user, wide, 2**45), np.lexsort((wide, user)))
+    assert user_time_order(user[:0], ts_us[:0], 50).size == 0

@@ -35,6 +35,12 @@ def test_scores_known_answers():
     # view fresh 1; view one half-life 0.5; purchase 8 * log2(1 + 3) = 16; purchase without
     # value two half-lives 8 * 0.25 = 2; rating 4 two half-lives = 1; weight 0 / unknown: 0
     np.testing.assert_allclose(got, [1.0, 0.5, 16.0, 2.0, 1.0, 0.0, 0.0])
+    # the same events as codes into a list of names (the event log's form); "rating" is
+    # weighted but absent from these names, "play" present but unweighted
+    names = np.array(["click", "play", "purchase", "view"])
+    codes = np.array([3, 3, 2, 2, 1, 0], dtype=np.uint8)
+    got = P.scores(codes, values[[0, 1, 2, 3, 6, 5]], (ref - ages)[:6], ref[:6], names)
+    np.testing.assert_allclose(got, [1.0, 0.5, 16.0, 2.0, 0.0, 0.0])
     assert P.cap(np.array([16.0, 3.0])).tolist() == [10.0, 3.0]
     # an event after the reference (clock skew) counts as age 0, never more than fresh
     assert P.scores(np.array(["view"]), np.array([np.nan]), np.array([2e9]), np.array([1e9]))[0] \
