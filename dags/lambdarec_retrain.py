@@ -41,10 +41,13 @@ if it passes the gate, makes it the model the online servers serve.
 | `compact` | bronze → silver, the dates changed since the last run | does nothing |
 | `tune` | recipe search on a validation split, `tune_budget_s` | rewrites its tuning.json |
 | `interactions` | silver → gold `as_of`, tuned strength | rewrites that partition |
-| `train` | Spark: ALS (`backend` implicit/mllib/ials) → staged `version` | overwrites its staging |
-| `evaluate` | per-user holdout vs popularity, EASE/item-kNN + report | overwrites the report |
+| `train` | Spark: ALS (`backend` implicit/mllib/ials) → staged `version` (*) | overwrites it |
+| `evaluate` | per-user holdout vs popularity, EASE/item-kNN + report (*) | overwrites the report |
 | `publish` | gate, bundle, `model_runs`, CURRENT; rejected: fails with the reason | keeps it |
 | `notify_reload` | `ReloadModel` on {', '.join(_S.airflow.reload_targets)} | is idempotent |
+
+(*) At scale `train` leaves the evaluated users' held-out pairs out of the fit and
+`evaluate` scores the staged item factors; otherwise it refits (`spark_jobs.eval_sample`).
 
 Late events land in the bronze partition of their event date; the next compaction sees
 that bronze commit and rewrites that date, however old (silver records the bronze version
