@@ -60,7 +60,7 @@ test-gpu: setup ## GPU-only checks (needs CUDA)
 	$(PY) -m pytest -m "gpu" -q
 
 lint: setup ## ruff + mypy
-	$(PY) -m ruff check lake spark_jobs online dags tests clients/python
+	$(PY) -m ruff check lake spark_jobs online dags tests bench clients/python
 	$(PY) -m mypy lake spark_jobs online clients/python/lambdarec_client
 
 pipeline: setup ## Run the batch pipeline end to end (DATA=synthetic|ml-100k|ml-1m, RETRAIN=1)

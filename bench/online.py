@@ -10,7 +10,10 @@ filter, all with exclude-seen. References measured in the same run:
 1. raw FAISS search per query, in this process, on the same index file and efSearch,
    fetching what the server fetches (k x overfetch + history);
 2. the echo gRPC server (`bench.echo`) driven by the same load process with the same
-   request bytes: the Python gRPC ceiling on this box.
+   request bytes: the Python gRPC ceiling on this box;
+3. the same echo server searching the bundle's index once per call before it answers
+   (`bench.echo --search`, the reference-1 queries and fetch): the ceiling of any
+   Python gRPC server that runs one FAISS search per request.
 
 The same request mix is then sent as `RecommendBatch` calls of BATCH requests each: the
 figure is recommendations answered per second (calls/s x BATCH), next to unary Recommend.
@@ -57,6 +60,7 @@ ECHO = "/bench.Echo/Echo"
 K = 10
 TARGET_P99_MS = 5.0
 TARGET_RPS_PER_CORE = 1000.0
+TARGET_VS_ECHO = 0.5
 CORES = 2
 
 
@@ -147,15 +151,19 @@ def run_loadgen(target: str, method: str, payload_file: Path, *, concurrency: li
 
 
 class EchoProc:
-    def __init__(self) -> None:
+    """`python -m bench.echo` on a free port; `args` go to it (`--search ...`)."""
+
+    def __init__(self, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log = scratch_dir("echo-") / "echo.log"
+        self.args = args
 
     def __enter__(self) -> EchoProc:
         with self.log.open("wb") as f:
             self.proc = subprocess.Popen([sys.executable, "-m", "bench.echo", "--port",
-                                          str(self.port)], cwd=PROJECT_ROOT, env=thread_env(),
+                                          str(self.port), *self.args], cwd=PROJECT_ROOT,
+                                         env=thread_env(),
                                          stdout=f, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         _wait_port(self.target, self.proc)
@@ -192,22 +200,30 @@ def ingest_events(target: str, events: list[dict[str, Any]], batch: int = 500) -
     return time.perf_counter() - t0
 
 
+def search_workload(bb: BenchBundle, specs: list[dict[str, Any]],
+                    n: int) -> tuple[np.ndarray, int]:
+    """(query vectors, results per search): the batch vectors of up to `n` known users of
+    `specs` and what the server fetches for exclude-seen (k x overfetch + the median batch
+    history)."""
+    from lake.bundle import read_bundle
+
+    bundle = read_bundle(bb.bundle_dir, verify=False)
+    rows = [int(s["user_id"][1:]) for s in specs if s["user_id"].startswith("u")][:n]
+    hist = np.diff(bundle.user_items.indptr)[rows]
+    return bundle.user_factors[rows], int(K * 4 + np.median(hist))
+
+
 def raw_faiss_ms(bb: BenchBundle, specs: list[dict[str, Any]], n: int) -> tuple[float, int]:
     """Per-query ms of the bundle's own FAISS index, efSearch as served, fetching what the
-    server fetches for exclude-seen (k x overfetch + the user's batch history)."""
+    server fetches (`search_workload`)."""
     import faiss
 
-    from lake.bundle import read_bundle
     from lake.config import IndexSettings
     from lake.vector_index import FaissIndex
 
     faiss.omp_set_num_threads(1)
     index = FaissIndex.load(bb.bundle_dir / "item_index.faiss", IndexSettings())
-    bundle = read_bundle(bb.bundle_dir, verify=False)
-    rows = [int(s["user_id"][1:]) for s in specs if s["user_id"].startswith("u")][:n]
-    q = bundle.user_factors[rows]
-    hist = np.diff(bundle.user_items.indptr)[rows]
-    fetch = int(K * 4 + np.median(hist))
+    q, fetch = search_workload(bb, specs, n)
     for v in q[:50]:
         index.search(v[None, :], fetch)
     t0 = time.perf_counter()
@@ -274,6 +290,20 @@ def in_process(bb: BenchBundle, workload: dict[str, Any], n: int,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _echo_levels(args: tuple[str, ...], payload_file: Path, concurrency: tuple[int, ...],
+                 duration: float, max_requests: int
+                 ) -> tuple[dict[int, dict[str, Any]], float]:
+    """The echo server (`args`: its options) under the load levels: (level by
+    concurrency, server CPU ms per request)."""
+    with EchoProc(args) as echo:
+        cpu0 = _server_cpu(echo.proc.pid)
+        e = run_loadgen(echo.target, ECHO, payload_file, concurrency=list(concurrency),
+                        duration=duration, max_requests=max_requests)
+        cpu_ms = (_server_cpu(echo.proc.pid) - cpu0) * 1000 / max(
+            1, sum(lv["requests"] for lv in e["levels"]))
+    return {lv["concurrency"]: lv for lv in e["levels"]}, cpu_ms
+
+
 def _server_cpu(pid: int) -> float:
     try:
         f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -311,17 +341,19 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
             write_payloads(payload_file, singles)
             batch_file = work / f"recommend-batch-{n_items}.bin"
             write_payloads(batch_file, _batch_requests(singles, BATCH))
-            if True:  # per size, right before the server run: same box conditions
-                with EchoProc() as echo:
-                    echo_cpu0 = _server_cpu(echo.proc.pid)
-                    e = run_loadgen(echo.target, ECHO, payload_file,
-                                    concurrency=list(concurrency), duration=duration,
-                                    max_requests=max_requests)
-                    echo_cpu_ms = (_server_cpu(echo.proc.pid) - echo_cpu0) * 1000 / max(
-                        1, sum(lv["requests"] for lv in e["levels"]))
-                echo_results = {lv["concurrency"]: lv for lv in e["levels"]}
-                curves["echo (gRPC ceiling)"] = [(c, lv["rps"], lv["p99_ms"])
-                                                 for c, lv in echo_results.items()]
+            # per size, right before the server run: same box conditions
+            echo_results, echo_cpu_ms = _echo_levels((), payload_file, concurrency,
+                                                     duration, max_requests)
+            curves["echo (gRPC ceiling)"] = [(c, lv["rps"], lv["p99_ms"])
+                                             for c, lv in echo_results.items()]
+            queries, search_fetch = search_workload(bb, wl["specs"], 2000)
+            np.save(work / f"queries-{n_items}.npy", queries)
+            search_results, search_cpu_ms = _echo_levels(
+                ("--search", str(bb.bundle_dir / "item_index.faiss"), "--queries",
+                 str(work / f"queries-{n_items}.npy"), "--fetch", str(search_fetch)),
+                payload_file, concurrency, duration, max_requests)
+            curves[f"echo + one FAISS search ({n_items:,})"] = [
+                (c, lv["rps"], lv["p99_ms"]) for c, lv in search_results.items()]
             faiss_ms, fetch = raw_faiss_ms(bb, wl["specs"], 2000)
             t0 = time.perf_counter()
             with running_server(bb) as srv:
@@ -354,9 +386,21 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
                 report.add(f"online.{tag}.recommend.rps.c{c}", lv["rps"], "req/s",
                            f"echo gRPC req/s c{c}", echo_results[c]["rps"])
                 rows.append((n_items, c, lv["rps"], lv["p50_ms"], lv["p95_ms"], lv["p99_ms"],
-                             echo_results[c]["rps"], echo_results[c]["p99_ms"]))
+                             echo_results[c]["rps"], echo_results[c]["p99_ms"],
+                             search_results[c]["rps"]))
             best = max(levels.values(), key=lambda lv: lv["rps"])
             best_echo = max(echo_results.values(), key=lambda lv: lv["rps"])
+            best_search = max(search_results.values(), key=lambda lv: lv["rps"])
+            vs_echo = best["rps"] / best_echo["rps"]
+            search_vs_echo = best_search["rps"] / best_echo["rps"]
+            report.add(f"online.{tag}.recommend.rps_vs_echo", vs_echo, "x echo",
+                       "echo + one FAISS search (best level), x echo", search_vs_echo)
+            report.add(f"online.{tag}.recommend.rps_vs_search_echo",
+                       best["rps"] / best_search["rps"], "x",
+                       "echo + one FAISS search req/s (best level)", best_search["rps"])
+            report.add(f"online.{tag}.server_cpu_ms_per_request_vs_search_echo",
+                       cpu * 1000 / max(1, total_reqs), "ms CPU",
+                       "echo + one FAISS search: server CPU ms per request", search_cpu_ms)
             per_core = best["rps"] / CORES
             report.add(f"online.{tag}.recommend.rps_per_core", per_core, "req/s/core",
                        "echo gRPC req/s/core (best level)", best_echo["rps"] / CORES)
@@ -368,7 +412,7 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
                            "unary Recommend req/s (best level)", best["rps"])
                 rows.append((n_items, f"batch {BATCH} x c{lv['concurrency']}",
                              lv["rps"] * BATCH, lv["p50_ms"], lv["p95_ms"], lv["p99_ms"],
-                             float("nan"), float("nan")))
+                             float("nan"), float("nan"), float("nan")))
             bbest = max(blevels.values(), key=lambda lv: lv["rps"])
             batch_per_core = bbest["rps"] * BATCH / CORES
             report.add(f"online.{tag}.recommend_batch{BATCH}.recs_per_core", batch_per_core,
@@ -412,6 +456,10 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
                 f"Recommend/s per core (target >= {TARGET_RPS_PER_CORE:.0f}: "
                 f"{'MET' if met_tp else 'NOT MET'}); echo ceiling on the same load "
                 f"process {best_echo['rps']:.0f} req/s = {best_echo['rps'] / CORES:.0f}/core; "
+                f"unary Recommend = {vs_echo:.2f}x echo (goal >= {TARGET_VS_ECHO}x: "
+                f"{'MET' if vs_echo >= TARGET_VS_ECHO else 'NOT MET'}), where echo + one "
+                f"FAISS search alone reaches {search_vs_echo:.2f}x echo "
+                f"({best_search['rps']:.0f} req/s); "
                 f"RecommendBatch({BATCH}) {bbest['rps'] * BATCH:.0f} recommendations/s at "
                 f"c={bbest['concurrency']} = {batch_per_core:.0f}/core (target: "
                 f"{'MET' if met_batch else 'NOT MET'})"
@@ -420,10 +468,11 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = ["| items | concurrency | Recommend req/s | p50 ms | p95 ms | p99 ms | "
-             "echo req/s | echo p99 ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "echo req/s | echo p99 ms | echo + FAISS search req/s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     table += [f"| {n:,} | {c} | {r:.0f} | {p50:.2f} | {p95:.2f} | {p99:.2f} | "
-              + ("- | - |" if er != er else f"{er:.0f} | {ep:.2f} |")
-              for n, c, r, p50, p95, p99, er, ep in rows]
+              + ("- | - | - |" if er != er else f"{er:.0f} | {ep:.2f} | {sr:.0f} |")
+              for n, c, r, p50, p95, p99, er, ep, sr in rows]
     report.note("Online: Recommend through the gRPC server", "\n".join([
         "Load: `bench.loadgen` in its own process (grpc.aio, closed loop, pre-serialised "
         f"requests), {duration:g} s or {max_requests} requests per level. Request mix: half "
@@ -433,7 +482,10 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
         f"{BATCH} x cN': the same requests as RecommendBatch calls of {BATCH}, N calls in "
         "flight; req/s there = recommendations answered per second, latency per call.", "",
         *table, "", "Targets (issue): p99 <= 5 ms and >= 1,000 Recommend/s per core at 1M "
-        "items. Per core = best throughput / 2 cores (the load process uses the same cores).",
+        "items; unary Recommend >= 0.5x the echo server's throughput (best levels). Per "
+        "core = best throughput / 2 cores (the load process uses the same cores). 'echo + "
+        "FAISS search': the echo server running one search of the same index per call "
+        "(the fetch of reference 1) before it answers.",
         "", *verdicts]))
     if profiles:
         report.note("Online: where a Recommend's time goes", "\n\n".join(profiles))

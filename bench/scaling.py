@@ -278,9 +278,9 @@ def _write(report: Report, rows: dict[str, dict[str, Any]]) -> None:
     md.append("| **total** | " + " | ".join(
         f"**{rows[n]['total']:.1f}** | {max(rows[n]['peaks'].values()) / 2**30:.2f}"
         for n in names) + " |")
-    md += ["", "| size | events | evaluation (holdout, sample, its part of train, evaluate) | share | rerun, no new "
-           "events, --retrain | train step | raw implicit fit | compact + interactions | "
-           "Polars, same work | rows ours / Polars (silver, pairs) |",
+    md += ["", "| size | events | evaluation (holdout, sample, its part of train, evaluate) "
+           "| share | rerun, no new events, --retrain | train step | raw implicit fit | "
+           "compact + interactions | Polars, same work | rows ours / Polars (silver, pairs) |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for n in names:
         r = rows[n]

@@ -37,3 +37,44 @@ def test_scratch_space_is_created_on_a_fresh_clone(tmp_path: Path,
     monkeypatch.setattr(fixtures, "CACHE_DIR", fresh)
     work = fixtures.scratch_dir("online-")
     assert work.is_dir() and work.parent == fresh and work.name.startswith("online-")
+
+
+def test_echo_with_search_answers_the_request_bytes_after_searching(tmp_path: Path) -> None:
+    """`python -m bench.echo --search`: a real server over a real index echoes each call;
+    a missing --queries is one clear usage error."""
+    import subprocess
+    import sys
+
+    import faiss
+    import grpc
+    import numpy as np
+
+    from bench.echo import METHOD
+    from lake.config import PROJECT_ROOT
+    from online.ports import free_port
+
+    vectors = np.eye(4, dtype=np.float32)
+    index = faiss.IndexHNSWFlat(4, 8, faiss.METRIC_INNER_PRODUCT)
+    index.add(vectors)
+    faiss.write_index(index, str(tmp_path / "items.faiss"))
+    np.save(tmp_path / "queries.npy", vectors[:2])
+
+    bad = subprocess.run([sys.executable, "-m", "bench.echo", "--search",
+                          str(tmp_path / "items.faiss")], cwd=PROJECT_ROOT,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and "--search needs --queries" in bad.stderr
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.echo", "--port", str(port),
+                             "--search", str(tmp_path / "items.faiss"), "--queries",
+                             str(tmp_path / "queries.npy"), "--fetch", "2"],
+                            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "echo listening" in (proc.stdout.readline() if proc.stdout else "")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary(METHOD)
+            assert [call(b"abc%d" % i, timeout=10) for i in range(3)] == [
+                b"abc0", b"abc1", b"abc2"]
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
