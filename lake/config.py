@@ -298,6 +298,11 @@ class ServerSettings(_Strict):
     18 bytes each); 0 = only ids still in the WAL or seen since start."""
     flush_interval_s: float = Field(default=5.0, gt=0)
     """Flush the WAL to bronze at least this often."""
+    drain_s: float = Field(default=0.0, ge=0, le=300)
+    """On SIGTERM, keep answering this long after health turns NOT_SERVING (gRPC health and
+    `/healthz` on the metrics port), so a front door's checks move new calls elsewhere
+    before the ports close. The fleet sets it for its replicas; set it to a few check
+    intervals behind a load balancer (Kubernetes: with the readiness probe's period)."""
     flush_max_events: int = Field(default=10_000, ge=1)
     """...or when this many events are pending."""
     reload_poll_s: float = Field(default=0.0, ge=0)

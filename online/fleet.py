@@ -7,8 +7,12 @@ HAProxy (Debian's 2.6) listens on `server.port` / `server.admin_port` and speaks
 - Recommender calls are hashed on the `x-lambdarec-user` header the client library sets
   (consistent hashing: a user stays on one replica while it is up; calls without the
   header go round robin);
-- a replica whose port stops accepting is out after one failed check (TCP, every 250 ms),
-  and a connection refused is retried on another replica (`retries` + `redispatch`);
+- a replica is in while its `/healthz` (on its metrics port) says SERVING: out after one
+  failed check (every 250 ms), back after two; a connection refused is retried on another
+  replica (`retries` + `redispatch`);
+- a replica told to stop (SIGTERM) turns NOT_SERVING and keeps answering for
+  `server.drain_s` (the fleet sets it to DRAIN_S) before its ports close, so its users'
+  calls move to the others without a failed call;
 - admin calls go round robin (the effects of ForgetUser reach all replicas through the
   fleet channel; `online.notify` sends model reloads to every replica).
 A replica that dies is restarted on its WAL directory (its acknowledged events replay from
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lake.config import ENV_PREFIX, PROJECT_ROOT, ConfigError, Settings
+from online.metrics import HEALTH_PATH
 from online.node_identity import NODE_FILE
 from online.ports import free_port
 
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 
 FLEET_FILE = "fleet.json"
 CHECK_INTER_MS = 250
+DRAIN_S = 4 * CHECK_INTER_MS / 1000
+"""How long a stopping replica answers after turning NOT_SERVING (a few check intervals)."""
 READY_TIMEOUT_S = 600.0
 INSTALL_HINT = "(`make java` as root installs it with infra/scripts/ensure_system.sh)"
 
@@ -134,15 +141,16 @@ class RedisProcess:
 
 # -- HAProxy ----------------------------------------------------------------------------------
 def render_haproxy(host: str, port: int, admin_port: int,
-                   replicas: list[tuple[str, str]]) -> str:
-    """HAProxy configuration: gRPC (h2c) on both sides, affinity on `x-lambdarec-user`.
+                   replicas: list[tuple[str, str, int]]) -> str:
+    """HAProxy configuration: gRPC (h2c) on both sides, affinity on `x-lambdarec-user`,
+    health from each replica's HTTP `/healthz`.
 
-    `replicas`: (grpc address, admin address) of each replica.
+    `replicas`: (grpc address, admin address, health (metrics) port) of each replica.
     """
     def servers(kind: int, prefix: str) -> str:
         return "\n".join(
-            f"    server {prefix}{i} {r[kind]} proto h2 check inter {CHECK_INTER_MS}ms "
-            "fall 1 rise 2" for i, r in enumerate(replicas))
+            f"    server {prefix}{i} {r[kind]} proto h2 check port {r[2]} check-proto h1 "
+            f"inter {CHECK_INTER_MS}ms fall 1 rise 2" for i, r in enumerate(replicas))
 
     return f"""# written by online/fleet.py (make run REPLICAS={len(replicas)}); do not edit
 global
@@ -158,6 +166,10 @@ defaults
     retries 2
     option redispatch 1
     retry-on conn-failure
+    # in while the replica's gRPC health is SERVING (HTTP form on its metrics port)
+    option httpchk
+    http-check send meth GET uri {HEALTH_PATH}
+    http-check expect status 200
 
 frontend recommender
     bind {_addr(host, port)} proto h2
@@ -247,8 +259,9 @@ class Fleet:
                 self.redis_url = self.redis.url
             for i in range(self.replicas):
                 wal = srv.wal_dir if i == 0 else srv.wal_dir.with_name(f"{srv.wal_dir.name}-{i}")
+                # every replica gets a metrics port: the front door's health checks use it
                 r = Replica(i, wal, free_port(srv.host), free_port(srv.host),
-                            free_port(srv.host) if srv.metrics_port else 0)
+                            free_port(srv.host))
                 self.members.append(r)
                 self._spawn(r)
             for r in self.members:
@@ -270,6 +283,8 @@ class Fleet:
                            ("SERVER__METRICS_PORT", r.metrics), ("SERVER__WAL_DIR", r.wal_dir),
                            ("FLEET__REDIS_URL", self.redis_url)):
             env[f"{ENV_PREFIX}{key}"] = str(value)
+        if self.settings.server.drain_s == 0:  # an operator's longer drain stays
+            env[f"{ENV_PREFIX}SERVER__DRAIN_S"] = str(DRAIN_S)
         return env
 
     def _spawn(self, r: Replica) -> None:
@@ -290,7 +305,8 @@ class Fleet:
         srv = self.settings.server
         cfg = self.run_dir / "haproxy.cfg"
         cfg.write_text(render_haproxy(srv.host, srv.port, srv.admin_port, [
-            (_addr(srv.host, r.grpc), _addr(srv.host, r.admin)) for r in self.members]))
+            (_addr(srv.host, r.grpc), _addr(srv.host, r.admin), r.metrics)
+            for r in self.members]))
         check = subprocess.run([binary, "-c", "-q", "-f", str(cfg)], capture_output=True,
                                text=True, check=False)
         if check.returncode != 0:
@@ -313,7 +329,7 @@ class Fleet:
             "replicas": [{
                 "index": r.index, "grpc": _addr(srv.host, r.grpc),
                 "admin": _addr(srv.host, r.admin),
-                "metrics": _addr(srv.host, r.metrics) if r.metrics else None,
+                "metrics": _addr(srv.host, r.metrics),
                 "pid": r.proc.pid if r.proc else None, "node_id": r.node_id,
                 "wal_dir": str(r.wal_dir), "restarts": r.restarts,
             } for r in self.members],

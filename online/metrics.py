@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -15,9 +20,11 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
 
+HEALTH_PATH = "/healthz"
+"""The HTTP readiness path next to /metrics: 200 while the server serves, 503 otherwise."""
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _LAG_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 30, 60, 300, 3600, 86400)
 
@@ -26,6 +33,20 @@ def rpc_labels(full_method: str) -> tuple[str, str, str]:
     """`/pkg.Service/Method` as (grpc_type, grpc_service, grpc_method) label values."""
     service, _, method = full_method.lstrip("/").rpartition("/")
     return "unary", service, method
+
+
+class _HTTPServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        """No access log: scrapes and health checks (every 250 ms behind the fleet's front
+        door) would flood stderr."""
 
 
 class Metrics:
@@ -97,9 +118,28 @@ class Metrics:
         self._version = version
         self.model_loaded.set(time.time())
 
-    def serve(self, host: str, port: int) -> int:
-        """Expose /metrics over HTTP; returns the bound port (port 0 picks one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, ready: Callable[[], bool] = lambda: True) -> int:
+        """Expose /metrics and `HEALTH_PATH` over HTTP; returns the bound port (port 0 picks
+        one).
+
+        `HEALTH_PATH` answers 200 `SERVING` while `ready()` holds, else 503 `NOT_SERVING`:
+        the gRPC health status in a form an HTTP health check (HAProxy's, a cloud load
+        balancer's) reads, so a front door stops sending calls to a replica that is
+        starting or draining while its gRPC port still accepts connections."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") != HEALTH_PATH:
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            ok = ready()
+            body = b"SERVING\n" if ok else b"NOT_SERVING\n"
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+            return [body]
+
+        server_class = _HTTPServer6 if ":" in host else _HTTPServer
+        server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         self._http = server
         return int(server.server_port)
 

@@ -92,6 +92,8 @@ class OnlineServer:
     _stop_poll: threading.Event = field(default_factory=threading.Event)
     _poller: threading.Thread | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
+    _serving: threading.Event = field(default_factory=threading.Event)
+    """Set while both gRPC servers are started and not shutting down (the HTTP health)."""
     fleet: FleetChannel | None = None
     bronze_floor: Callable[[str], int] = lambda node: 0
     created_ms: int = 0  # before the catalogue and erasures were read from the lake
@@ -100,7 +102,8 @@ class OnlineServer:
         if self.metrics_enabled:  # first: a busy port fails before anything else started
             srv = self.settings.server
             ensure_free(srv.host, srv.metrics_port, "server.metrics_port")
-            self.ports["metrics"] = self.metrics.serve(srv.host, srv.metrics_port)
+            self.ports["metrics"] = self.metrics.serve(srv.host, srv.metrics_port,
+                                                       ready=self._serving.is_set)
         self.ingest.start()
         self.warm_start()
         if self.settings.fleet.redis_url:  # after the warm start: the replay builds on it
@@ -114,6 +117,7 @@ class OnlineServer:
         for h in (self.health, self.admin_health):
             for name in ("", *service_names()):
                 h.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._serving.set()
         if self.settings.server.reload_poll_s > 0:
             self._poller = threading.Thread(target=self._poll, name="model-poller", daemon=True)
             self._poller.start()
@@ -176,13 +180,19 @@ class OnlineServer:
         return out
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Graceful: NOT_SERVING, finish in-flight RPCs (up to `grace` s), flush ingest."""
+        """Graceful: NOT_SERVING, still answering for `server.drain_s` (until health checks
+        have taken it out of a front door), then finish in-flight RPCs (up to `grace` s),
+        flush ingest."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         self._stop_poll.set()
+        self._serving.clear()
         self.health.enter_graceful_shutdown()
         self.admin_health.enter_graceful_shutdown()
+        if self.settings.server.drain_s > 0:
+            log.info("draining", extra={"seconds": self.settings.server.drain_s})
+            time.sleep(self.settings.server.drain_s)
         a = self.grpc_server.stop(grace)
         b = self.admin_server.stop(grace)
         a.wait()

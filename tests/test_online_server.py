@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -392,6 +393,41 @@ def test_metrics_endpoint(srv: Running) -> None:
     assert "process_resident_memory_bytes" in body
     assert 'lambdarec_model_info{version="v1"} 1.0' in body
     assert "lambdarec_ingest_pending_events" in body
+
+
+def test_http_health_follows_serving_and_a_stop_drains_before_closing(
+        tmp_path: Path) -> None:
+    """`/healthz` on the metrics port: 200 while serving; on stop 503 at once while calls
+    are still answered for `server.drain_s`, then the port closes."""
+    r = Running(tmp_path, drain_s=1.5)
+    url = f"http://127.0.0.1:{r.ports['metrics']}/healthz"
+
+    def health() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    try:
+        assert health() == (200, "SERVING\n")
+        stopper = threading.Thread(target=r.server.stop, kwargs={"grace": 1})
+        t0 = time.monotonic()
+        stopper.start()
+        deadline = t0 + 1.0
+        while health()[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert health() == (503, "NOT_SERVING\n")
+        assert time.monotonic() - t0 < 1.0
+        # NOT_SERVING, yet still answering: calls in the drain window succeed
+        assert ids(r.client.recommend("uA0", k=2))
+        stopper.join(30)
+        assert time.monotonic() - t0 >= 1.5
+        with pytest.raises(grpc.RpcError):
+            r.client.recommend("uA0", k=2, timeout=1)
+    finally:
+        r.client.close()
+        r.server.stop(grace=1)
 
 
 def test_client_cli_prints_json(srv: Running, capsys: pytest.CaptureFixture[str],
