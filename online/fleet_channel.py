@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from lake.config import FleetSettings
+from online.ingest import IngestPipeline, IngestResult
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +277,28 @@ class PublishingIngest:
     `channel` is set (at server start, once the node id is claimed) nothing is published.
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: IngestPipeline) -> None:
         self.inner = inner
         self.channel: FleetChannel | None = None
+
+    # -- the pipeline's own -------------------------------------------------------------
+    @property
+    def node_id(self) -> str:
+        return self.inner.node_id
+
+    def start(self) -> None:
+        self.inner.start()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def flush(self) -> int:
+        return self.inner.flush()
+
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats()
+
+    # -- what the peers also get --------------------------------------------------------
 
     def attach(self, channel: FleetChannel) -> None:
         """Publish from now on, starting with what the WAL replay recovered: events a crash
@@ -288,7 +308,7 @@ class PublishingIngest:
         self.inner.replayed.clear()  # in the channel's buffer now
         self.channel = channel
 
-    def ingest(self, events: list[dict[str, Any]]) -> Any:
+    def ingest(self, events: list[dict[str, Any]]) -> IngestResult:
         result = self.inner.ingest(events)
         if result.accepted and self.channel is not None:  # durable in our WAL by now
             self.channel.publish_events(result.seq, result.accepted)
@@ -299,9 +319,6 @@ class PublishingIngest:
         if self.channel is not None:
             self.channel.publish_forget(user_id)
         return counts
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 class ReplicaApplier:
