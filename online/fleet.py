@@ -141,22 +141,30 @@ class RedisProcess:
 
 # -- HAProxy ----------------------------------------------------------------------------------
 def render_haproxy(host: str, port: int, admin_port: int,
-                   replicas: list[tuple[str, str, int]]) -> str:
+                   replicas: list[tuple[str, str, int]], *, dns: str | None = None,
+                   written_by: str = "online/fleet.py (make run REPLICAS=N)") -> str:
     """HAProxy configuration: gRPC (h2c) on both sides, affinity on `x-lambdarec-user`,
     health from each replica's HTTP `/healthz`.
 
     `replicas`: (grpc address, admin address, health (metrics) port) of each replica.
+    `dns`: a resolver (`ip:port`) for replicas named by host name whose address may
+    change while HAProxy runs (containers): looked up at run time, and a replica that
+    does not resolve yet is down instead of an error at start.
     """
+    at = " resolvers dns init-addr none" if dns else ""
+
     def servers(kind: int, prefix: str) -> str:
         return "\n".join(
             f"    server {prefix}{i} {r[kind]} proto h2 check port {r[2]} check-proto h1 "
-            f"inter {CHECK_INTER_MS}ms fall 1 rise 2" for i, r in enumerate(replicas))
+            f"inter {CHECK_INTER_MS}ms fall 1 rise 2{at}" for i, r in enumerate(replicas))
 
-    return f"""# written by online/fleet.py (make run REPLICAS={len(replicas)}); do not edit
+    resolvers = (f"\nresolvers dns\n    nameserver dns {dns}\n    hold valid 1s\n"
+                 if dns else "")
+    return f"""# written by {written_by}; do not edit
 global
     # below the usual 20,000-descriptor limit of a shell (two per connection)
     maxconn 4096
-
+{resolvers}
 defaults
     mode http
     timeout connect 1s

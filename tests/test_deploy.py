@@ -34,6 +34,8 @@ from online.service import service_names
 INFRA = PROJECT_ROOT / "infra"
 COMPOSE_FILE = INFRA / "docker-compose.yml"
 COMPOSE_FLEET = INFRA / "docker-compose.fleet.yml"
+COMPOSE_HAPROXY = INFRA / "haproxy.compose.cfg"
+DOCKER_DNS = "127.0.0.11:53"  # Docker's embedded resolver on user-defined networks
 DOCKERFILE = INFRA / "Dockerfile"
 K8S = INFRA / "k8s"
 K8S_FLEET = K8S / "fleet"
@@ -459,7 +461,7 @@ def require_fleet_settings() -> None:
 def test_compose_fleet_overlay_joins_every_replica_to_redis(compose: dict[str, Any]) -> None:
     require_fleet_settings()
     overlay = yaml.safe_load(COMPOSE_FLEET.read_text())
-    assert set(overlay["services"]) - set(compose["services"]) == {"redis"}
+    assert set(overlay["services"]) - set(compose["services"]) == {"redis", "front-door"}
     urls = set()
     for name, service in online_services(compose).items():
         extra = overlay["services"][name]  # compose merges it into the base service
@@ -498,3 +500,51 @@ def test_k8s_fleet_overlay_joins_every_replica_to_the_redis_service(
     container_ports = {p["name"]: p["containerPort"]
                        for c in pod["spec"]["containers"] for p in c["ports"]}
     assert container_ports[port["targetPort"]] == port["port"]
+
+
+def compose_haproxy(compose: Mapping[str, Any], bind_port: int, bind_admin: int) -> str:
+    """The front door's configuration for the compose replicas (`online.fleet`'s, with
+    the replicas by service name through Docker's DNS)."""
+    from online.fleet import render_haproxy
+
+    replicas = []
+    for name, service in sorted(online_services(compose).items()):
+        s = settings_from(compose_env(service)).server
+        replicas.append((f"{name}:{s.port}", f"{name}:{s.admin_port}", s.metrics_port))
+    return render_haproxy("0.0.0.0", bind_port, bind_admin, replicas, dns=DOCKER_DNS,
+                          written_by="tests/test_deploy.py from infra/docker-compose.yml")
+
+
+def test_compose_front_door_balances_every_replica_on_its_health(
+        compose: dict[str, Any]) -> None:
+    """The overlay's HAProxy: its configuration is `online.fleet`'s for the compose
+    replicas (regenerate with `compose_haproxy` when they change), HAProxy accepts it, and
+    its published ports reach the frontends it binds."""
+    import shutil
+
+    overlay = yaml.safe_load(COMPOSE_FLEET.read_text())
+    door = overlay["services"]["front-door"]
+    assert door["image"].startswith("haproxy:2.6")
+    (mount,) = door["volumes"]
+    source, target = mount.split(":")[:2]
+    assert (COMPOSE_FLEET.parent / source).resolve() == COMPOSE_HAPROXY
+    assert target == "/usr/local/etc/haproxy/haproxy.cfg"
+    published = dict(p.split(":") for p in door["ports"])
+    binds = [int(p) for p in re.findall(r"^\s+bind 0\.0\.0\.0:(\d+) proto h2$",
+                                        COMPOSE_HAPROXY.read_text(), re.M)]
+    assert sorted(int(p) for p in published.values()) == sorted(binds)
+    text = COMPOSE_HAPROXY.read_text()
+    assert text == compose_haproxy(compose, *binds), (
+        f"{COMPOSE_HAPROXY} is stale: write compose_haproxy(...)'s text there")
+    assert set(door["depends_on"]) == set(online_services(compose))
+    for name in online_services(compose):
+        # a stopping replica answers while the front door's checks move its calls away
+        settings = settings_from({**compose_env(compose["services"][name]),
+                                  **compose_env(overlay["services"][name])})
+        assert settings.server.drain_s > 0, name
+    haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+    if haproxy is None:
+        pytest.skip("haproxy is installed by infra/scripts/ensure_system.sh")
+    out = subprocess.run([haproxy, "-c", "-q", "-f", str(COMPOSE_HAPROXY)],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
