@@ -32,6 +32,7 @@ import pyarrow.dataset as ds  # noqa: E402
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection  # noqa: E402
 
+from lake import foldin  # noqa: E402
 from lake.bundle import current_version  # noqa: E402
 from lake.config import ConfigError, Settings, load_settings  # noqa: E402
 from lake.erasure import erased_users  # noqa: E402
@@ -105,6 +106,7 @@ class OnlineServer:
             self.ports["metrics"] = self.metrics.serve(srv.host, srv.metrics_port,
                                                        ready=self._serving.is_set)
         self.ingest.start()
+        foldin.warm_up()
         self.warm_start()
         if self.settings.fleet.redis_url:  # after the warm start: the replay builds on it
             self.fleet = FleetChannel(self.settings.fleet, self.ingest.node_id,

@@ -145,3 +145,21 @@ def test_foldin_params_round_trip_and_old_manifests():
         FoldInParams.for_backend("mllib", alpha=2.0, regularization=0.1)
     with pytest.raises(KeyError):
         FoldInParams.from_dict(old)
+
+
+def test_fold_in_equals_a_dense_solve_of_the_normal_equations():
+    """The compiled solve against NumPy's dense solve of the system built here, on random
+    rows of random sizes (float32 factors as served, float64 arithmetic)."""
+    rng = np.random.default_rng(7)
+    y = (rng.standard_normal((500, 16)) * 0.3).astype(np.float32)
+    gram = y.astype(np.float64).T @ y.astype(np.float64)
+    p = FoldInParams.for_backend("ials", alpha=5.0, regularization=0.2, reg_exponent=0.5)
+    for _ in range(50):
+        n = int(rng.integers(1, 60))
+        idx = rng.choice(500, n, replace=False)
+        r = rng.uniform(0.1, 4.0, n)
+        yi = y[idx].astype(np.float64)
+        c = 1.0 + 5.0 * r
+        a = gram + yi.T @ np.diag(c - 1.0) @ yi + 0.2 * n ** 0.5 * np.eye(16)
+        want = np.linalg.solve(a, c @ yi)
+        np.testing.assert_allclose(fold_in(y, gram, idx, r, p), want, rtol=1e-5, atol=1e-6)
