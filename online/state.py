@@ -53,6 +53,9 @@ class UserState:
     version: int = 0
     cache: tuple[int, int, np.ndarray | None, np.ndarray, np.ndarray] | None = None
     """(model generation, state version, vector, rows, values) of the last fold-in."""
+    recent: tuple[int, int, dict[int, float]] | None = None
+    """(model generation, state version, `OnlineState._aggregate`): what a request with a
+    basket context adds its items to, on every such request."""
     seen: dict[str, None] = field(default_factory=dict)
     """Real-time seen item ids, oldest first (a dict keeps insertion order), at most
     `server.seen_items_per_user`: a user streaming distinct items cannot grow it forever."""
@@ -313,7 +316,7 @@ class OnlineState:
                 and st.cache[0] == model.generation and st.cache[1] == version):
             _, _, cached_vec, rows, vals = st.cache
             return UserProfile(cached_vec, rows, vals, set(st.seen), b_rows)
-        recent = self._aggregate(st, model) if st is not None else {}
+        recent = self._recent(user_id, st, model, version) if st is not None else {}
         if context_rows:
             for r, w in context_rows.items():
                 recent[r] = recent.get(r, 0.0) + w
@@ -331,6 +334,20 @@ class OnlineState:
                 if st.version == version:
                     st.cache = (model.generation, version, vec, rows, vals)
         return UserProfile(vec, rows, vals, set(st.seen) if st is not None else set(), b_rows)
+
+    def _recent(self, user_id: str, st: UserState, model: LoadedModel,
+                version: int) -> dict[int, float]:
+        """A copy of `_aggregate(st, model)` at state `version`, cached on the state (events
+        decay from the user's latest one, so it changes only with them or the model): a
+        request with a basket context adds its items to it on every call."""
+        cached = st.recent
+        if cached is not None and cached[0] == model.generation and cached[1] == version:
+            return dict(cached[2])
+        out = self._aggregate(st, model)
+        with self._stripe(user_id):
+            if st.version == version:
+                st.recent = (model.generation, version, out)
+        return dict(out)
 
     def _merge(self, b_rows: np.ndarray, b_vals: np.ndarray, recent: Mapping[int, float],
                model: LoadedModel) -> tuple[np.ndarray, np.ndarray]:

@@ -180,6 +180,39 @@ def test_ingest_marks_users_stale_and_the_next_request_folds_once(
     assert len(calls) == 2
 
 
+def test_context_requests_reuse_the_real_time_aggregate_until_the_next_event(
+    engine: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A basket context folds in on every request, but the user's real-time events are
+    summed once per state version: the vectors equal a fresh state's (nothing cached)."""
+    model = engine.manager.current
+    assert model is not None
+    calls: list[int] = []
+    real = OnlineState._aggregate
+
+    def counting(self: OnlineState, *args: object) -> dict[int, float]:
+        calls.append(1)
+        return real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(OnlineState, "_aggregate", counting)
+    events = [ev("shopper", "C3", "purchase"), ev("shopper", "B2", "view")]
+    engine.apply_events(events)
+    ctx = {model.item_row["A4"]: 1.0}
+    first = engine.state.profile(model, "shopper", ctx)
+    again = engine.state.profile(model, "shopper", {model.item_row["B4"]: 2.0})
+    assert len(calls) == 1
+    fresh = OnlineState(engine.settings)
+    fresh.apply(model, events)
+    for got, context in ((first, ctx), (again, {model.item_row["B4"]: 2.0})):
+        want = fresh.profile(model, "shopper", context)
+        np.testing.assert_array_equal(got.vector, want.vector)
+        np.testing.assert_array_equal(got.rows, want.rows)
+    engine.apply_events([ev("shopper", "A1", "purchase")])
+    after = engine.state.profile(model, "shopper", ctx)
+    assert len(calls) == 3  # the fresh state's, then the new version's
+    assert model.item_row["A1"] in after.rows.tolist()
+
+
 class _RowModel:
     def __init__(self, item_ids: list[str]) -> None:
         self.item_ids = list(item_ids)
