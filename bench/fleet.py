@@ -35,12 +35,11 @@ from bench.fixtures import (
     write_catalog,
 )
 from bench.online import (
-    ECHO,
     RECOMMEND,
-    EchoProc,
     _cluster_items,
     _requests,
     build_workload,
+    echo_levels,
     ingest_events,
     run_loadgen,
 )
@@ -161,9 +160,7 @@ def run(report: Report, *, n_items: int = 100_000, n_users: int = 100_000, trial
         payloads = work / "recommend.bin"
         write_payloads(payloads, _requests(wl["specs"]))
         levels = list(concurrency)
-        with EchoProc() as echo:
-            e = run_loadgen(echo.target, ECHO, payloads, concurrency=levels,
-                            duration=duration, max_requests=max_requests)
+        echo_lv, _ = echo_levels((), payloads, concurrency, duration, max_requests)
         thr: dict[int, dict[int, dict[str, Any]]] = {}
         fresh: dict[str, list[float]] = {}
         for replicas in (2, 1):
@@ -177,7 +174,6 @@ def run(report: Report, *, n_items: int = 100_000, n_users: int = 100_000, trial
                 thr[replicas] = {lv["concurrency"]: lv for lv in out["levels"]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    echo_lv = {lv["concurrency"]: lv for lv in e["levels"]}
     same, cross, rtt = (percentiles(fresh[k]) for k in ("same", "cross", "rtt"))
     tag = f"n{n_items}"
     report.add(f"fleet.{tag}.cross_replica_freshness.p50_ms", cross["p50"], "ms",

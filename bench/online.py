@@ -290,7 +290,7 @@ def in_process(bb: BenchBundle, workload: dict[str, Any], n: int,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _echo_levels(args: tuple[str, ...], payload_file: Path, concurrency: tuple[int, ...],
+def echo_levels(args: tuple[str, ...], payload_file: Path, concurrency: tuple[int, ...],
                  duration: float, max_requests: int
                  ) -> tuple[dict[int, dict[str, Any]], float]:
     """The echo server (`args`: its options) under the load levels: (level by
@@ -342,13 +342,13 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
             batch_file = work / f"recommend-batch-{n_items}.bin"
             write_payloads(batch_file, _batch_requests(singles, BATCH))
             # per size, right before the server run: same box conditions
-            echo_results, echo_cpu_ms = _echo_levels((), payload_file, concurrency,
+            echo_results, echo_cpu_ms = echo_levels((), payload_file, concurrency,
                                                      duration, max_requests)
             curves["echo (gRPC ceiling)"] = [(c, lv["rps"], lv["p99_ms"])
                                              for c, lv in echo_results.items()]
             queries, search_fetch = search_workload(bb, wl["specs"], 2000)
             np.save(work / f"queries-{n_items}.npy", queries)
-            search_results, search_cpu_ms = _echo_levels(
+            search_results, search_cpu_ms = echo_levels(
                 ("--search", str(bb.bundle_dir / "item_index.faiss"), "--queries",
                  str(work / f"queries-{n_items}.npy"), "--fetch", str(search_fetch)),
                 payload_file, concurrency, duration, max_requests)
