@@ -48,14 +48,24 @@ class RecentEvent:
 
 
 @dataclass
+class Derived:
+    """What a user's real-time events give on one model at one state version (events
+    decay from the user's latest one, so nothing else changes it)."""
+
+    generation: int
+    version: int
+    recent: dict[int, float]
+    """`OnlineState._aggregate`: what a request with a basket context adds its items to."""
+    profile: tuple[np.ndarray | None, np.ndarray, np.ndarray] | None = None
+    """(vector, rows, values) without a context, once a request has folded them in."""
+
+
+@dataclass
 class UserState:
     events: deque[RecentEvent]
     version: int = 0
-    cache: tuple[int, int, np.ndarray | None, np.ndarray, np.ndarray] | None = None
-    """(model generation, state version, vector, rows, values) of the last fold-in."""
-    recent: tuple[int, int, dict[int, float]] | None = None
-    """(model generation, state version, `OnlineState._aggregate`): what a request with a
-    basket context adds its items to, on every such request."""
+    derived: Derived | None = None
+    """What the events gave on the last model and state version a request saw."""
     seen: dict[str, None] = field(default_factory=dict)
     """Real-time seen item ids, oldest first (a dict keeps insertion order), at most
     `server.seen_items_per_user`: a user streaming distinct items cannot grow it forever."""
@@ -311,12 +321,17 @@ class OnlineState:
         b_rows, b_vals = model.user_history(user_id)
         if st is None and not context_rows:
             return UserProfile(model.batch_user_vector(user_id), b_rows, b_vals, set(), b_rows)
-        version = st.version if st is not None else -1
-        if (st is not None and not context_rows and st.cache is not None
-                and st.cache[0] == model.generation and st.cache[1] == version):
-            _, _, cached_vec, rows, vals = st.cache
-            return UserProfile(cached_vec, rows, vals, set(st.seen), b_rows)
-        recent = self._recent(user_id, st, model, version) if st is not None else {}
+        derived = None
+        if st is not None:
+            derived = st.derived
+            if (derived is None or derived.generation != model.generation
+                    or derived.version != st.version):
+                # the version is read before the events: a later event recomputes
+                derived = Derived(model.generation, st.version, self._aggregate(st, model))
+            elif not context_rows and derived.profile is not None:
+                vec, rows, vals = derived.profile
+                return UserProfile(vec, rows, vals, set(st.seen), b_rows)
+        recent = dict(derived.recent) if derived is not None else {}
         if context_rows:
             for r, w in context_rows.items():
                 recent[r] = recent.get(r, 0.0) + w
@@ -329,25 +344,13 @@ class OnlineState:
             vec = fold_in(model.item_factors, model.bundle.item_gram, rows, vals, model.foldin)
         else:
             vec = None
-        if st is not None and not context_rows:
+        if st is not None and derived is not None:
+            if not context_rows:
+                derived.profile = (vec, rows, vals)
             with self._stripe(user_id):
-                if st.version == version:
-                    st.cache = (model.generation, version, vec, rows, vals)
+                if st.version == derived.version:
+                    st.derived = derived
         return UserProfile(vec, rows, vals, set(st.seen) if st is not None else set(), b_rows)
-
-    def _recent(self, user_id: str, st: UserState, model: LoadedModel,
-                version: int) -> dict[int, float]:
-        """A copy of `_aggregate(st, model)` at state `version`, cached on the state (events
-        decay from the user's latest one, so it changes only with them or the model): a
-        request with a basket context adds its items to it on every call."""
-        cached = st.recent
-        if cached is not None and cached[0] == model.generation and cached[1] == version:
-            return dict(cached[2])
-        out = self._aggregate(st, model)
-        with self._stripe(user_id):
-            if st.version == version:
-                st.recent = (model.generation, version, out)
-        return dict(out)
 
     def _merge(self, b_rows: np.ndarray, b_vals: np.ndarray, recent: Mapping[int, float],
                model: LoadedModel) -> tuple[np.ndarray, np.ndarray]:
