@@ -22,6 +22,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from typing import Any
 
 from lake.config import DEFAULT_ADMIN_TOKEN, ConfigError, ServerSettings, Settings
@@ -40,7 +41,20 @@ REFRESH_S = 1.0
 """How often (at most) a call looks whether the keys file changed: keys created or revoked
 with the CLI apply to a running server within this time, for one stat per second."""
 
-Check = Callable[[Iterable[tuple[str, Any]] | None], None]
+Check = Callable[[Iterable[tuple[str, Any]] | None], "AccessKey | None"]
+"""Raises when the call may not proceed; returns the access key it matched (None: the call
+needs no key, e.g. an open public port or the admin token)."""
+
+CALLER: ContextVar[AccessKey | None] = ContextVar("lambdarec_caller", default=None)
+"""The access key of the call being handled, set by `online.service.ServiceInterceptor`
+before the handler runs (gRPC runs both in one thread): what handlers scope by (the key's
+name is the tenant) and check optional scopes against. None: no key (open port, admin)."""
+
+
+def caller_has(scope: str) -> bool:
+    """Whether the current call may use `scope`: its key holds it, or the port runs open."""
+    key = CALLER.get()
+    return key is None or scope in key.scopes
 
 
 def bearer(metadata: Iterable[tuple[str, Any]] | None) -> bytes | None:
@@ -71,10 +85,11 @@ class AdminToken:
         if full_method.startswith(EXEMPT_PREFIXES):
             return None
 
-        def check(metadata: Iterable[tuple[str, Any]] | None) -> None:
+        def check(metadata: Iterable[tuple[str, Any]] | None) -> AccessKey | None:
             got = bearer(metadata)
             if got is None or not hmac.compare_digest(got, self._token):
                 raise Unauthenticated("missing or invalid 'authorization: Bearer <token>'")
+            return None
         return check
 
 
@@ -143,11 +158,11 @@ class AccessKeys:
         method = full_method.rsplit("/", 1)[-1]
         scope = METHOD_SCOPES.get(method)
 
-        def check(metadata: Iterable[tuple[str, Any]] | None) -> None:
+        def check(metadata: Iterable[tuple[str, Any]] | None) -> AccessKey | None:
             self._refresh()
             keys = self._keys
             if self.open_when_empty and not keys:
-                return
+                return None
             got = bearer(metadata)
             if not got:
                 raise Unauthenticated(f"{method} needs an access key: send 'authorization: "
@@ -161,6 +176,7 @@ class AccessKeys:
                 raise PermissionDenied(f"access key {key.name!r} lacks the scope {method} "
                                        f"needs ({scope or 'none grants it'}); it has "
                                        f"{', '.join(key.scopes)}")
+            return key
         return check
 
 

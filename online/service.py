@@ -22,7 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lake.bundle import BundleError, check_version_name
 from lake.config import Settings
 from lake.validation import EventLimits, id_problem, validate_event
-from online.auth import AccessKeys, AdminToken
+from online.auth import CALLER, AccessKeys, AdminToken
 from online.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -130,9 +130,12 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             try:
                 if isinstance(request, _Undecodable):
                     raise self._undecodable(full_method, request)
-                if guard is not None:
-                    guard(context.invocation_metadata())
-                out = inner(request, context)
+                token = CALLER.set(guard(context.invocation_metadata())
+                                   if guard is not None else None)
+                try:
+                    out = inner(request, context)
+                finally:
+                    CALLER.reset(token)
             except Exception as exc:  # noqa: BLE001 - this IS the single mapping point
                 code, message = status_of(exc)
                 if code == grpc.StatusCode.INTERNAL:
