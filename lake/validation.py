@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -37,7 +38,14 @@ class EventValidationError(ValueError):
         self.reason = message
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""C0 and C1 control characters and DEL: never part of an id, a title or a property."""
+_INVISIBLE_CATEGORIES = frozenset(("Cc", "Cf", "Zs", "Zl", "Zp"))
+"""Controls, format characters (zero-width space, joiners, BOM) and separators: an id made
+only of these looks empty everywhere it is shown."""
+# The same two rules for Arrow columns (RE2 syntax) in bulk loads.
+_CONTROL_RE2 = r"[\x00-\x1f\x7f-\x9f]"
+_INVISIBLE_RE2 = r"^[\s\p{Cc}\p{Cf}\p{Z}]*$"
 
 
 @dataclass(frozen=True)
@@ -56,15 +64,47 @@ class EventLimits:
                    server.max_properties_bytes, server.max_properties_keys)
 
 
+def _all_invisible(v: str) -> bool:
+    return all(c.isspace() or unicodedata.category(c) in _INVISIBLE_CATEGORIES for c in v)
+
+
+def text_problem(v: str) -> str | None:
+    """What is wrong with free text (a title, a property key or value), or None."""
+    bad = _CONTROL.search(v)
+    if bad:
+        return f"contains the control character U+{ord(bad.group()):04X}"
+    return None
+
+
 def id_problem(v: str, max_len: int) -> str | None:
     """What is wrong with an id (user, item, event, session, category), or None."""
     if not v or not v.strip():
         return "must not be empty"
     if len(v) > max_len:
         return f"longer than {max_len} characters"
-    bad = _CONTROL.search(v)
-    if bad:
-        return f"contains the control character U+{ord(bad.group()):04X}"
+    problem = text_problem(v)
+    if problem:
+        return problem
+    # ASCII without controls always has a visible character once strip() left one.
+    if not v.isascii() and _all_invisible(v):
+        return "has no visible character (only spaces, controls or format characters)"
+    return None
+
+
+def _json_text_problem(value: Any) -> str | None:
+    """The first control character in a parsed JSON value's keys or strings, or None."""
+    if isinstance(value, str):
+        return text_problem(value)
+    if isinstance(value, dict):
+        items: Iterable[Any] = (x for kv in value.items() for x in kv)
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for x in items:
+        problem = _json_text_problem(x)
+        if problem:
+            return problem
     return None
 
 
@@ -160,7 +200,11 @@ def validate_event(
                 raise EventValidationError(row, "properties", "must be a JSON object")
         else:
             raise EventValidationError(row, "properties", "must be a JSON object or mapping")
-        n_keys = len(json.loads(props))
+        parsed_props = json.loads(props)
+        n_keys = len(parsed_props)
+        problem = _json_text_problem(parsed_props)
+        if problem:
+            raise EventValidationError(row, "properties", problem)
         if n_keys > limits.max_properties_keys:
             raise EventValidationError(row, "properties", f"{n_keys} keys, more than "
                                        f"server.max_properties_keys {limits.max_properties_keys}")
@@ -226,6 +270,12 @@ def validate_events_table(table: pa.Table, *, now: datetime | None = None) -> pa
         if pc.any(bad).as_py():
             i = _first(bad)
             raise EventValidationError(i, name, f"must be 1..{MAX_ID_LENGTH} characters")
+        bad = pc.or_(pc.match_substring_regex(cols[name], _CONTROL_RE2),
+                     pc.match_substring_regex(cols[name], _INVISIBLE_RE2))
+        if pc.any(bad).as_py():
+            i = _first(bad)
+            raise EventValidationError(i, name, id_problem(cols[name][i].as_py(), MAX_ID_LENGTH)
+                                       or "has no visible character")
     bad_type = pc.invert(pc.is_in(cols["event_type"], value_set=pa.array(EVENT_TYPES)))
     if pc.any(bad_type).as_py():
         i = _first(bad_type)
@@ -252,19 +302,24 @@ def validate_events_table(table: pa.Table, *, now: datetime | None = None) -> pa
     props = cols["properties"]
     if props.null_count < n:
         # Parse each distinct text once: bulk loads repeat a handful of property objects.
-        bad = [p for p in pc.unique(props).to_pylist() if p is not None and not _json_object(p)]
+        problems = {p: _properties_problem(p) for p in pc.unique(props).to_pylist()
+                    if p is not None}
+        bad = [p for p, problem in problems.items() if problem]
         if bad:
             i = _first(pc.is_in(props, value_set=pa.array(bad, pa.string())))
-            raise EventValidationError(i, "properties", "must be a JSON object")
+            raise EventValidationError(i, "properties", problems[props[i].as_py()] or "")
     cols["event_date"] = pc.cast(cols["ts"], pa.date32())  # UTC date: ts is tz=UTC
     return pa.table([cols[f.name] for f in schema], schema=schema)
 
 
-def _json_object(text: str) -> bool:
+def _properties_problem(text: str) -> str | None:
     try:
-        return isinstance(json.loads(text), dict)
+        parsed = json.loads(text)
     except json.JSONDecodeError:
-        return False
+        return "must be a JSON object"
+    if not isinstance(parsed, dict):
+        return "must be a JSON object"
+    return _json_text_problem(parsed)
 
 
 def _first(mask: pa.ChunkedArray | pa.Array) -> int:

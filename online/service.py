@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lake.bundle import BundleError, check_version_name
 from lake.config import Settings
-from lake.validation import EventLimits, id_problem, validate_event
+from lake.validation import EventLimits, id_problem, text_problem, validate_event
 from online.auth import CALLER, AccessKeys, AdminToken
 from online.errors import (
     DeadlineExceeded,
@@ -436,6 +436,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 if len(it.title) > self.v.max_title:
                     raise InvalidArgument(f"items[{i}].title", f"longer than "
                                           f"server.max_title_length {self.v.max_title}")
+                problem = text_problem(it.title)
+                if problem:
+                    raise InvalidArgument(f"items[{i}].title", problem)
                 row["title"] = it.title
             rows.append(row)
         deadline_check(context)("upsert")

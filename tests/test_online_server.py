@@ -279,6 +279,16 @@ def test_malformed_requests_are_invalid_argument_naming_the_field(srv: Running) 
             [ev("u", "A1", properties={"blob": "z" * 5000})], atomic=True),
         "items[0].title": lambda: c.upsert_items([{"item_id": "q", "title": "t" * 2000}]),
         "items[0].category:": lambda: c.upsert_items([{"item_id": "q", "category": "a\x00"}]),
+        # ids of invisible characters only, C1 controls, controls in titles and properties
+        "user_id:::": lambda: c.recommend("\u200b", k=3),
+        "item_id::": lambda: c.similar("\ufeff\u200d", k=3),
+        "events[0].user_id:": lambda: c.ingest([{**ev("u", "A1"), "user_id": "\u200b\u2060"}],
+                                               atomic=True),
+        "events[0].item_id:": lambda: c.ingest([{**ev("u", "x"), "item_id": "A\x851"}],
+                                               atomic=True),
+        "events[0].properties::": lambda: c.ingest(
+            [ev("u", "A1", properties={"note": "bell\x07"})], atomic=True),
+        "items[0].title:": lambda: c.upsert_items([{"item_id": "q", "title": "Mug\x1b[31m"}]),
     }
     for field, call in cases.items():
         code, msg = code_of(call)

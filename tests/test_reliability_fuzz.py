@@ -88,19 +88,24 @@ def mostly(good: st.SearchStrategy, bad: st.SearchStrategy,
     return st.integers(0, 9).flatmap(lambda r: bad if r >= 10 - bad_in_ten else good)
 
 
-ASCII_CTRL = "".join(chr(c) for c in (*range(0, 32), 127))  # invalid in ids
-odd_ids = st.one_of(  # valid: non-blank, at most max_id_length, no ASCII control characters
+CTRL = "".join(chr(c) for c in (*range(0, 32), *range(127, 160)))  # C0, DEL, C1: invalid
+INVISIBLE = "\u200b\u2028\ufeff\u202e\u00ad\u3000 "  # format characters and separators
+odd_ids = st.one_of(  # valid: a visible character, at most max_id_length, no controls
     st.sampled_from(["'", "''", "\\", "%", "_", "*", "../v1", "a/b", "NULL", "' OR 1=1 --",
-                     "\U0001f600", "é" * 256, "x" * 256, " padded ", "\u202e", "\u200b",
-                     "\ufeff"]),
-    # unicode, no surrogates (protobuf strings are UTF-8), no ASCII control characters
-    st.text(alphabet=st.characters(exclude_categories=("Cs",), exclude_characters=ASCII_CTRL),
-            min_size=1, max_size=40),
-    st.text(alphabet="\u200b\u2028\ufeff\u202e" + "ab ", min_size=1, max_size=10),
+                     "\U0001f600", "é" * 256, "x" * 256, " padded ", "a\u202e", "\u200bb",
+                     "\ufeffx"]),
+    # unicode, no surrogates (protobuf strings are UTF-8), no controls; at least one letter
+    st.tuples(st.text(alphabet=st.characters(exclude_categories=("Cs",),
+                                             exclude_characters=CTRL), max_size=39),
+              st.characters(categories=("L",))).map("".join),
+    st.tuples(st.text(alphabet=INVISIBLE + "ab", max_size=9),
+              st.sampled_from("ab")).map("".join),
 ).filter(lambda v: v.strip() and v not in RESERVED)
 bad_ids = mostly(st.one_of(
     st.sampled_from(["", " ", "\t", "\n \r", "\u3000"]),  # empty or blank
-    st.sampled_from(["\x00", "\x00uA0", "uA0\x00", "a\nb", "\x7f", "u\rA0"]),  # control chars
+    st.text(alphabet=INVISIBLE, min_size=1, max_size=6),  # nothing visible
+    st.sampled_from(["\x00", "\x00uA0", "uA0\x00", "a\nb", "\x7f", "u\rA0",
+                     "u\x85A0"]),  # control characters (C0, DEL, C1)
     st.integers(min_value=257, max_value=300).map(lambda n: "x" * n),  # over max_id_length
     st.integers(min_value=257, max_value=300).map(lambda n: "é" * n),
 ), st.integers(min_value=70_000, max_value=100_000).map(lambda n: "y" * n), 1)  # > max message
