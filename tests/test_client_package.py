@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import shutil
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -87,3 +91,68 @@ def test_cli_health_exits_0_only_when_serving(capsys: pytest.CaptureFixture[str]
         assert '"status": "NOT_SERVING"' in capsys.readouterr().out
     finally:
         server.stop(0)
+
+
+def _protogen_copy(tmp_path: Path) -> types.ModuleType:
+    """`protogen.py` and the protos copied to a scratch tree, so generating there leaves
+    the checkout's package alone (it finds the protos relative to its own file)."""
+    root = tmp_path / "repo"
+    shutil.copytree(CLIENT_DIR.parent.parent / "protos", root / "protos")
+    (root / "clients" / "python").mkdir(parents=True)
+    shutil.copy(CLIENT_DIR / "protogen.py", root / "clients" / "python" / "protogen.py")
+    spec = importlib.util.spec_from_file_location(f"protogen_{tmp_path.name}",
+                                                  root / "clients" / "python" / "protogen.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_regenerating_never_leaves_the_package_missing(tmp_path: Path) -> None:
+    """Every file-system step of a regeneration (Python's audit events fire before each
+    rename, removal, mkdir, open) finds the package's modules in place: an importer never
+    sees it missing, whether the package was a plain directory or an earlier generation."""
+    gen = _protogen_copy(tmp_path)
+    module = gen.OUT_DIR / "v1" / "recommender_pb2.py"
+    gen.OUT_DIR.mkdir()  # a plain directory (an unpacked sdist, the layout before symlinks)
+    gen.generate()
+    missing: list[tuple[str, tuple]] = []
+    watching = True
+
+    def watch(event: str, args: tuple) -> None:
+        if watching and event.startswith(("os.", "shutil.", "open")) \
+                and not module.is_file():
+            missing.append((event, args))
+
+    sys.addaudithook(watch)  # cannot be removed: `watching` turns it off
+    try:
+        gen.generate()
+        gen.generate()
+    finally:
+        watching = False
+    assert missing == []
+    assert module.is_file() and gen.OUT_DIR.is_symlink()
+    # Generations kept: the current one and the one it replaced.
+    kept = [d for d in gen.HERE.glob(".generated.*") if d.is_dir() and not d.is_symlink()]
+    assert len(kept) == 2 and gen.OUT_DIR.resolve().parent in kept
+
+
+def test_is_stale_checks_every_generated_file(tmp_path: Path) -> None:
+    gen = _protogen_copy(tmp_path)
+    assert gen.is_stale()  # nothing generated yet
+    gen.generate()
+    assert not gen.is_stale()
+    v1 = gen.OUT_DIR / "v1"
+    assert sorted(p.name for p in v1.iterdir()) == [
+        "__init__.py", "admin_pb2.py", "admin_pb2.pyi", "admin_pb2_grpc.py", "py.typed",
+        "recommender_pb2.py", "recommender_pb2.pyi", "recommender_pb2_grpc.py"]
+    proto = gen.PROTO_DIR / "lambdarec" / "v1" / "recommender.proto"
+    for name in ("recommender_pb2.pyi", "admin_pb2.py", "__init__.py"):
+        (v1 / name).unlink()
+        assert gen.is_stale(), f"{name} missing"
+        gen.generate()
+        assert not gen.is_stale()
+        # an output older than a proto (the proto was edited since)
+        os.utime(v1 / name, (proto.stat().st_mtime - 10, proto.stat().st_mtime - 10))
+        assert gen.is_stale(), f"{name} older than {proto.name}"
+        gen.generate()
