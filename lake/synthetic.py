@@ -211,11 +211,6 @@ def item_world(n_items: int, seed: int) -> ItemWorld:
                      cat_hi)
 
 
-def user_world(n_users: int, n_items: int, seed: int, *, drift_share: float = 0.3) -> UserWorld:
-    """The users' structure for `(n_users, n_items, seed, drift_share)`."""
-    return _user_world(n_users, item_world(n_items, seed), seed, drift_share)
-
-
 def _user_world(n_users: int, items: ItemWorld, seed: int, drift_share: float) -> UserWorld:
     _check_sizes(n_users=n_users, seed=seed)
     if not 0.0 <= drift_share <= 1.0:
@@ -404,6 +399,7 @@ def generate(
                                         next_session + e_session[sl]),
                 "properties": props.take(pa.array(s_props[e_session[sl]])),
                 "event_date": pc.cast(ts_arr, pa.date32()),
+                "tenant": pa.repeat(pa.scalar("", pa.string()), take),  # no access key
             },
             schema=BRONZE_EVENTS.schema,
         )

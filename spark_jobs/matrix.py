@@ -173,14 +173,3 @@ def read_gold(
     return build_matrix(
         read_gold_batches(lake, as_of, version=version, extra_filter=extra_filter)
     )
-
-
-def gold_as_of_dates(lake: Lake) -> list[date]:
-    """The as-of partitions present in gold (from the Delta log, no data scan)."""
-    if not lake.exists(GOLD):
-        return []
-    actions = pa.table(lake.delta(GOLD).get_add_actions(flatten=True))
-    if actions.num_rows == 0 or "partition.as_of" not in actions.column_names:
-        return []
-    vals = pc.unique(actions.column("partition.as_of")).to_pylist()
-    return sorted(v if isinstance(v, date) else date.fromisoformat(str(v)) for v in vals)
