@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,14 +29,14 @@ from bench.report import Report
 
 def _raw_implicit(csr: Any, s: Any) -> float:
     import scipy.sparse as sp
-    from implicit.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
+
+    from spark_jobs.als import implicit_model
 
     cui = sp.csr_matrix(csr, dtype=np.float32)
     with threadpool_limits(1, "blas"):
-        model = AlternatingLeastSquares(factors=s.factors, regularization=s.regularization,
-                                        alpha=s.alpha, iterations=s.iterations,
-                                        random_state=s.seed, use_gpu=False)
+        # The trainer's own constructor: the same hyper-parameters, defaults resolved alike.
+        model = implicit_model(s, use_gpu=False)
         t0 = time.perf_counter()
         model.fit(cui, show_progress=False)
         return time.perf_counter() - t0
@@ -66,8 +67,9 @@ def _mllib(matrix: Any, settings: Any, iterations: int) -> float:
     from spark_jobs.als import MLlibTrainer
 
     spark = get_spark(settings.spark)
+    # regularization None: MLlib's default lambda (count-scaled), not implicit's setting
     ts = TrainSettings(**{**settings.train.model_dump(), "backend": "mllib",
-                          "iterations": iterations, "regularization": 0.1, "use_gpu": False})
+                          "iterations": iterations, "regularization": None, "use_gpu": False})
     trainer = MLlibTrainer(ts, spark)
     t0 = time.perf_counter()
     trainer.fit(matrix)
@@ -75,7 +77,17 @@ def _mllib(matrix: Any, settings: Any, iterations: int) -> float:
 
 
 def run(report: Report, *, datasets: tuple[str, ...] = ("ml-1m",),
-        mllib_iterations: int = 5) -> dict[str, Any]:
+        mllib_iterations: int = 5,
+        pipelines: Callable[[str], dict[str, Any]] = pipeline_for) -> dict[str, Any]:
+    """Measure every dataset in `datasets` (those present; the others are listed skipped).
+
+    Args:
+        report: where the figures and the section's table go.
+        datasets: dataset names `pipelines` knows.
+        mllib_iterations: MLlib's iterations (its time at 1 iteration is taken out).
+        pipelines: `data` -> `{"settings", "summary"}` of a pipeline run on it (default
+            `bench.datasets.pipeline_for`; a test hands in a tiny lake's).
+    """
     from lake.tables import Lake
     from spark_jobs import train
     from spark_jobs.matrix import read_gold
@@ -85,7 +97,7 @@ def run(report: Report, *, datasets: tuple[str, ...] = ("ml-1m",),
         if not data_available(data):
             skipped.append(data)
             continue
-        pr = pipeline_for(data)
+        pr = pipelines(data)
         settings, summary = pr["settings"], pr["summary"]
         as_of = summary["as_of"]
         it = settings.train.iterations

@@ -116,6 +116,22 @@ def _check_matrix(matrix: InteractionMatrix) -> None:
         raise TrainError(f"cannot train on an empty interaction matrix {matrix.shape}")
 
 
+def implicit_model(settings: TrainSettings, *, use_gpu: bool = False) -> Any:
+    """implicit's `AlternatingLeastSquares` for `settings`, every hyper-parameter resolved
+    (`regularization: null` = the backend's default, `effective_regularization`): the one
+    constructor `ImplicitTrainer` and the bench's raw implicit fit share."""
+    from implicit.als import AlternatingLeastSquares
+
+    return AlternatingLeastSquares(
+        factors=settings.factors,
+        regularization=settings.effective_regularization,
+        alpha=settings.alpha,
+        iterations=settings.iterations,
+        random_state=settings.seed,
+        use_gpu=use_gpu,
+    )
+
+
 class ImplicitTrainer:
     """implicit 0.7.3 ALS (CPU or GPU)."""
 
@@ -136,7 +152,6 @@ class ImplicitTrainer:
 
     def fit(self, matrix: InteractionMatrix, users: np.ndarray | None = None) -> ALSFactors:
         _check_matrix(matrix)
-        from implicit.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
 
         s = self.settings
@@ -148,14 +163,7 @@ class ImplicitTrainer:
         cui.data += np.float32(1.0 / s.alpha)
         t0 = time.perf_counter()
         with threadpool_limits(1, "blas"):
-            model = AlternatingLeastSquares(
-                factors=s.factors,
-                regularization=s.effective_regularization,
-                alpha=s.alpha,
-                iterations=s.iterations,
-                random_state=s.seed,
-                use_gpu=gpu,
-            )
+            model = implicit_model(s, use_gpu=gpu)
             model.fit(cui, show_progress=False)
             if gpu:
                 model = model.to_cpu()

@@ -4,6 +4,7 @@ scratch space works on a fresh clone where `var/bench` does not exist yet."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,3 +79,39 @@ def test_echo_with_search_answers_the_request_bytes_after_searching(tmp_path: Pa
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+@pytest.mark.slow
+def test_training_section_runs_on_a_tiny_lake_with_the_default_regularization(
+        tmp_path: Path) -> None:
+    """`make bench`'s training section end to end (our train step, raw implicit, MLlib) on
+    a small synthetic lake, with `train.regularization` left at its default (null): the raw
+    implicit fit resolves it as the trainer does instead of handing implicit None."""
+    from bench import training
+    from lake.config import load_settings
+    from spark_jobs import pipeline
+
+    settings = load_settings(env={}, path=None, overrides={
+        "lake": {"root": str(tmp_path / "lake")}, "model": {"dir": str(tmp_path / "models")},
+        "data": {"source": "synthetic", "synthetic_events": 3_000, "synthetic_users": 120,
+                 "synthetic_items": 80},
+        "spark": {"master": "local[2]", "shuffle_partitions": 2, "driver_memory": "1g"},
+        "tune": {"enabled": False}, "train": {"iterations": 3},
+        "airflow": {"reload_targets": ["127.0.0.1:1"]}})  # no server is told to reload
+    assert settings.train.regularization is None
+
+    def tiny(data: str) -> dict[str, Any]:
+        assert data == "synthetic-tiny"
+        return {"settings": settings,
+                "summary": pipeline.run(settings, data="synthetic", force=True)}
+
+    report = Report(tmp_path / "report")
+    out: dict[str, Any] = {}
+    timings, failed = run_sections({"training": lambda r: out.update(training.run(
+        r, datasets=("synthetic-tiny",), mllib_iterations=2, pipelines=tiny))}, report)
+    assert failed == []
+    res = out["synthetic-tiny"]
+    assert res["raw_implicit_s"] > 0 and res["mllib_s"] > 0 and res["export_s"] > 0
+    names = {f.name for f in report.figures}
+    assert "training.synthetic-tiny.ours.s_per_iter" in names
+    assert "training.synthetic-tiny.mllib.marginal_s_per_iter" in names
