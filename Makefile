@@ -56,7 +56,7 @@ test-integration: setup ## Tests that start external processes (Spark cluster, A
 test-reliability: setup ## Crash / reload-under-load / fuzz suites
 	$(PY) -m pytest -m "reliability" -q
 
-test-gpu: setup ## GPU-only checks (needs CUDA)
+test-gpu: setup ## GPU checks: implicit on CUDA, FAISS / PyTorch GPU search (skipped without CUDA)
 	$(PY) -m pytest -m "gpu" -q
 
 lint: setup ## ruff + mypy
