@@ -10,7 +10,6 @@ bundle is cached by size and reused by later runs.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from bench.vectors import clustered_vectors
+from lake.bundle import Manifest, read_manifest
 from lake.config import PROJECT_ROOT, IndexSettings
 from online.ports import free_port
 
@@ -70,8 +70,8 @@ class BenchBundle:
         with np.load(self.root / "world.npz", allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
-    def manifest(self) -> dict:
-        return json.loads((self.bundle_dir / "manifest.json").read_text())
+    def manifest(self) -> Manifest:
+        return read_manifest(self.bundle_dir)
 
 
 def ensure_bundle(n_items: int, *, n_users: int = 100_000, dim: int = 64,
@@ -190,8 +190,11 @@ def wait_serving(target: str, proc: subprocess.Popen, timeout: float, log_path: 
 
 @contextmanager
 def running_server(bb: BenchBundle, *, startup_timeout: float = 300.0,
-                   workers: int | None = None) -> Iterator[ServerProc]:
-    """`python -m online.server` on a fresh tmp lake (catalogue) + WAL, serving `bb`."""
+                   workers: int | None = None,
+                   env: dict[str, str] | None = None) -> Iterator[ServerProc]:
+    """`python -m online.server` on a fresh tmp lake (catalogue) + WAL, serving `bb`;
+    `env`: more settings (`LAMBDAREC__...` variables)."""
+    extra = env
     work = scratch_dir("lambdarec-bench-")
     try:
         write_catalog(work / "lake", bb.world()["item_cluster"])
@@ -208,6 +211,7 @@ def running_server(bb: BenchBundle, *, startup_timeout: float = 300.0,
         })
         if workers:
             env["LAMBDAREC__SERVER__WORKERS"] = str(workers)
+        env.update(extra or {})
         log_path = work / "server.log"
         with log_path.open("wb") as logf:
             proc = subprocess.Popen([sys.executable, "-m", "online.server"], cwd=PROJECT_ROOT,

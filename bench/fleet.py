@@ -110,7 +110,7 @@ def _fresh(c: Any, uid: str, old: list[str]) -> bool:
 def freshness(fleet: Any, bb: BenchBundle, trials: int) -> dict[str, list[float]]:
     from lambdarec_client import Client
 
-    from online.fleet import read_fleet
+    from lake.fleet_file import read_fleet
 
     state = read_fleet(fleet.run_dir)
     assert state is not None

@@ -18,6 +18,13 @@ filter, all with exclude-seen. References measured in the same run:
 The same request mix is then sent as `RecommendBatch` calls of BATCH requests each: the
 figure is recommendations answered per second (calls/s x BATCH), next to unary Recommend.
 
+Impression overhead: two servers of this build, one with impressions off
+(`impressions.sample_rate` 0) and one with every answer recorded (1.0, the default the
+figures above ran with), take the same Recommend load in turn (off, on, off, on, ...:
+IMPRESSION_ROUNDS rounds at IMPRESSION_CONCURRENCY in flight), so drift on the box hits
+both alike; the figure is the median on/off throughput ratio (budget >= 0.9x). The "on"
+server is then stopped gracefully and its `bronze_impressions` counted.
+
 It also times the server's request logic in-process (`Recommender.recommend`, no gRPC)
 and profiles it with cProfile, to say where a request's time goes.
 """
@@ -62,6 +69,10 @@ TARGET_P99_MS = 5.0
 TARGET_RPS_PER_CORE = 1000.0
 TARGET_VS_ECHO = 0.5
 CORES = 2
+IMPRESSION_ROUNDS = 3
+IMPRESSION_CONCURRENCY = 16
+IMPRESSION_BUDGET = 0.9
+"""Recommend throughput with impressions on, as a share of off (issue 23)."""
 
 
 def _cluster_items(item_cluster: np.ndarray) -> dict[int, np.ndarray]:
@@ -200,6 +211,38 @@ def ingest_events(target: str, events: list[dict[str, Any]], batch: int = 500) -
     return time.perf_counter() - t0
 
 
+def impression_overhead(bb: BenchBundle, payload_file: Path, events: list[dict[str, Any]],
+                        *, concurrency: int, duration: float, max_requests: int,
+                        rounds: int = IMPRESSION_ROUNDS) -> dict[str, Any]:
+    """Recommend req/s with impressions off and on, same build, same requests, loaded in
+    turn (see the module docstring); and what the "on" server recorded."""
+    from lake.tables import Lake
+
+    rps: dict[str, list[float]] = {"off": [], "on": []}
+    served_on = 0
+    with running_server(bb, env={"LAMBDAREC__IMPRESSIONS__SAMPLE_RATE": "0"}) as off, \
+            running_server(bb, env={"LAMBDAREC__IMPRESSIONS__SAMPLE_RATE": "1"}) as on:
+        for srv in (off, on):
+            ingest_events(srv.target, events)
+        for _ in range(rounds):
+            for name, srv in (("off", off), ("on", on)):
+                res = run_loadgen(srv.target, RECOMMEND, payload_file,
+                                  concurrency=[concurrency], duration=duration,
+                                  max_requests=max_requests, warmup=0.5)
+                level = res["levels"][0]
+                if level["errors"]:
+                    raise RuntimeError(f"impressions {name}: errors {level['errors']}")
+                rps[name].append(level["rps"])
+                if name == "on":
+                    served_on += level["requests"]
+        on.proc.terminate()  # graceful: the WAL is flushed to bronze_impressions
+        on.proc.wait(300)
+        recorded = Lake(on.workdir / "lake").count("bronze_impressions")
+    ratio = float(np.median(rps["on"]) / np.median(rps["off"]))
+    return {"rps": rps, "ratio": ratio, "rounds": rounds, "concurrency": concurrency,
+            "recorded": recorded, "measured_on": served_on}
+
+
 def search_workload(bb: BenchBundle, specs: list[dict[str, Any]],
                     n: int) -> tuple[np.ndarray, int]:
     """(query vectors, results per search): the batch vectors of up to `n` known users of
@@ -330,7 +373,9 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
         echo_results: dict[int, dict[str, Any]] = {}
         for n_items in sizes:
             bb, built = ensure_bundle(n_items, n_users=n_users)
-            idx = bb.manifest()["index"]
+            idx = bb.manifest().index
+            if idx is None:
+                raise RuntimeError(f"{bb.bundle_dir} has no index")
             wl = build_workload(bb, n_new_users=n_new_users,
                                 n_known_with_events=n_known_with_events,
                                 n_requests=n_requests)
@@ -370,6 +415,10 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
                 bres = run_loadgen(srv.target, RECOMMEND_BATCH, batch_file,
                                    concurrency=list(BATCH_CONCURRENCY), duration=duration,
                                    max_requests=max(1, max_requests // BATCH))
+            imp_level = IMPRESSION_CONCURRENCY if IMPRESSION_CONCURRENCY in concurrency \
+                else max(concurrency)
+            imp = impression_overhead(bb, payload_file, wl["events"], concurrency=imp_level,
+                                      duration=duration, max_requests=max_requests)
             levels = {lv["concurrency"]: lv for lv in res["levels"]}
             total_reqs = sum(lv["requests"] for lv in res["levels"])
             errors = {k: v for lv in res["levels"] for k, v in lv["errors"].items()}
@@ -425,11 +474,17 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
                        "echo server CPU ms per request (same loads)", echo_cpu_ms)
             curves[f"Recommend {n_items:,} items"] = [(c, lv["rps"], lv["p99_ms"])
                                                      for c, lv in sorted(levels.items())]
-            info: dict[str, Any] = {"index": idx, "fetch": fetch, "start_s": start_s,
+            on_med, off_med = (float(np.median(imp["rps"][k])) for k in ("on", "off"))
+            report.add(f"online.{tag}.recommend.rps_impressions_on.c{imp_level}", on_med,
+                       "req/s", f"impressions off req/s c{imp_level} (same build, in turn)",
+                       off_med)
+            report.add(f"online.{tag}.recommend.impressions_on_vs_off", imp["ratio"], "x off",
+                       "budget (issue 23)", IMPRESSION_BUDGET)
+            info: dict[str, Any] = {"index": idx.model_dump(), "fetch": fetch, "start_s": start_s,
                                     "ingest_s": ingest_s, "events": len(wl["events"]),
                                     "errors": errors, "levels": levels,
                                     "load_wall_s": load_wall, "server_cpu_s": cpu,
-                                    "built_s": built}
+                                    "built_s": built, "impressions": imp}
             if profile:
                 ip = in_process(bb, wl, min(n_requests, 3000))
                 report.add(f"online.{tag}.inprocess_recommend_p50_ms",
@@ -440,7 +495,7 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
                 profiles.append(
                     f"### {n_items:,} items\n\nIn-process `Recommender.recommend` (no gRPC) "
                     f"p50 {ip['latency']['p50']:.3f} ms, p99 {ip['latency']['p99']:.3f} ms; "
-                    f"raw FAISS ({idx['type']}, k={fetch}) {faiss_ms:.3f} ms/query; server "
+                    f"raw FAISS ({idx.type}, k={fetch}) {faiss_ms:.3f} ms/query; server "
                     f"CPU {cpu * 1000 / max(1, total_reqs):.3f} ms per gRPC Recommend under "
                     f"load.\n\n| request kind | n | p50 ms | p99 ms |\n|---|---:|---:|---:|\n"
                     f"{kinds}\n\ncProfile (tottime) of the in-process requests:\n\n```\n"
@@ -449,7 +504,7 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
             met_tp = per_core >= TARGET_RPS_PER_CORE
             met_batch = batch_per_core >= TARGET_RPS_PER_CORE
             verdicts.append(
-                f"- {n_items:,} items ({idx['type']}, recall@10 {idx.get('recall_at_10')}): "
+                f"- {n_items:,} items ({idx.type}, recall@10 {idx.recall_at_10}): "
                 f"p99 at c={low['concurrency']} {low['p99_ms']:.2f} ms "
                 f"(target <= {TARGET_P99_MS} ms: {'MET' if met_lat else 'NOT MET'}); "
                 f"best {best['rps']:.0f} req/s at c={best['concurrency']} = {per_core:.0f} "
@@ -462,7 +517,12 @@ def run(report: Report, *, sizes: tuple[int, ...] = (100_000, 1_000_000),
                 f"({best_search['rps']:.0f} req/s); "
                 f"RecommendBatch({BATCH}) {bbest['rps'] * BATCH:.0f} recommendations/s at "
                 f"c={bbest['concurrency']} = {batch_per_core:.0f}/core (target: "
-                f"{'MET' if met_batch else 'NOT MET'})"
+                f"{'MET' if met_batch else 'NOT MET'}); with impressions recorded "
+                f"{on_med:.0f} req/s vs {off_med:.0f} off at c={imp_level} (median of "
+                f"{imp['rounds']} rounds each, in turn) = {imp['ratio']:.2f}x (budget >= "
+                f"{IMPRESSION_BUDGET}x: {'MET' if imp['ratio'] >= IMPRESSION_BUDGET else 'NOT MET'}"
+                f"; {imp['recorded']:,} impressions in bronze after the graceful stop for "
+                f"{imp['measured_on']:,} measured answers plus warm-up)"
                 + (f"; errors {errors}" if errors else ""))
             summary[tag] = info
     finally:

@@ -1,6 +1,7 @@
 """`make bench`: run the benchmark sections into one report.
 
-    python -m bench.run [--only ann,online,ingest,freshness,fleet,training,accuracy,scaling]
+    python -m bench.run [--only ann,online,ingest,flood,freshness,fleet,training,accuracy,
+                               scaling,experiments]
                         [--quick] [--big-training] [--big-scaling]
 
 Every figure is printed as one JSON line (`bench.report.Report.add`) next to a reference
@@ -27,8 +28,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from bench.report import Report  # noqa: E402
 
-SECTIONS = ("online", "ingest", "freshness", "fleet", "training", "accuracy", "ann",
-            "scaling")
+SECTIONS = ("online", "ingest", "flood", "freshness", "fleet", "training", "accuracy", "ann",
+            "scaling", "experiments")
 
 
 def _sections(quick: bool, big_training: bool,
@@ -48,6 +49,13 @@ def _sections(quick: bool, big_training: bool,
         if quick:
             return ingest.run(r, total_events=10_000, n_items=20_000, n_users=20_000)
         return ingest.run(r)
+
+    def flood(r: Report) -> Any:
+        from bench import flood
+
+        if quick:
+            return flood.run(r, clients=2, batches=3, before_s=2.0)
+        return flood.run(r)
 
     def freshness(r: Report) -> Any:
         from bench import freshness
@@ -90,8 +98,16 @@ def _sections(quick: bool, big_training: bool,
         sizes = ("200k",) if quick else ("200k", "2m") + (("20m",) if big_scaling else ())
         return scaling.run(r, sizes=sizes)
 
-    return {"online": online, "ingest": ingest, "freshness": freshness, "fleet": fleet,
-            "training": training, "accuracy": accuracy, "ann": ann, "scaling": scaling}
+    def experiments(r: Report) -> Any:
+        from bench import experiments
+
+        if quick:
+            return experiments.run(r, aa_runs=100, ab_runs=40, server_runs=(60, 15))
+        return experiments.run(r, aa_runs=400, ab_runs=200, server_runs=(300, 60))
+
+    return {"online": online, "ingest": ingest, "flood": flood, "freshness": freshness,
+            "fleet": fleet, "training": training, "accuracy": accuracy, "ann": ann,
+            "scaling": scaling, "experiments": experiments}
 
 
 def run_sections(funcs: dict[str, Callable[[Report], Any]], report: Report

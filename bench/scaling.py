@@ -21,9 +21,9 @@ Same-run references on the same data:
 * raw `implicit` fit on the gold matrix the train step used (same hyper-parameters,
   `threadpool_limits(1, "blas")`), next to the train step;
 * Polars doing compaction's and gold's work on the same bronze files in one process
-  (read bronze, drop invalid rows, first arrival per event_id, strength per event with the
-  configured weights / value transform / decay, sum per (user, item), write both results
-  as Parquet), next to compact + interactions.
+  (read bronze, drop invalid rows, first arrival per (tenant, event_id), strength per event
+  with the configured weights / value transform / decay, sum per (user, item), write both
+  results as Parquet), next to compact + interactions.
 
 Sizes: 200k and 2M events; `--big-scaling` adds 20M (long on 2 cores: opt-in). The
 report gets a table per size, the growth exponent of each step between the two largest
@@ -174,7 +174,7 @@ def polars_compact_and_aggregate(root: Path, out_dir: Path) -> tuple[float, int,
                 & pl.col("event_type").is_in(list(EVENT_TYPES))
                 & (pl.col("value").is_null() | pl.col("value").is_finite()))
         .sort("received_at", "ts")
-        .unique(subset="event_id", keep="first", maintain_order=True)
+        .unique(subset=["tenant", "event_id"], keep="first", maintain_order=True)
     )
     silver.write_parquet(out_dir / "silver.parquet")
     weight = pl.col("event_type").replace_strict(dict(cfg.weights), default=0.0,

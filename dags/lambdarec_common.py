@@ -11,7 +11,9 @@ touches the network (STYLE.md #3).
 * `LambdarecSparkSubmitOperator` submits `spark_jobs/<job>.py` with `spark-submit` to the
   master of the Airflow connection `settings.airflow.spark_conn_id`, with this
   interpreter on both driver and executors and the project on `PYTHONPATH`; the job's
-  JSON result line becomes the task's XCom return value.
+  JSON result (which it also writes to the file named by `--result-file`) becomes the
+  task's XCom return value. It changes only what the provider's operator lets a caller
+  set (its arguments and `execute`), nothing private of the operator or its hook.
 * `notify_reload` asks each online server to hot-reload the model; an unreachable server
   is a warning, never a task failure (it also polls CURRENT / reloads on restart).
 """
@@ -23,7 +25,8 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import tempfile
+from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,13 +34,15 @@ from typing import Any
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
 from lake.config import PROJECT_ROOT, Settings, load_settings
-from online.notify import notify_reload  # noqa: F401 - the DAGs' reload step
-from online.tls import own_client_tls  # noqa: F401 - reaching TLS servers
+from lake.reload_notice import notify_reload  # noqa: F401 - the DAGs' reload step
+from lake.tls import own_client_tls  # noqa: F401 - reaching TLS servers
 
 log = logging.getLogger(__name__)
 
 SPARK_JOBS_DIR = PROJECT_ROOT / "spark_jobs"
 TAGS = ["lambdarec", "batch"]
+RESULT_FILE_FLAG = "--result-file"
+"""The jobs' option (`spark_jobs.cli.job_parser`) naming a file for their JSON result."""
 
 
 def settings() -> Settings:
@@ -183,73 +188,82 @@ def spark_job_conf() -> dict[str, str]:
     }
 
 
-def last_json_object(lines: Sequence[str] | Iterator[str]) -> dict[str, Any] | None:
-    """The last line that is a JSON object (the jobs print their result that way)."""
-    result = None
-    for raw in lines:
-        line = raw.strip()
-        if line.startswith("{") and line.endswith("}"):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                result = obj
-    return result
+def connection_master(conn_id: str) -> str:
+    """The Spark master `spark-submit` is given for Airflow connection `conn_id`.
+
+    Read as the Spark provider defines its connection: `host` is the master (`local[*]`,
+    `yarn`, `spark://h`) or a bare host name the connection type goes in front of
+    (`spark://h`), and `port`, when set, follows it. A connection that does not exist
+    means `yarn`, the provider's own fallback, so the job and spark-submit agree.
+    """
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        log.warning("Airflow connection %s not found: spark-submit defaults to yarn", conn_id)
+        return "yarn"
+    host = conn.host or ""
+    master = host if conn.conn_type == "spark" and host and ("://" in host or not conn.port) \
+        else f"{conn.conn_type}://{host}"
+    return f"{master}:{conn.port}" if conn.port else master
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """The JSON object a job wrote to its `--result-file`, or None when it wrote none."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 class LambdarecSparkSubmitOperator(SparkSubmitOperator):
     """`spark-submit spark_jobs/<job>.py <args>` against the configured Spark connection.
 
-    Resolved when the task runs (never at parse time): the venv's `spark-submit` and
-    Python, the connection's master (exported to the job as `LAMBDAREC__SPARK__MASTER`),
-    `PYTHONPATH`. Returns the job's JSON result line, which Airflow stores as XCom.
+    Resolved when the task runs (never at parse time): the connection's master (exported
+    to the job as `LAMBDAREC__SPARK__MASTER`), the venv's Python and `spark-submit` (first
+    on the `PATH` spark-submit is started with), `PYTHONPATH`. Returns the job's JSON
+    result, which Airflow stores as XCom: the job writes it to a file of this task's
+    (`--result-file`) as well as printing it, so it does not depend on how the provider
+    logs spark-submit's output. The driver must run here (client deploy mode, as
+    `local[*]` and the standalone cluster do) for the file and the environment to reach it.
     """
 
     ui_color = "#ffd9b3"
 
     def __init__(self, *, job: str, conn_id: str, **kwargs: Any) -> None:
         kwargs.setdefault("name", f"lambdarec-{job}")
+        # a bare name wins over the connection's `spark-binary` extra and is looked up on
+        # `spark_job_env`'s PATH when the task runs: the venv's bin comes first there
+        kwargs.setdefault("spark_binary", "spark-submit")
         super().__init__(
             application=str(SPARK_JOBS_DIR / f"{job}.py"), conn_id=conn_id, **kwargs
         )
         self.job = job
-        self.job_result: dict[str, Any] | None = None
-
-    def _get_hook(self):  # type: ignore[no-untyped-def]
-        hook = super()._get_hook()
-        process = hook._process_spark_submit_log
-        operator = self
-
-        def capture(itr: Iterator[str]) -> None:
-            def tee() -> Iterator[str]:
-                for line in itr:
-                    found = last_json_object([line])
-                    if found is not None:
-                        operator.job_result = found
-                    yield line
-
-            process(tee())
-
-        hook._process_spark_submit_log = capture  # type: ignore[method-assign]
-        return hook
+        self.spark_conn_id = conn_id
 
     def execute(self, context: Any) -> dict[str, Any] | None:  # type: ignore[override]
-        if self._spark_binary is None:
-            self._spark_binary = spark_submit_binary()
+        binary = spark_submit_binary()  # none at all: one clear line, nothing submitted
+        master = connection_master(self.spark_conn_id)
         self.conf = {**spark_job_conf(), **(self.conf or {})}
-        # Resolve the connection once to learn the master, then let the operator build
-        # the hook that actually submits, with the environment that names that master.
-        master = super()._get_hook()._connection["master"]
         self.env_vars = {**spark_job_env(master), **(self.env_vars or {})}
-        self._hook = None
-        self.log.info("Submitting spark_jobs/%s.py to %s", self.job, master)
-        super().execute(context)
-        if self.job_result is None:
-            self.log.warning("spark_jobs/%s.py printed no JSON result line", self.job)
+        args = list(self.application_args or [])
+        self.log.info("Submitting spark_jobs/%s.py with %s to %s", self.job, binary, master)
+        with tempfile.TemporaryDirectory(prefix=f"lambdarec-{self.job}-") as tmp:
+            result_file = Path(tmp) / "result.json"
+            self.application_args = [*args, RESULT_FILE_FLAG, str(result_file)]
+            try:
+                super().execute(context)
+            finally:
+                self.application_args = args
+            result = read_result(result_file)
+        if result is None:
+            self.log.warning("spark_jobs/%s.py wrote no JSON result", self.job)
         else:
-            self.log.info("Result: %s", json.dumps(self.job_result, sort_keys=True))
-        return self.job_result
+            self.log.info("Result: %s", json.dumps(result, sort_keys=True))
+        return result
 
 
 class EvaluateSparkSubmitOperator(LambdarecSparkSubmitOperator):

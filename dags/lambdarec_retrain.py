@@ -43,11 +43,20 @@ if it passes the gate, makes it the model the online servers serve.
 | `interactions` | silver → gold `as_of`, tuned strength | rewrites that partition |
 | `train` | Spark: ALS (`backend` implicit/mllib/ials) → staged `version` (*) | overwrites it |
 | `evaluate` | per-user holdout vs popularity, EASE/item-kNN + report (*) | overwrites the report |
-| `publish` | gate, bundle, `model_runs`, CURRENT; rejected: fails with the reason | keeps it |
-| `notify_reload` | `ReloadModel` on {', '.join(_S.airflow.reload_targets)} | is idempotent |
+| `publish` | gate, bundle, `model_runs`, CURRENT (***); rejected: fails, says why | keeps it (**) |
+| `notify_reload` | `ReloadModel` on {', '.join(_S.airflow.reload_targets or [])} | is idempotent |
 
 (*) At scale `train` leaves the evaluated users' held-out pairs out of the fit and
 `evaluate` scores the staged item factors; otherwise it refits (`spark_jobs.eval_sample`).
+
+(**) After `train` ran again, `publish` republishes the version from the new model when it
+was never served (rejected), and fails when it was: a served version is never replaced.
+
+(***) With param `into_experiment` (config `publish.into_experiment`) an accepted model
+does not go live: it becomes the `challenger` arm of that experiment against the champion
+(`publish.challenger_share` of its users), servers pick it up from the experiments file,
+and `notify_reload` is skipped. Promote it with
+`python -m lake.experiments promote EXP challenger`.
 
 Late events land in the bronze partition of their event date; the next compaction sees
 that bronze commit and rewrites that date, however old (silver records the bronze version
@@ -158,8 +167,12 @@ def publish(plan_result: dict[str, Any]) -> dict[str, Any]:
     cfg = settings()
     gate = cfg.gate.model_copy(update={"min_lift_over_popularity": float(params["gate_margin"])})
     cfg = cfg.model_copy(update={"gate": gate})
+    publish_cfg = cfg.publish.model_copy(update={
+        "challenger_share": float(params["challenger_share"])})
+    cfg = cfg.model_copy(update={"publish": publish_cfg})
     result = publish_job.run(cfg, version=plan_result["version"],
-                             force=bool(params["force_publish"]))
+                             force=bool(params["force_publish"]),
+                             into_experiment=params["into_experiment"] or None)
     verdict = "ACCEPTED" if result["accepted"] else "REJECTED"
     print(f"publish {result['version']}: {verdict} ({result['reason']}); "
           f"current={result.get('current')}")
@@ -185,8 +198,13 @@ def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
         raise AirflowSkipException(
             f"model {publish_result.get('version')} not published: {publish_result.get('reason')}"
         )
+    experiment = publish_result.get("experiment")
+    if experiment:  # a reload would make the challenger everybody's model
+        raise AirflowSkipException(
+            f"model {publish_result.get('version')} is the challenger of experiment "
+            f"{experiment['experiment_id']}; servers follow the experiments file")
     cfg = settings()
-    return notify_reload(cfg.airflow.reload_targets, cfg.server.admin_token,
+    return notify_reload(cfg.airflow.reload_targets or [], cfg.server.admin_token,
                          publish_result.get("version"), fleet_dir=cfg.fleet.run_dir,
                          tls=own_client_tls(cfg.server))
 
@@ -226,6 +244,15 @@ def notify(publish_result: dict[str, Any]) -> dict[str, Any]:
                                          f"{_S.gate.metric} over popularity"),
         "force_publish": Param(False, type="boolean",
                                description="publish even if the gate rejects the model"),
+        "into_experiment": Param(_S.publish.into_experiment, type=["null", "string"],
+                                 description="experiment name: an accepted model becomes its "
+                                             "challenger against the champion instead of "
+                                             "going live (promote: python -m "
+                                             "lake.experiments promote EXP challenger)"),
+        "challenger_share": Param(_S.publish.challenger_share, type="number",
+                                  exclusiveMinimum=0, exclusiveMaximum=1,
+                                  description="share of the experiment's users the "
+                                              "challenger serves"),
         "as_of": Param(None, type=["null", "string"], format="date",
                        description="override the as-of date (YYYY-MM-DD)"),
     },

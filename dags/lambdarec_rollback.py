@@ -23,7 +23,7 @@ DOC = """
 Trigger manually (**Trigger DAG** in the UI, or `POST /api/v2/dags/lambdarec_rollback/dagRuns`
 with `{"logical_date": null, "conf": {"version": "v20261122-..."}}`).
 
-1. `rollback` — `spark_jobs.rollback`: points `<models dir>/CURRENT` at `version` after
+1. `rollback` — `lake.rollback`: points `<models dir>/CURRENT` at `version` after
    checking its bundle (manifest, checksums) and that the gate did not reject it; marks the
    version moved away from `rolled_back` in `model_runs`. Leave `version` empty to go back
    to the newest published version before the current one.
@@ -38,7 +38,7 @@ model_runs ORDER BY created_at DESC"`.
 @task(task_id="rollback", multiple_outputs=False)
 def rollback() -> dict[str, Any]:
     """Point CURRENT at the `version` param (or the previous published version)."""
-    from spark_jobs import rollback as rollback_job  # run-time import (lake, numpy)
+    from lake import rollback as rollback_job  # run-time import (delta-rs, numpy)
 
     version = get_current_context()["params"].get("version") or None
     result = rollback_job.run(settings(), version=version)
@@ -50,7 +50,7 @@ def rollback() -> dict[str, Any]:
 def notify(rollback_result: dict[str, Any]) -> dict[str, Any]:
     """Ask the online servers to hot-reload the model now named by CURRENT."""
     cfg = settings()
-    return notify_reload(cfg.airflow.reload_targets, cfg.server.admin_token,
+    return notify_reload(cfg.airflow.reload_targets or [], cfg.server.admin_token,
                          rollback_result.get("version"), fleet_dir=cfg.fleet.run_dir,
                          tls=own_client_tls(cfg.server))
 

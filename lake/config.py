@@ -11,7 +11,10 @@ Environment overrides use `LAMBDAREC__<SECTION>__<KEY>` (double underscores), e.
 Each value is parsed by its field's type: text fields (strings, paths, choices) take the
 value verbatim (`0755` and `no` stay text), numbers and booleans are read by pydantic
 (`3`, `0.5`, `true`/`no`), `null` clears an optional field, and lists and mappings are
-written as YAML/JSON (`[view, click]`, `{"view": 2}`). An error names the variable.
+written as YAML/JSON (`[view, click]`, `{"view": 2}`). Inside a list or mapping the same
+rule holds: YAML gives only the structure, every element is text read by its element's
+type, so `[no, 0755]` for a list of strings is `["no", "0755"]` (YAML 1.1 would make it
+`[False, 493]`). An error names the variable.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = PROJECT_ROOT / "infra" / "lambdarec.yaml"
@@ -209,6 +219,18 @@ class GateSettings(_Strict):
     """...and must not be worse than the current model by more than this relative tolerance."""
 
 
+class PublishSettings(_Strict):
+    into_experiment: str | None = None
+    """Name of an experiment the nightly publish puts an accepted model into, as the
+    `challenger` arm against the `champion` (CURRENT), instead of making it CURRENT (a
+    running experiment is stopped first); null = an accepted model goes live for everyone.
+    Promote the winner with `python -m lake.experiments promote EXP ARM`."""
+    challenger_share: float = Field(default=0.5, gt=0, lt=1)
+    """Share of the experiment's users the challenger serves (the champion the rest)."""
+    experiment_traffic: float = Field(default=1.0, gt=0, le=1)
+    """Share of all users in that experiment (the others get the champion, no arm)."""
+
+
 class TuneSettings(_Strict):
     enabled: bool = True
     """Search hyper-parameters nightly on a validation split carved from the training data."""
@@ -258,8 +280,9 @@ class ServerSettings(_Strict):
     admin_port: int = Field(default=50052, ge=0, le=65535)
     """Admin service port (ReloadModel, ModelInfo, ForgetUser)."""
     admin_token: str = DEFAULT_ADMIN_TOKEN
-    """Bearer token the admin service requires. Change it (the server warns at start while
-    it is the default)."""
+    """Bearer token the admin service and the console login require. Off loopback a server
+    refuses to start with the default, an empty or a short (< 16 characters) token; on
+    loopback it warns."""
     auth: Literal["keys", "none"] = "keys"
     """Public service access: `keys` = every call (health checks aside) needs an access key
     (`python -m online.keys`) holding the method's scope; while no key exists, a server bound
@@ -280,10 +303,33 @@ class ServerSettings(_Strict):
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     """Prometheus metrics HTTP port (0 disables)."""
     console_port: int = Field(default=8765, ge=0, le=65535)
-    """Web console HTTP port (`make run`; 0 = any free port). Read-only without the admin
-    token; it binds `server.host` like the gRPC ports."""
+    """Web console port (`make run`; 0 = any free port). Every page needs the admin login;
+    HTTPS with `tls_cert`; it binds `server.host` like the gRPC ports."""
     workers: int = Field(default=8, ge=1)
     """gRPC handler threads."""
+    ingest_concurrency: int = Field(default=1, ge=0)
+    """IngestEvents calls worked on at once; others wait their turn. Validating and folding
+    in events is Python work that holds the GIL, so a second concurrent batch does not ingest
+    faster but delays every Recommend answered meanwhile. 0 = no bound."""
+    ingest_queue: int = Field(default=3, ge=0)
+    """IngestEvents calls that may wait for a turn (at most `workers` - `ingest_concurrency` -
+    1, so requests always find a handler thread); one more is answered RESOURCE_EXHAUSTED."""
+    ingest_wait_s: float = Field(default=2.0, ge=0)
+    """Longest an IngestEvents call waits for its turn before RESOURCE_EXHAUSTED."""
+    ingest_gate_min_events: int = Field(default=1000, ge=0)
+    """IngestEvents calls with fewer events skip the turn-taking above: validating them
+    holds the GIL for well under a millisecond, so they cannot starve Recommend (the rate
+    limits bound how many arrive), and a shop's many small concurrent calls are never
+    refused for being concurrent."""
+    switch_interval_ms: float = Field(default=0.5, ge=0)
+    """How long a thread holding the GIL keeps it while another waits
+    (`sys.setswitchinterval`, process-wide). CPython's 5 ms lets a thread busy with an ingest
+    batch delay each GIL hand-over a Recommend call needs by up to 5 ms. 0 = CPython's."""
+    gc_full_threshold: int = Field(default=1000, ge=0)
+    """Middle-generation garbage collections between two full ones (the third
+    `gc.set_threshold` value, process-wide; CPython's is 10). A full collection stops every
+    thread for a scan of the whole heap, which ingest grows (0.1-0.6 s here, every second or
+    two during a flood at CPython's value). 0 = CPython's."""
     wal_dir: Path = Path("var/wal")
     """Write-ahead log directory for acknowledged events (one per replica)."""
     node_id: str | None = None
@@ -307,10 +353,25 @@ class ServerSettings(_Strict):
     """...or when this many events are pending."""
     reload_poll_s: float = Field(default=0.0, ge=0)
     """Poll the model CURRENT pointer this often; 0 disables polling."""
+    max_models: int = Field(default=3, ge=1, le=16)
+    """Most model versions held in memory at once: the champion (CURRENT) plus those the
+    running experiment's arms name (`lake.experiments`); an experiment needing more is
+    refused at creation. Each costs about (users + 2 x items) x factors x 4 bytes, plus
+    ~0.2 KB per user and item id and 12 bytes per training interaction
+    (docs/experiments.md)."""
     max_k: int = Field(default=500, ge=1)
     """Largest k a request may ask for."""
     max_batch: int = Field(default=10_000, ge=1)
     """Most events, items or Recommend requests in one call."""
+    rate_limit_calls_per_s: int = Field(default=5_000, ge=0)
+    """Public calls one access key (by name; calls without a key are not limited) may make
+    per second on this server, every method counted; above it RESOURCE_EXHAUSTED with a
+    retry hint (message and trailing metadata `retry-after-ms`). Each replica counts on its
+    own. 0 = no limit."""
+    rate_limit_events_per_s: int = Field(default=20_000, ge=0)
+    """Events one access key may send per second on this server (IngestEvents; counted
+    before validation, duplicates included), answered like `rate_limit_calls_per_s`. At
+    least `max_batch` when set. 0 = no limit."""
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """gRPC max message size."""
     max_id_length: int = Field(default=256, ge=1)
@@ -344,6 +405,37 @@ class ServerSettings(_Strict):
     max_pending_items: int = Field(default=100_000, ge=10)
     """Most items unknown to the model remembered until they have enough interactions to
     be folded in (those touched by the fewest users are dropped first)."""
+    max_online_users: int = Field(default=200_000, ge=1)
+    """Most users with real-time state in memory (their recent events and seen items; a
+    few hundred bytes for a user with a few events): beyond it the user seen least recently
+    is dropped. Nothing acknowledged is lost: their events are in the WAL and the lake, the
+    next model learns them, and their next event brings them back. A restart rebuilds the
+    users who sent the latest events since the model's training, up to both caps."""
+    max_online_events: int = Field(default=1_000_000, ge=1)
+    """Most real-time events plus seen item ids (about 0.1 KB each) held across all online
+    users, the users seen least recently dropped first: with `max_online_users` it bounds
+    the online state's memory and the restart's replay. At least `recent_events_per_user` +
+    `seen_items_per_user` (one user's most)."""
+
+    @field_validator("max_online_events")
+    @classmethod
+    def _one_full_user_fits(cls, v: int, info: ValidationInfo) -> int:
+        one_user = (info.data.get("recent_events_per_user") or 0) + \
+            (info.data.get("seen_items_per_user") or 0)
+        if v < one_user:
+            raise ValueError(f"must be at least server.recent_events_per_user + "
+                             f"server.seen_items_per_user ({one_user}): one user may hold "
+                             "that many")
+        return v
+
+    @field_validator("rate_limit_events_per_s")
+    @classmethod
+    def _full_batch_fits(cls, v: int, info: ValidationInfo) -> int:
+        max_batch = info.data.get("max_batch")
+        if v and max_batch is not None and v < max_batch:
+            raise ValueError(f"must be 0 (off) or at least server.max_batch ({max_batch}): "
+                             "a full batch could never pass")
+        return v
 
 
 class DataSettings(_Strict):
@@ -387,6 +479,50 @@ class FleetSettings(_Strict):
     """Where `make run REPLICAS=N` writes `fleet.json`, the HAProxy config and Redis' files."""
 
 
+class ImpressionsSettings(_Strict):
+    sample_rate: float = Field(default=1.0, ge=0, le=1)
+    """Share of answers (Recommend, each RecommendBatch entry, SimilarItems) recorded in
+    `bronze_impressions`, decided by a hash of the answer's `recommendation_id` (so every
+    replay and every reader agrees); every answer carries an id either way. 0 = none."""
+    write_interval_ms: float = Field(default=5.0, gt=0, le=1000)
+    """Answers wait in memory at most about this long before a background thread appends
+    them to the write-ahead log (one record for all of them): Recommend never waits for
+    the log. A crash (kill -9, power loss) loses what waited, plus what was appended but
+    not yet fsynced; a graceful stop loses nothing."""
+    write_max: int = Field(default=2000, ge=1)
+    """...or sooner, once this many impressions wait."""
+    max_buffered: int = Field(default=100_000, ge=1)
+    """Most impressions held in memory waiting for the log; beyond it (the log or the lake
+    is stuck) new ones are dropped and counted (`lambdarec_impressions_dropped_total`),
+    never refused to the caller."""
+
+
+class AttributionSettings(_Strict):
+    window_hours: float = Field(default=24.0, gt=0)
+    """An event without a `recommendation_id` is attributed to the last list that showed its
+    item to its user at most this many hours before it (`spark_jobs.attribution`)."""
+    explicit_lookback_days: int = Field(default=30, ge=0)
+    """How many days before an event the list its `recommendation_id` names is looked up;
+    an older (or unknown) id leaves the event unattributed."""
+
+
+class ExperimentsSettings(_Strict):
+    min_users_per_arm: int = Field(default=1000, ge=2)
+    """Fixed horizon: an experiment is decided at the first analysis where every arm has
+    at least this many users with impressions; before that it is `collecting`, and the
+    decision then made is kept by later analyses (no peeking)."""
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    """Significance level of the decision (two-sided); intervals are at 1 - alpha."""
+    srm_alpha: float = Field(default=0.001, gt=0, lt=0.5)
+    """A sample-ratio-mismatch p-value below this marks the result `invalid`: assignment
+    or logging is broken and no decision is shown."""
+    decision_metric: Literal["ctr", "conversion", "revenue_per_user"] = "ctr"
+    """The metric the decision reads (revenue per user: its winsorised mean)."""
+    revenue_winsor_quantile: float = Field(default=0.99, gt=0.5, le=1)
+    """Revenue per user is capped at this quantile of the purchasers' revenue (all arms
+    pooled) for `revenue_per_user_winsorised`; 1 = no cap."""
+
+
 class Settings(_Strict):
     lake: LakeSettings = Field(default_factory=LakeSettings)
     spark: SparkSettings = Field(default_factory=SparkSettings)
@@ -394,6 +530,7 @@ class Settings(_Strict):
     train: TrainSettings = Field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
     tune: TuneSettings = Field(default_factory=TuneSettings)
     blend: BlendSettings = Field(default_factory=BlendSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
@@ -402,6 +539,9 @@ class Settings(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
+    impressions: ImpressionsSettings = Field(default_factory=ImpressionsSettings)
+    attribution: AttributionSettings = Field(default_factory=AttributionSettings)
+    experiments: ExperimentsSettings = Field(default_factory=ExperimentsSettings)
 
     def resolved(self, base: Path = PROJECT_ROOT) -> Settings:
         """Return a copy whose relative paths are anchored at `base` (the project root)."""
@@ -456,7 +596,10 @@ def _parse_env_value(name: str, raw: str, annotation: Any) -> Any:
     if origin in (list, dict) or base in (list, dict) or \
             (isinstance(base, type) and issubclass(base, BaseModel)):
         try:
-            value = yaml.safe_load(raw)
+            # BaseLoader: YAML/JSON flow syntax for the structure, but no YAML 1.1 scalar
+            # resolution (`no` -> False, `0755` -> 493): every scalar stays a string and
+            # pydantic reads it by the element's type, the same rule as a plain value.
+            value = yaml.load(raw, Loader=yaml.BaseLoader)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{name}: cannot parse {raw!r} as a list or mapping: {exc}") \
                 from exc
@@ -571,7 +714,8 @@ def _describe(err: Any, source: str, env: Mapping[str, str]) -> str:
 
 
 def settings_table() -> str:
-    """The README's configuration table, rendered from the model so the two cannot drift."""
+    """The configuration reference (docs/configuration.md), rendered from the model so the two
+    cannot drift."""
     rows = ["| key | environment variable | default | meaning |", "|---|---|---|---|"]
     for section, field_info in Settings.model_fields.items():
         model = field_info.default_factory() if field_info.default_factory else None  # type: ignore[call-arg]
@@ -596,7 +740,7 @@ def settings_table() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m lake.config",
-        description="Print the configuration reference (the README's table), or check the "
+        description="Print the configuration reference (docs/configuration.md), or check the "
                     "effective configuration (YAML file + LAMBDAREC__* environment).")
     p.add_argument("--check", action="store_true",
                    help="load the configuration and print it as JSON; a bad key or value "

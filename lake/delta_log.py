@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 LOG_DIR = "_delta_log"
 
 
 def commit_file(table_path: Path, version: int) -> Path:
     return table_path / LOG_DIR / f"{version:020d}.json"
+
+
+def commit_actions(text: str) -> list[dict[str, Any]]:
+    """The actions of one commit file's text, one JSON object per line.
+
+    Lines end with "\n" only: `str.splitlines` would also split inside a JSON string at
+    U+2028, U+0085 and the like, which the log keeps unescaped (a title, a user id)."""
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
 def changed_partition_values(table_path: Path | str, after: int, upto: int,
@@ -36,10 +45,7 @@ def changed_partition_values(table_path: Path | str, after: int, upto: int,
             text = commit_file(path, version).read_text()
         except FileNotFoundError:
             return None
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            action = json.loads(line)
+        for action in commit_actions(text):
             for kind in ("add", "remove"):
                 change = action.get(kind)
                 if change is None or change.get("dataChange") is False:

@@ -8,13 +8,19 @@ compliance step (`python -m lake.erasure`, the nightly `lambdarec_erasure` DAG; 
 24 h after the ForgetUser call plus the purge's own run time) therefore:
 
 1. deletes again the erased users' rows that arrived before their erasure from bronze and
-   silver (a compaction that read bronze before the delete may have written them later);
+   silver (a compaction that read bronze before the delete may have written them later)
+   and the impressions shown to them before it (a replica without the fleet channel may
+   have flushed some after the delete);
 2. for every table that holds user ids: deletes the data files the log marks as removed,
    writes a checkpoint and drops every log entry before it (so no earlier version, and no
    file statistics naming the user, can be read any more);
 3. rewrites every bundle trained before an erasure without the user (ids, factors,
    history; checksums renewed) and deletes staged models that hold an erased user (older
    than an hour: a younger one may belong to a running pipeline; the next purge gets it).
+
+Before all that (erasures or not) it repairs the lake (`lake.repair`): files a delete or
+merge stored in other types than declared are rewritten, so the history purge then drops
+the mistyped originals too.
 
 Files a writer has not committed yet are never touched (only files the log removed), so
 the purge may run while servers ingest.
@@ -25,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -38,14 +43,23 @@ from urllib.parse import unquote
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import scipy.sparse as sp
 from deltalake import DeltaTable
 
-from lake.bundle import MANIFEST, file_meta, list_versions, read_bundle, read_manifest
+from lake.bundle import (
+    STAGING,
+    drop_users,
+    list_versions,
+    read_manifest,
+    staged_mtime,
+    staged_user_ids,
+)
 from lake.config import Settings, load_settings
-from lake.foldin import gramian
+from lake.delta_log import commit_actions
+from lake.repair import repair
 from lake.schemas import (
     BRONZE_EVENTS,
+    BRONZE_IMPRESSIONS,
+    GOLD_ATTRIBUTED_EVENTS,
     GOLD_INTERACTIONS,
     SILVER_EVENTS,
     USER_ERASURES,
@@ -58,9 +72,13 @@ log = logging.getLogger(__name__)
 
 USER_TABLES: tuple[str, ...] = (
     BRONZE_EVENTS.name, SILVER_EVENTS.name, GOLD_INTERACTIONS.name, USER_FACTORS.name,
+    GOLD_ATTRIBUTED_EVENTS.name, BRONZE_IMPRESSIONS.name,
 )
 """Every table holding user ids (besides the erasure records themselves)."""
-ARRIVAL_TABLES: tuple[str, ...] = (BRONZE_EVENTS.name, SILVER_EVENTS.name)
+ARRIVAL_TABLES: tuple[str, ...] = (BRONZE_EVENTS.name, SILVER_EVENTS.name,
+                                   BRONZE_IMPRESSIONS.name)
+ARRIVAL_COLUMN = {BRONZE_IMPRESSIONS.name: "ts"}
+"""When a row arrived, where it is not `received_at` (an impression: when it was shown)."""
 STAGING_MIN_AGE_S = 3600.0
 DEFAULT_LOG_RETENTION = "interval 30 days"
 
@@ -95,7 +113,8 @@ def _redelete_arrivals(lake: Lake, erased: dict[str, datetime]) -> dict[str, int
     for name in ARRIVAL_TABLES:
         n = 0
         for user, at in erased.items():
-            pred = (f"user_id = {sql_literal(user)} AND received_at <= "
+            pred = (f"user_id = {sql_literal(user)} AND "
+                    f"{ARRIVAL_COLUMN.get(name, 'received_at')} <= "
                     f"'{at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%fZ')}'")
             n += int(lake.delete(name, pred).get("num_deleted_rows", 0) or 0)
         out[name] = n
@@ -112,8 +131,7 @@ def purge_table_history(path: Path) -> int:
     live = {unquote(u.removeprefix("file://").removeprefix(root + "/")) for u in dt.file_uris()}
     removed: set[str] = set()
     for commit in sorted((path / "_delta_log").glob("*.json")):
-        for line in commit.read_text().splitlines():
-            action = json.loads(line) if line.strip() else {}
+        for action in commit_actions(commit.read_text()):
             if "remove" in action:
                 removed.add(unquote(action["remove"]["path"]))
     deleted = 0
@@ -135,70 +153,34 @@ def purge_table_history(path: Path) -> int:
 
 
 # -- bundles and staged models -----------------------------------------------------------
-def scrub_bundle(path: Path, users: set[str]) -> int:
-    """Rewrite a bundle without `users` (ids, factors, history, user gram, checksums);
-    returns how many it held. Each file is replaced atomically, the manifest last: a
-    reader in between fails the checksum and keeps its serving model."""
-    bundle = read_bundle(path)
-    ids = bundle.user_ids
-    drop = np.isin(ids, np.array(sorted(users), dtype=ids.dtype))
-    if not drop.any():
-        return 0
-    keep = ~drop
-    factors = np.ascontiguousarray(bundle.user_factors[keep])
-    items = sp.csr_matrix(bundle.user_items[keep], dtype=np.float32)
-    arrays: dict[str, Any] = {
-        "user_ids.npy": ids[keep], "user_factors.npy": factors,
-        "user_gram.npy": gramian(factors),
-    }
-    manifest = dict(bundle.manifest)
-    files = dict(manifest["files"])
-    for name, arr in [*arrays.items(), ("user_items.npz", items)]:
-        tmp = path / f".{name}.tmp"
-        with tmp.open("wb") as f:
-            if name.endswith(".npz"):
-                np.savez(f, indptr=arr.indptr, indices=arr.indices, data=arr.data)
-            else:
-                np.save(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path / name)
-        files[name] = file_meta(path / name)
-    manifest["files"] = files
-    manifest["n_users"] = int(keep.sum())
-    tmp = path / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path / MANIFEST)
-    return int(drop.sum())
-
-
 def scrub_bundles(models_dir: Path, erased: dict[str, datetime]) -> dict[str, int]:
-    """Remove users from every bundle trained before their erasure."""
+    """Remove users from every bundle trained before their erasure (`lake.bundle.drop_users`:
+    ids, factors, history, user gram, checksums; in place, the manifest last)."""
     out: dict[str, int] = {}
     for version in list_versions(models_dir):
         path = models_dir / version
         since = trained_from(read_manifest(path))
         users = {u for u, at in erased.items() if since is None or at >= since}
         if users:
-            n = scrub_bundle(path, users)
+            n = drop_users(path, users)
             if n:
                 out[version] = n
     return out
 
 
 def scrub_staging(models_dir: Path, erased: dict[str, datetime]) -> list[str]:
-    """Delete staged models (older than an hour) that hold an erased user."""
-    staging = models_dir / "staging"
+    """Delete staged runs (models older than an hour) whose model holds an erased user."""
+    staging = models_dir / STAGING
     removed: list[str] = []
     if not staging.is_dir():
         return removed
     wanted = np.array(sorted(erased), dtype=str)
     for run in sorted(p for p in staging.iterdir() if p.is_dir()):
-        arrays = run / "arrays.npz"
-        if not arrays.exists() or time.time() - arrays.stat().st_mtime < STAGING_MIN_AGE_S:
+        written = staged_mtime(run)
+        if written is None or time.time() - written < STAGING_MIN_AGE_S:
             continue
-        with np.load(arrays, allow_pickle=False) as z:
-            holds = bool(np.isin(z["user_ids"], wanted).any())
+        ids = staged_user_ids(run)
+        holds = ids is not None and bool(np.isin(ids, wanted).any())
         if holds:
             shutil.rmtree(run)
             removed.append(run.name)
@@ -209,8 +191,10 @@ def scrub_staging(models_dir: Path, erased: dict[str, datetime]) -> list[str]:
 def purge(settings: Settings) -> dict[str, Any]:
     """Make every recorded erasure physical (see the module docstring); returns counts."""
     lake = Lake.from_settings(settings.lake)
+    out: dict[str, Any] = {"repaired": {name: done for name, done in repair(lake).items()
+                                        if done["columns_added"] or done["files_rewritten"]}}
     erased = erasures(lake)
-    out: dict[str, Any] = {"erased_users": len(erased)}
+    out["erased_users"] = len(erased)
     if not erased:
         return out
     out["rows_deleted_again"] = _redelete_arrivals(lake, erased)

@@ -145,6 +145,8 @@ def _events(
             "session_id": pa.nulls(user.size, pa.string()),
             "properties": pa.nulls(user.size, pa.string()),
             "event_date": pc.cast(ts, pa.date32()),
+            "tenant": pa.repeat(pa.scalar("", pa.string()), user.size),  # a bulk load
+            "recommendation_id": pa.repeat(pa.scalar("", pa.string()), user.size),
         },
         schema=BRONZE_EVENTS.schema,
     )

@@ -25,13 +25,11 @@ On a cluster with delta-spark these functions are the only code to swap for
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, date, datetime
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote
@@ -41,6 +39,7 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, Transaction
 from deltalake.transaction import AddAction, RemoveAction
 
+from lake.delta_files import WRITE_ID, commit_version, file_stats, partition_str
 from lake.schemas import TableSpec
 from lake.tables import Lake, LakeError, conform, spec
 
@@ -106,11 +105,13 @@ def conform_df(df: DataFrame, s: TableSpec) -> DataFrame:
     """Check `df` against the catalog schema and return it with columns in catalog order.
 
     Accepted: exact types (nullability aside), lossless numeric widenings (int -> bigint,
-    float -> double), and missing *nullable* columns (filled with nulls). Anything else
+    float -> double), and missing *nullable* columns (filled with nulls, or with the
+    column's default, which also replaces its nulls: `TableSpec.defaults`). Anything else
     raises SchemaMismatchError naming the table and column.
     """
     from pyspark.sql import functions as F
 
+    defaults = s.default_values
     want = {f.name: f for f in spark_schema(s).fields}
     got = {f.name: f for f in df.schema.fields}
     extra = [c for c in got if c not in want]
@@ -121,10 +122,12 @@ def conform_df(df: DataFrame, s: TableSpec) -> DataFrame:
         if name not in got:
             if not wf.nullable:
                 raise SchemaMismatchError(f"{s.name}: required column {name!r} is missing")
-            cols.append(F.lit(None).cast(wf.dataType).alias(name))
+            cols.append(F.lit(defaults.get(name)).cast(wf.dataType).alias(name))
             continue
         gt, wt = got[name].dataType, wf.dataType
-        if _loose(gt) == _loose(wt):
+        if _loose(gt) == _loose(wt) and name in defaults:
+            cols.append(F.coalesce(F.col(name), F.lit(defaults[name])).alias(name))
+        elif _loose(gt) == _loose(wt):
             cols.append(F.col(name))
         elif _widens(gt, wt):
             cols.append(F.col(name).cast(wt).alias(name))
@@ -235,7 +238,7 @@ def read_table(
         {c: actions.column(f"partition.{c}")[i].as_py() for c in cols}
         for i in range(actions.num_rows)
     ]
-    parts = [{c: (None if v is None else _partition_str(v)) for c, v in p.items()} for p in parts]
+    parts = [{c: (None if v is None else partition_str(v)) for c, v in p.items()} for p in parts]
     if _hive_consistent(rel, parts, cols):
         df = spark.read.schema(full).option("basePath", str(root)).parquet(*files)
         return df.select(*full.names)
@@ -264,81 +267,6 @@ def _read_per_partition(spark: SparkSession, s: TableSpec, files: list[str],
 
 
 # -- writing -----------------------------------------------------------------------------
-def _partition_str(v: Any) -> str:
-    """A partition value in Delta's string serialisation."""
-    if isinstance(v, datetime):
-        return v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-    if isinstance(v, date):
-        return v.isoformat()
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
-
-
-def _stat_value(v: Any) -> Any:
-    """A Parquet min/max statistic as Delta stats JSON (None when it should be left out)."""
-    if isinstance(v, datetime):
-        v = v if v.tzinfo else v.replace(tzinfo=UTC)
-        v = v.astimezone(UTC)
-        return v.strftime("%Y-%m-%dT%H:%M:%S.") + f"{v.microsecond // 1000:03d}Z"
-    if isinstance(v, date):
-        return v.isoformat()
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, str):
-        return v
-    return None
-
-
-def file_stats(path: str, columns: Sequence[str]) -> tuple[int, dict[str, Any]]:
-    """Row count and Delta stats (numRecords, nullCount, minValues, maxValues) from a footer."""
-    md = pq.read_metadata(path)
-    want = set(columns)
-    nulls: dict[str, int] = {}
-    mins: dict[str, Any] = {}
-    maxs: dict[str, Any] = {}
-    no_minmax: set[str] = set()
-    no_nulls: set[str] = set()
-    for rg in range(md.num_row_groups):
-        group = md.row_group(rg)
-        if group.num_rows == 0:
-            continue
-        for j in range(group.num_columns):
-            col = group.column(j)
-            name = col.path_in_schema
-            if name not in want:  # nested leaves ("factors.list.element") carry no top-level stats
-                continue
-            st = col.statistics
-            if st is None or st.null_count is None:
-                no_nulls.add(name)
-            else:
-                nulls[name] = nulls.get(name, 0) + st.null_count
-            if st is None or not st.has_min_max:
-                if st is None or st.null_count != group.num_rows:  # all-null chunk: no min/max
-                    no_minmax.add(name)
-                continue
-            lo, hi = _stat_value(st.min), _stat_value(st.max)
-            if lo is None or hi is None:
-                no_minmax.add(name)
-                continue
-            mins[name] = lo if name not in mins else min(mins[name], lo)
-            maxs[name] = hi if name not in maxs else max(maxs[name], hi)
-    for name in no_minmax:
-        mins.pop(name, None)
-        maxs.pop(name, None)
-    for name in no_nulls:
-        nulls.pop(name, None)
-    stats: dict[str, Any] = {"numRecords": md.num_rows, "nullCount": nulls}
-    if mins:
-        stats["minValues"] = mins
-        stats["maxValues"] = maxs
-    return md.num_rows, stats
-
-
 def _sweep_stale_staging(base: Path) -> None:
     """Remove staging directories (named `<epoch ms>-<uuid>`) older than STALE_STAGING_S."""
     if not base.is_dir():
@@ -456,7 +384,7 @@ def _split_by_partition(t: pa.Table, cols: Sequence[str]) -> list[tuple[tuple[st
 
 def _dir_value(v: Any) -> str:
     """A partition value as a hive-style directory name (`_parse_dirs` reverses it)."""
-    return HIVE_NULL if v is None else quote(_partition_str(v), safe=" -._")
+    return HIVE_NULL if v is None else quote(partition_str(v), safe=" -._")
 
 
 def write_table(
@@ -526,7 +454,7 @@ def _wanted_partitions(s: TableSpec, mode: str,
         if sorted(p) != sorted(cols):
             raise LakeError(f"{s.name}: partition {p} must name exactly the partition "
                             f"columns {cols}")
-    return {tuple(sorted((k, None if v is None else _partition_str(v)) for k, v in p.items()))
+    return {tuple(sorted((k, None if v is None else partition_str(v)) for k, v in p.items()))
             for p in partitions}
 
 
@@ -570,7 +498,7 @@ def _commit_staged(lake: Lake, s: TableSpec, mode: str, wanted: Partitions | Non
             )
             # our own commit's version, not whatever is latest once a concurrent writer
             # committed after us
-            version = commit_version(lake, name, write_id)
+            version = commit_version(lake.delta(name), write_id)
             if version is None:
                 raise LakeError(f"{name}: commit {write_id} is not in the table's history")
             return version
@@ -580,7 +508,7 @@ def _commit_staged(lake: Lake, s: TableSpec, mode: str, wanted: Partitions | Non
         # Once the commit is in the log its files are table data: never delete them, even
         # if something failed after it landed.
         try:
-            landed = commit_version(lake, name, write_id) is not None
+            landed = commit_version(lake.delta(name), write_id) is not None
         except Exception:  # the log cannot tell: keep the files (an orphan costs disk only)
             landed = True
         if not landed:
@@ -593,26 +521,6 @@ def _commit_staged(lake: Lake, s: TableSpec, mode: str, wanted: Partitions | Non
             (root / STAGING_DIR).rmdir()
         except OSError:
             pass
-
-
-WRITE_ID = "lambdarec.write_id"
-"""Commit metadata key naming the `write_table` call that made a commit."""
-HISTORY_SCANS = (8, 1000)
-"""How many recent commits `commit_version` reads for a write id: a few first (the own
-commit is nearly always among the newest), then many (a burst of concurrent writers)."""
-
-
-def commit_version(lake: Lake, name: str, write_id: str) -> int | None:
-    """The version of the commit `write_id` made in table `name`, or None if none did."""
-    table = lake.delta(name)
-    for limit in HISTORY_SCANS:
-        history = table.history(limit)
-        for entry in history:
-            if entry.get(WRITE_ID) == write_id:
-                return int(entry["version"])
-        if len(history) < limit:
-            return None  # the whole log was read
-    return None
 
 
 def _overwrite_filters(
@@ -639,12 +547,12 @@ def _remove_actions(dt: Any, cols: list[str],
     out = []
     for i, path in enumerate(actions.column("path").to_pylist()):
         pv = {c: actions.column(f"partition.{c}")[i].as_py() for c in cols}
-        key = tuple(sorted((c, None if v is None else _partition_str(v)) for c, v in pv.items()))
+        key = tuple(sorted((c, None if v is None else partition_str(v)) for c, v in pv.items()))
         if key in wanted:
             out.append(RemoveAction(
                 path=path, data_change=True, deletion_timestamp=now,
                 size=actions.column("size_bytes")[i].as_py(),
-                partition_values={c: None if v is None else _partition_str(v)
+                partition_values={c: None if v is None else partition_str(v)
                                   for c, v in pv.items()},
             ))
     return out
@@ -702,9 +610,3 @@ def _stage_actions(
             stats=json.dumps(stats, separators=(",", ":")),
         ))
     return actions
-
-
-def partition_values(partitions: Sequence[Mapping[str, Any]]) -> list[dict[str, str | None]]:
-    """Partition dicts with Delta-serialised values (handy for logs and tests)."""
-    return [{k: None if v is None else _partition_str(v) for k, v in p.items()}
-            for p in partitions]

@@ -400,6 +400,7 @@ def generate(
                 "properties": props.take(pa.array(s_props[e_session[sl]])),
                 "event_date": pc.cast(ts_arr, pa.date32()),
                 "tenant": pa.repeat(pa.scalar("", pa.string()), take),  # no access key
+                "recommendation_id": pa.repeat(pa.scalar("", pa.string()), take),
             },
             schema=BRONZE_EVENTS.schema,
         )

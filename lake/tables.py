@@ -4,6 +4,12 @@
 catalog schema in `lake.schemas` (a wrong type, a missing column or an extra one is an
 error before anything is written) and retry commits that lose an optimistic-concurrency
 race. Spark reaches the same tables through `lake.spark_bridge`.
+
+Every table keeps its declared schema through every write path: a table lacking a catalog
+column gains it on its next write (schema evolution; older files read as the column's
+default), and the files delta-rs' deletes, merges and optimizes write are checked and, if
+stored in other Arrow types than declared, rewritten (`lake.declared_types`). Reads return the
+catalog's types and columns whatever the files hold.
 """
 
 from __future__ import annotations
@@ -15,17 +21,29 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Field, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from lake.config import LakeSettings
+from lake.declared_types import restore_declared_types
 from lake.schemas import TABLES, TableSpec
 from lake.validation import validate_events_table
 
 
 class LakeError(ValueError):
     """A request to the lake is invalid (unknown table, wrong schema, missing version...)."""
+
+
+def _dnf_columns(filters: Any) -> list[str] | None:
+    """The columns DNF tuple filters refer to; None for a pyarrow expression (or none)."""
+    if not isinstance(filters, list | tuple) or not filters:
+        return None
+    groups = filters if isinstance(filters[0], list) else [filters]
+    return list(dict.fromkeys(str(t[0]) for g in groups for t in g))
 
 
 def _missing_version(dt: DeltaTable, name: str, version: int | str | datetime,
@@ -49,7 +67,10 @@ def spec(name: str) -> TableSpec:
 
 
 def conform(table: pa.Table, s: TableSpec) -> pa.Table:
-    """Cast `table` to the spec's schema, column by column, naming what does not fit."""
+    """Cast `table` to the spec's schema, column by column, naming what does not fit.
+
+    A missing nullable column is filled with nulls, or with its default (`TableSpec.defaults`),
+    which also replaces the nulls of a column that has one."""
     names = set(table.column_names)
     extra = sorted(names - set(s.schema.names))
     if extra:
@@ -71,7 +92,31 @@ def conform(table: pa.Table, s: TableSpec) -> pa.Table:
                 f"{s.name}.{f.name}: {col.null_count} null value(s) in a required column"
             )
         cols.append(col)
-    return pa.table(cols, schema=s.schema)
+    return with_defaults(pa.table(cols, schema=s.schema), s)
+
+
+def with_defaults(table: pa.Table, s: TableSpec) -> pa.Table:
+    """`table` with the nulls of each column that has a default replaced by it."""
+    for name, value in s.defaults:
+        if name in table.column_names and table.column(name).null_count:
+            i = table.column_names.index(name)
+            col = pc.fill_null(table.column(name), pa.scalar(value, table.schema.field(i).type))
+            table = table.set_column(i, table.schema.field(i), col)
+    return table
+
+
+def declared(table: pa.Table, s: TableSpec, columns: Sequence[str]) -> pa.Table:
+    """`columns` of a table read from the lake in the catalog's types and field flags:
+    view types cast back, columns its files predate filled with their default (or null)."""
+    cols = []
+    for name in columns:
+        f = s.schema.field(name)
+        if name in table.column_names:
+            cols.append(table.column(name).cast(f.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    out = pa.table(cols, schema=pa.schema([s.schema.field(c) for c in columns]))
+    return with_defaults(out, s)
 
 
 def sql_literal(v: Any) -> str:
@@ -113,7 +158,8 @@ class Lake:
         return DeltaTable.is_deltatable(str(self.path(name)))
 
     def ensure(self, name: str) -> DeltaTable:
-        """Create the table empty with its catalog schema if it does not exist yet."""
+        """Create the table empty with its catalog schema if it does not exist yet, or add
+        the catalog columns it lacks (a table written before they existed)."""
         s = spec(name)
         p = self.path(name)
         if not self.exists(name):
@@ -126,7 +172,25 @@ class Lake:
             except Exception:  # a concurrent creator won the race: fine if the table exists now
                 if not self.exists(name):
                     raise
-        return DeltaTable(str(p))
+        dt = DeltaTable(str(p))
+        failure: Exception | None = None
+        for _ in range(self.commit_retries + 1):
+            have = {f.name for f in dt.schema().fields}
+            missing = [f for f in s.schema if f.name not in have]
+            if not missing:
+                return dt
+            required = [f.name for f in missing if not f.nullable]
+            if required:
+                raise LakeError(f"{name}: the table lacks the required column(s) {required}; "
+                                "only nullable columns can be added to an existing table")
+            try:
+                dt.alter.add_columns([Field.from_arrow(f) for f in missing],
+                                     commit_properties=self._props())
+            except (CommitFailedError, DeltaError) as exc:
+                failure = exc  # a concurrent writer changed the table (maybe added them)
+            dt = DeltaTable(str(p))
+        raise LakeError(f"{name}: could not add the columns {[f.name for f in missing]}: "
+                        f"{failure}") from failure
 
     def ensure_all(self) -> None:
         for name in TABLES:
@@ -160,11 +224,42 @@ class Lake:
         columns: list[str] | None = None,
         filters: Any = None,
     ) -> pa.Table:
+        """Rows of table `name` (at `version`) in the catalog's schema.
+
+        `filters`: DNF tuples (`[("user_id", "=", "u1")]`) or a pyarrow expression. Columns
+        the table's files predate read as their default (or null).
+        """
+        s = spec(name)
+        wanted = list(columns or s.schema.names)
+        unknown = [c for c in wanted if c not in s.schema.names]
+        if unknown:
+            raise LakeError(f"{name}: unknown column(s) {unknown}")
         if not self.exists(name) and version is None:
-            return spec(name).schema.empty_table().select(columns or spec(name).schema.names)
+            return s.schema.empty_table().select(wanted)
         dt = self.delta(name, version)
-        return dt.to_pyarrow_table(columns=columns, filters=filters,
-                                   filesystem=self._filesystem(name, dt))
+        fs = self._filesystem(name, dt)
+        stored = {f.name for f in dt.schema().fields}
+        try:
+            table = dt.to_pyarrow_table(columns=[c for c in wanted if c in stored],
+                                        filters=filters, filesystem=fs)
+        except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid):
+            if filters is None:
+                raise
+            # Files stored in other types than declared (view types: lake.declared_types), or
+            # a filter on a column older files lack: pyarrow cannot apply the filter while
+            # it scans. delta-rs prunes the files, the rows are filtered once declared.
+            return self._read_then_filter(dt, s, stored, filters, fs).select(wanted)
+        return declared(table, s, wanted)
+
+    def _read_then_filter(self, dt: DeltaTable, s: TableSpec, stored: set[str], filters: Any,
+                          fs: pafs.FileSystem | None) -> pa.Table:
+        dnf = _dnf_columns(filters)
+        prune = filters if dnf is not None and set(dnf) <= stored else None
+        data = dt.to_pyarrow_dataset(file_pruning_predicate=prune, filesystem=fs).to_table(
+            columns=[c for c in s.schema.names if c in stored])
+        expr = filters if isinstance(filters, pads.Expression) \
+            else pq.filters_to_expression(filters)
+        return declared(data, s, s.schema.names).filter(expr)
 
     def _filesystem(self, name: str, dt: DeltaTable) -> pafs.FileSystem | None:
         """Arrow's own local filesystem rooted at the table directory, where usable.
@@ -274,6 +369,9 @@ class Lake:
                update_columns: Sequence[str] | None = None) -> int:
         """Merge rows by the table's key: matching rows are updated, new ones inserted.
 
+        Returns the new version (the merge's, or that of the commit which then restored
+        the declared types of the files it wrote).
+
         `update_columns`: only these columns of matching rows are updated (a partial update:
         the others keep their values); new rows are inserted whole. Default: all columns.
         """
@@ -303,7 +401,8 @@ class Lake:
             merge.when_not_matched_insert_all().execute()
             return dt.version()
 
-        return self._commit(go)
+        version = self._commit(go)
+        return self._restore_declared_types(name, version) or version
 
     def delete(self, name: str, predicate: str) -> dict[str, Any]:
         """Delete the rows matching a SQL predicate; returns delta-rs' metrics."""
@@ -317,7 +416,10 @@ class Lake:
             metrics.update(dt.delete(predicate, commit_properties=self._props()))
             return dt.version()
 
-        self._commit(go)  # a writer that committed first: delete again on the new snapshot
+        # a writer that committed first: delete again on the new snapshot
+        version = self._commit(go)
+        if metrics.get("num_added_files"):
+            self._restore_declared_types(name, version)
         return metrics
 
     def coalesce_small_files(self, name: str, *, target_size: int | None = None) -> dict[str, Any]:
@@ -335,14 +437,22 @@ class Lake:
                                                commit_properties=self._props()))
             return dt.version()
 
-        self._commit(go)
+        version = self._commit(go)
+        if metrics.get("numFilesAdded"):
+            self._restore_declared_types(name, version)
         return metrics
+
+    def _restore_declared_types(self, name: str, version: int) -> int | None:
+        """delta-rs' DataFusion writers (delete, merge) store strings as `string_view`:
+        swap the files commit `version` added for copies in the declared types. Returns
+        the swap's version (None: nothing to swap). See `lake.declared_types`."""
+        return restore_declared_types(self, spec(name), version)
 
     def _prepare(self, s: TableSpec, data: pa.Table) -> pa.Table:
         if isinstance(data, pa.RecordBatch):
             data = pa.Table.from_batches([data])
         if s.name in ("bronze_events", "silver_events"):
-            return validate_events_table(data)
+            return with_defaults(validate_events_table(data), s)
         return conform(data, s)
 
     # -- inspection --------------------------------------------------------------------

@@ -17,10 +17,36 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
-from typing import Any
+from typing import Any, Protocol
 
 TS_BEFORE = "events_ts_before"
 RECEIVED_UNTIL = "events_received_until"
+
+
+class RecordedCut(Protocol):
+    """What a typed manifest (`lake.bundle.Manifest`) records about its training data."""
+
+    @property
+    def as_of(self) -> date | None: ...
+    @property
+    def events_ts_before(self) -> datetime | None: ...
+    @property
+    def events_received_until(self) -> datetime | None: ...
+    @property
+    def created_at(self) -> datetime | None: ...
+
+
+def _recorded(manifest: Mapping[str, Any] | RecordedCut
+              ) -> tuple[datetime | None, datetime | None, date | None, datetime | None]:
+    """(ts_before, received_until, as_of, created_at) of a manifest, typed or as JSON."""
+    if not isinstance(manifest, Mapping):
+        return (manifest.events_ts_before, manifest.events_received_until, manifest.as_of,
+                manifest.created_at)
+    ts, received = manifest.get(TS_BEFORE), manifest.get(RECEIVED_UNTIL)
+    as_of, created = manifest.get("as_of"), manifest.get("created_at")
+    return (_parse(ts) if ts else None, _parse(received) if received else None,
+            date.fromisoformat(str(as_of)[:10]) if as_of else None,
+            _parse(created) if created else None)
 
 
 def _parse(v: Any) -> datetime:
@@ -51,23 +77,20 @@ class TrainingCut:
                 RECEIVED_UNTIL: self.received_until.isoformat() if self.received_until else None}
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any]) -> TrainingCut | None:
+    def from_manifest(cls, manifest: Mapping[str, Any] | RecordedCut) -> TrainingCut | None:
         """The cut a bundle records; bundles without one fall back to their as-of date."""
-        if manifest.get(TS_BEFORE):
-            received = manifest.get(RECEIVED_UNTIL)
-            return cls(_parse(manifest[TS_BEFORE]), _parse(received) if received else None)
-        as_of = manifest.get("as_of")
-        if as_of:
-            return cls(end_of_day(date.fromisoformat(str(as_of)[:10])))
+        ts, received, as_of, _ = _recorded(manifest)
+        if ts is not None:
+            return cls(ts, received)
+        if as_of is not None:
+            return cls(end_of_day(as_of))
         return None
 
 
-def trained_from(manifest: Mapping[str, Any]) -> datetime | None:
+def trained_from(manifest: Mapping[str, Any] | RecordedCut) -> datetime | None:
     """The earliest instant the model's training could have read the lake: the end of its
     data or its creation, whichever is first (None: unknown, so every erasure counts)."""
     cut = TrainingCut.from_manifest(manifest)
-    times = [cut.ts_before if cut is not None else None]
-    if manifest.get("created_at"):
-        times.append(_parse(manifest["created_at"]))
-    known = [t for t in times if t is not None]
+    created = _recorded(manifest)[3]
+    known = [t for t in (cut.ts_before if cut is not None else None, created) if t is not None]
     return min(known) if known else None

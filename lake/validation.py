@@ -25,7 +25,7 @@ MIN_TS = datetime(1995, 1, 1, tzinfo=UTC)
 MAX_FUTURE = timedelta(days=1)
 MAX_ID_LENGTH = 256
 REQUIRED = ("event_id", "user_id", "item_id", "event_type", "ts")
-OPTIONAL = ("value", "received_at", "session_id", "properties")
+OPTIONAL = ("value", "received_at", "session_id", "properties", "recommendation_id")
 
 
 class EventValidationError(ValueError):
@@ -213,7 +213,13 @@ def validate_event(
             raise EventValidationError(row, "properties", f"{size} bytes of JSON, more than "
                                        f"server.max_properties_bytes {limits.max_properties_bytes}")
     out["properties"] = props
+    # The list the event came from (`Event.recommendation_id`): an id, or none at all
+    # (None and "" both mean none and are stored as "").
+    rec = event.get("recommendation_id")
+    out["recommendation_id"] = "" if rec is None or rec == "" else \
+        _check_id(row, "recommendation_id", rec, max_id_length)
     out["event_date"] = out["ts"].date()
+    out["tenant"] = ""  # not the event's to say: the ingest sets its caller's tenant
     return out
 
 
@@ -299,6 +305,18 @@ def validate_events_table(table: pa.Table, *, now: datetime | None = None) -> pa
             raise EventValidationError(
                 i, name, f"{c[i].as_py()} is outside [{MIN_TS.date()}, now + 1 day]"
             )
+    rec = cols["recommendation_id"]
+    if rec.null_count < n:  # optional: null and "" mean none; anything else is an id
+        given = pc.fill_null(pc.not_equal(rec, ""), False)
+        bad = pc.and_(given, pc.or_(
+            pc.greater(pc.utf8_length(rec), MAX_ID_LENGTH),
+            pc.or_(pc.match_substring_regex(rec, _CONTROL_RE2),
+                   pc.match_substring_regex(rec, _INVISIBLE_RE2))))
+        if pc.any(bad).as_py():
+            i = _first(bad)
+            raise EventValidationError(i, "recommendation_id",
+                                       id_problem(rec[i].as_py(), MAX_ID_LENGTH)
+                                       or "has no visible character")
     props = cols["properties"]
     if props.null_count < n:
         # Parse each distinct text once: bulk loads repeat a handful of property objects.

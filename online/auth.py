@@ -9,6 +9,8 @@ Public-port policy (`server.auth`, like Redis' protected mode): with `keys`, cal
 key from `server.keys_file` holding the method's scope; while that file holds no key, a
 server bound only to loopback runs open with a warning and any other refuses to start, so
 `make run` needs no setup and a server exposed by mistake is not open to the network.
+The admin token gets the same treatment: off loopback, the shipped, an empty or a short
+token refuses the start (`admin_guard`); on loopback it is a warning.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ METHOD_SCOPES = {"Recommend": "recommend", "RecommendBatch": "recommend",
                  "SimilarItems": "recommend", "IngestEvents": "ingest",
                  "UpsertItems": "catalogue"}
 """The scope each public method needs; a method missing here is refused to every key."""
+MIN_ADMIN_TOKEN_CHARS = 16
+"""Off loopback, a shorter admin token refuses the start (`openssl rand -hex 16` gives 32)."""
 REFRESH_S = 1.0
 """How often (at most) a call looks whether the keys file changed: keys created or revoked
 with the CLI apply to a running server within this time, for one stat per second."""
@@ -49,6 +53,18 @@ CALLER: ContextVar[AccessKey | None] = ContextVar("lambdarec_caller", default=No
 """The access key of the call being handled, set by `online.service.ServiceInterceptor`
 before the handler runs (gRPC runs both in one thread): what handlers scope by (the key's
 name is the tenant) and check optional scopes against. None: no key (open port, admin)."""
+
+
+INTERNAL_KEY_ID = "internal"
+"""`AccessKey.id` of the in-process key the web console calls the public API with."""
+
+
+def caller_tenant() -> str:
+    """The tenant of the gRPC call being handled: its access key's name (so a rotated key
+    keeps its event ids and its rate budget); "" without a key (open port, admin port) and
+    for the console's own key, like an open port's."""
+    key = CALLER.get()
+    return "" if key is None or key.id == INTERNAL_KEY_ID else key.name
 
 
 def caller_has(scope: str) -> bool:
@@ -87,7 +103,8 @@ class AdminToken:
 
         def check(metadata: Iterable[tuple[str, Any]] | None) -> AccessKey | None:
             got = bearer(metadata)
-            if got is None or not hmac.compare_digest(got, self._token):
+            # an empty token (possible on loopback only) admits no one, not every "Bearer "
+            if not got or not self._token or not hmac.compare_digest(got, self._token):
                 raise Unauthenticated("missing or invalid 'authorization: Bearer <token>'")
             return None
         return check
@@ -106,7 +123,7 @@ class AccessKeys:
         self.open_when_empty = open_when_empty
         self.refresh_s = refresh_s
         self.internal_key = KEY_PREFIX + secrets.token_urlsafe(32)
-        self._internal = AccessKey(id="internal", name="this server's console", scopes=SCOPES,
+        self._internal = AccessKey(id=INTERNAL_KEY_ID, name="this server's console", scopes=SCOPES,
                                    sha256=key_hash(self.internal_key), created_at="")
         self._lock = threading.Lock()
         self._next = 0.0
@@ -208,9 +225,46 @@ def public_guard(settings: Settings) -> AccessKeys | None:
     return guard
 
 
+def weak_admin_token(token: str) -> str | None:
+    """What is wrong with `token` as the admin token (None: nothing): the shipped default,
+    empty, or shorter than `MIN_ADMIN_TOKEN_CHARS`."""
+    if token == DEFAULT_ADMIN_TOKEN:
+        return f"is the default {DEFAULT_ADMIN_TOKEN!r}"
+    if not token:
+        return "is empty"
+    if len(token) < MIN_ADMIN_TOKEN_CHARS:
+        return f"has {len(token)} characters, fewer than {MIN_ADMIN_TOKEN_CHARS}"
+    return None
+
+
+def refuse_weak_admin_token(srv: ServerSettings) -> str | None:
+    """Raise `ConfigError` when a server reachable from other hosts would start with a weak
+    admin token; on loopback return the weakness (None: a good token) for a warning.
+
+    Cheap and side-effect free, so starters (`create_server`, `make run`) call it before any
+    work."""
+    problem = weak_admin_token(srv.admin_token)
+    if problem is not None and not is_loopback(srv.host):
+        raise ConfigError(
+            f"server.host {srv.host!r} is not loopback and server.admin_token {problem}: "
+            f"set LAMBDAREC__SERVER__ADMIN_TOKEN to a secret of at least "
+            f"{MIN_ADMIN_TOKEN_CHARS} characters (e.g. openssl rand -hex 16)")
+    return problem
+
+
 def admin_guard(srv: ServerSettings) -> AdminToken:
-    if srv.admin_token == DEFAULT_ADMIN_TOKEN:
-        log.warning(f"server.admin_token is the default {DEFAULT_ADMIN_TOKEN!r}: anyone who "
-                    "reaches the admin port can reload models and erase users; set "
-                    "LAMBDAREC__SERVER__ADMIN_TOKEN", extra={"host": srv.host})
+    """The admin port's guard; refuses (`ConfigError`) a weak admin token off loopback."""
+    problem = refuse_weak_admin_token(srv)
+    if problem is None:
+        pass
+    elif srv.admin_token == DEFAULT_ADMIN_TOKEN:
+        log.warning(f"server.admin_token {problem}: anyone who reaches the admin port can "
+                    "reload models and erase users; set LAMBDAREC__SERVER__ADMIN_TOKEN",
+                    extra={"host": srv.host})
+    elif not srv.admin_token:
+        log.warning("server.admin_token is empty: the admin port and the console admit no "
+                    "one; set LAMBDAREC__SERVER__ADMIN_TOKEN", extra={"host": srv.host})
+    else:
+        log.warning(f"server.admin_token {problem}: easy to guess, and refused off "
+                    "loopback; set LAMBDAREC__SERVER__ADMIN_TOKEN", extra={"host": srv.host})
     return AdminToken(srv.admin_token)

@@ -17,6 +17,12 @@ Hashes live in sorted chunks merged like a log-structured tree (a chunk absorbs 
 one once that is at least half its size), so adding is amortised O(log n) per id and a
 lookup is one binary search per chunk; ids older than the window drop out when their
 chunk is merged or `expire()` runs.
+
+Event ids are unique per tenant (the access key's name, `online.auth.caller_tenant`), not
+globally: two shops may both send `order-1000`. What is held and looked up is therefore an
+event's *scoped id* (`scoped_id`), the id itself for the tenant "" and `tenant NUL id`
+otherwise (an id never holds a NUL: validation rejects control characters, so no two
+(tenant, id) pairs share a scoped id).
 """
 
 from __future__ import annotations
@@ -30,9 +36,25 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 _KEY = os.urandom(16)
 _DAY_S = 86400
+_SEP = "\x00"
+
+
+def scoped_id(tenant: str, event_id: str) -> str:
+    """The idempotency key of event `event_id` sent by `tenant` (see the module docstring)."""
+    return f"{tenant}{_SEP}{event_id}" if tenant else event_id
+
+
+def scoped_ids(tenants: pa.Array | pa.ChunkedArray,
+               event_ids: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """`scoped_id` over Arrow columns (a null tenant is "": rows written before tenants)."""
+    tenants = pc.fill_null(tenants.cast(pa.string()), "")
+    event_ids = event_ids.cast(pa.string())
+    joined = pc.binary_join_element_wise(tenants, event_ids, _SEP)
+    return pc.if_else(pc.equal(tenants, ""), event_ids, joined)
 
 
 def id_hashes(ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +94,8 @@ def _sorted_chunk(h1: np.ndarray, h2: np.ndarray, day: np.ndarray) -> _Chunk:
 
 
 class CommittedIds:
-    """Event ids committed within the last `window_days` (at least), as 128-bit hashes."""
+    """Scoped event ids (`scoped_id`) committed within the last `window_days` (at least), as
+    128-bit hashes."""
 
     def __init__(self, window_days: float) -> None:
         self.window_days = window_days

@@ -1,7 +1,10 @@
 """One error hierarchy for the online layer; each error knows its gRPC status code.
 
-Handlers raise these (or let `ValueError`-style domain errors from `lake` escape); the
-single mapping to a status lives in `online.service.ErrorInterceptor` via `status_of()`.
+Handlers raise these; the lake's own domain errors that reach a handler (an invalid event,
+a refused bundle) get their status here too. The single mapping to a status is
+`status_of()`, called by `online.service.ServiceInterceptor`. Anything else (a plain
+`ValueError` included) is a bug of ours and answers INTERNAL, logged with its traceback:
+bad arguments are `InvalidArgument`, raised where the field is known.
 """
 
 from __future__ import annotations
@@ -67,22 +70,27 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class ResourceExhausted(ServiceError):
+    """The caller is over a limit (its key's rate, the ingest queue): retry later.
+
+    `retry_after_s` is the server's hint; the interceptor also sends it as the trailing
+    metadata `retry-after-ms` so clients need not parse the message.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(f"{message}: retry in {retry_after_s:.2g} s")
+        self.retry_after_s = retry_after_s
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a caller sees for `exc` (the only such mapping)."""
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
     if isinstance(exc, EventValidationError):
         return grpc.StatusCode.INVALID_ARGUMENT, f"events[{exc.row}].{exc.field}: {exc.reason}"
-    if _is_ingest_error(exc):  # WAL closed / failing, or the bronze flush far behind
-        return grpc.StatusCode.UNAVAILABLE, f"ingest unavailable: {exc}"
     if isinstance(exc, BundleError):
         return grpc.StatusCode.FAILED_PRECONDITION, f"model bundle refused: {exc}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
-
-def _is_ingest_error(exc: BaseException) -> bool:
-    try:
-        from online.ingest import IngestError
-    except ImportError:  # pragma: no cover - the ingest module is part of the package
-        return False
-    return isinstance(exc, IngestError)

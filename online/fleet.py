@@ -14,7 +14,7 @@ HAProxy (Debian's 2.6) listens on `server.port` / `server.admin_port` and speaks
   `server.drain_s` (the fleet sets it to DRAIN_S) before its ports close, so its users'
   calls move to the others without a failed call;
 - admin calls go round robin (the effects of ForgetUser reach all replicas through the
-  fleet channel; `online.notify` sends model reloads to every replica).
+  fleet channel; `lake.reload_notice` sends model reloads to every replica).
 A replica that dies is restarted on its WAL directory (its acknowledged events replay from
 there). `var/run/fleet.json` (`fleet.run_dir`) lists the addresses and pids; Ctrl-C stops
 the replicas first (each drains and flushes its WAL), then HAProxy and Redis.
@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from lake.config import ENV_PREFIX, PROJECT_ROOT, ConfigError, Settings
+from lake.fleet_file import FLEET_FILE
 from online.metrics import HEALTH_PATH
 from online.node_identity import NODE_FILE
 from online.ports import free_port
 
 log = logging.getLogger(__name__)
 
-FLEET_FILE = "fleet.json"
 CHECK_INTER_MS = 250
 DRAIN_S = 4 * CHECK_INTER_MS / 1000
 """How long a stopping replica answers after turning NOT_SERVING (a few check intervals)."""
@@ -392,12 +392,3 @@ class Fleet:
             for f in self._logs:
                 f.close()
             (self.run_dir / FLEET_FILE).unlink(missing_ok=True)
-
-
-def read_fleet(run_dir: Path) -> dict[str, Any] | None:
-    """The running fleet's `fleet.json`, or None."""
-    path = Path(run_dir) / FLEET_FILE
-    if not path.exists():
-        return None
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data

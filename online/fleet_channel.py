@@ -2,7 +2,8 @@
 
 The lake and each replica's WAL stay the truth. The stream only carries, to the other
 replicas' memory, what one replica has already made durable and acknowledged:
-- `e`: accepted events (after their WAL fsync), tagged with the node id and WAL record seq;
+- `e`: accepted events (after their WAL fsync; each with its tenant), tagged with the node
+  id and WAL record seq;
 - `i`: catalogue upserts (after the `items` merge);
 - `f`: erasures (after the lake deletes).
 A reader thread applies other nodes' entries through the same code as local requests
@@ -56,23 +57,29 @@ def _micros(ts: datetime) -> int:
 
 
 def encode_events(events: Sequence[Mapping[str, Any]]) -> bytes:
-    """The id and the fields the online state folds in, as compact JSON (timestamps
-    in µs)."""
+    """The id, its tenant (which scopes it), the fields the online state folds in and the
+    list the event came from (`recommendation_id`), as compact JSON (timestamps in µs)."""
     rows = [[e["event_id"], e["user_id"], e["item_id"], e["event_type"], e.get("value"),
              _micros(e["ts"]),
-             _micros(e["received_at"]) if e.get("received_at") is not None else None]
+             _micros(e["received_at"]) if e.get("received_at") is not None else None,
+             e.get("tenant") or "", e.get("recommendation_id") or ""]
             for e in events]
     return json.dumps(rows, separators=(",", ":")).encode()
 
 
 def decode_events(data: bytes) -> list[dict[str, Any]]:
+    """`encode_events` reversed; rows of a replica that predates tenants have tenant "",
+    of one that predates recommendation ids recommendation_id ""."""
     out = []
-    for event_id, user, item, etype, value, ts, received in json.loads(data):
+    for row in json.loads(data):
+        event_id, user, item, etype, value, ts, received = row[:7]
         out.append({"event_id": event_id, "user_id": user, "item_id": item,
                     "event_type": etype, "value": value,
                     "ts": datetime.fromtimestamp(ts / 1e6, UTC),
                     "received_at": None if received is None
-                    else datetime.fromtimestamp(received / 1e6, UTC)})
+                    else datetime.fromtimestamp(received / 1e6, UTC),
+                    "tenant": row[7] if len(row) > 7 else "",
+                    "recommendation_id": row[8] if len(row) > 8 else ""})
     return out
 
 
@@ -298,6 +305,12 @@ class PublishingIngest:
     def stats(self) -> dict[str, Any]:
         return self.inner.stats()
 
+    @property
+    def impressions(self) -> Any:
+        """The pipeline's impression recorder (impressions stay on this node: no peer
+        serves from them)."""
+        return self.inner.impressions
+
     # -- what the peers also get --------------------------------------------------------
 
     def attach(self, channel: FleetChannel) -> None:
@@ -308,8 +321,8 @@ class PublishingIngest:
         self.inner.replayed.clear()  # in the channel's buffer now
         self.channel = channel
 
-    def ingest(self, events: list[dict[str, Any]]) -> IngestResult:
-        result = self.inner.ingest(events)
+    def ingest(self, events: list[dict[str, Any]], *, tenant: str = "") -> IngestResult:
+        result = self.inner.ingest(events, tenant=tenant)
         if result.accepted and self.channel is not None:  # durable in our WAL by now
             self.channel.publish_events(result.seq, result.accepted)
         return result
@@ -330,8 +343,8 @@ class ReplicaApplier:
 
     def apply_events(self, events: Sequence[Mapping[str, Any]]) -> Any:
         # A client resending these ids here (its call to the peer failed) gets "duplicate":
-        # the peer's WAL already brings them to bronze.
-        self.ingest.note_peer_events([e["event_id"] for e in events])
+        # the peer's WAL already brings them to bronze. Same tenant only, as locally.
+        self.ingest.note_peer_events(events)
         return self.engine.apply_events(events)
 
     def apply_items(self, items: Sequence[Mapping[str, Any]]) -> Any:

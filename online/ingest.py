@@ -14,18 +14,31 @@
   `DeltaTable.transaction_version(app_id)` and skips WAL records at or below it, so a
   crash before, during or after a commit neither loses nor duplicates an event. Segments
   whose records are all committed are deleted.
-* **De-duplication by event_id** within a batch and against every id that arrived within
-  `server.dedupe_window_days`, across restarts: ids not yet in bronze live in the seen-set
-  (an LRU bounded by `dedupe_max_ids` entries and `dedupe_ttl_s` seconds, rebuilt from the
-  WAL after a restart); ids committed to bronze live in `CommittedIds` (128-bit hashes,
-  loaded from bronze's `received_at` window at start, extended by every flush). Older
-  duplicates are removed by the silver compaction ("first arrival wins"). A duplicate of
-  an event still being made durable by a concurrent call is acknowledged only once that
-  event is durable.
+* **De-duplication by (tenant, event_id)** within a batch and against every id that
+  arrived within `server.dedupe_window_days`, across restarts. The tenant is the name of
+  the access key the call used (`online.auth.caller_tenant`; "" without one): the same id
+  from the same tenant is a duplicate, from another tenant a different event. Bronze records each
+  event's tenant, and so does the WAL. Ids not yet in bronze live in the seen-set (an LRU
+  bounded by `dedupe_max_ids` entries and `dedupe_ttl_s` seconds, rebuilt from the WAL
+  after a restart); ids committed to bronze live in `CommittedIds` (128-bit hashes of the
+  scoped ids, loaded from bronze's `received_at` window at start, extended by every
+  flush). Older duplicates are removed by the silver compaction ("first arrival wins",
+  per tenant). A duplicate of an event still being made durable by a concurrent call is
+  acknowledged only once that event is durable.
 * **Erasure.** `forget_user()` first writes a durable tombstone to the WAL and drops the
   user's pending events from memory, then deletes the user's rows from the lake tables.
   Replay applies tombstones to older pending records (so a crash can never resurrect
   them) and re-runs the lake deletes of tombstones not yet covered by a commit.
+
+* **Impressions** (`online.impressions`) share the log: a second record type
+  (`REC_IMPRESSIONS`) appended by the impression writer thread without any caller
+  waiting, flushed with the events' micro-batches into `bronze_impressions` under the
+  same app id *on that table*, which has its own version: replay skips, per record type,
+  the records at or below its table's version. Sequence numbers stay one series for the
+  whole log, so the log reopens above the larger of the two versions, and segments are
+  released once every record in them is in its table. Erasure covers them too: waiting
+  and pending impressions of the user are dropped with the tombstone, and
+  `bronze_impressions` is one of the lake tables the user is deleted from.
 
 Only one process may own a `wal_dir` (an flock guards it); give every server its own
 `wal_dir` and `node_id`.
@@ -38,6 +51,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -50,11 +64,20 @@ from lake.config import Settings
 from lake.erasure import USER_TABLES
 from lake.schemas import (
     BRONZE_EVENTS,
+    BRONZE_IMPRESSIONS,
     USER_ERASURES,
 )
 from lake.tables import Lake, sql_literal
 from lake.validation import EventLimits, EventValidationError, validate_event
-from online.committed_ids import CommittedIds, received_days
+from online.committed_ids import CommittedIds, received_days, scoped_id, scoped_ids
+from online.errors import Unavailable
+from online.impressions import USER_ID as IMP_USER_ID
+from online.impressions import (
+    ImpressionRecorder,
+    decode_rows,
+    encode_rows,
+    impressions_table,
+)
 from online.node_identity import NodeClaim, check_node_id
 from online.wal import WALError, WriteAheadLog
 
@@ -62,15 +85,29 @@ log = logging.getLogger(__name__)
 
 REC_EVENTS = 1
 REC_FORGET = 2
+REC_IMPRESSIONS = 3
 BRONZE = BRONZE_EVENTS.name
+IMPRESSIONS = BRONZE_IMPRESSIONS.name
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _WAL_FIELDS = ("event_id", "user_id", "item_id", "event_type", "value", "ts", "received_at",
-               "session_id", "properties")
+               "session_id", "properties", "tenant", "recommendation_id")
+"""One WAL event row, in this order. Older records end earlier: those written before
+tenants after `properties` (they replay with the tenant ""), those written before
+recommendation ids after `tenant` (recommendation_id "")."""
 
 
-class IngestError(RuntimeError):
-    """Ingest cannot proceed (not started, closed, WAL failure)."""
+def event_key(ev: Mapping[str, Any]) -> str:
+    """What de-duplicates an event: its id within its tenant (`scoped_id`)."""
+    return scoped_id(ev.get("tenant") or "", ev["event_id"])
+
+
+class IngestError(Unavailable):
+    """Ingest cannot proceed (not started, closed, WAL failure): UNAVAILABLE to callers, who
+    may retry (nothing of the call was acknowledged)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"ingest unavailable: {message}")
 
 
 class IngestOverloadedError(IngestError):
@@ -97,9 +134,43 @@ class IngestResult:
 @dataclass
 class _Pending:
     seq: int
-    events: list[dict[str, Any]]
+    events: list[Any]
+    """Event dicts (`REC_EVENTS`) or impression rows (`REC_IMPRESSIONS`)."""
     received: float = field(default_factory=time.time)
     user_tombstone: str | None = None
+
+
+class _Stream:
+    """One record type's way from the WAL to its Delta table: the durable records not yet
+    committed there, in seq order."""
+
+    def __init__(self, table: str, to_table: Callable[[list[Any]], pa.Table],
+                 user_of: Callable[[Any], str | None]) -> None:
+        self.table = table
+        self.to_table = to_table
+        self.user_of = user_of
+        self.pending: deque[_Pending] = deque()
+        self.count = 0
+        """Rows in `pending`."""
+        self.committed_seq = 0
+        """The last WAL seq committed to `table` (its app-transaction version)."""
+        self.flushed_total = 0
+        self.flush_commits = 0
+
+    def drop_user(self, user_id: str) -> int:
+        """Drop the user's pending rows; returns how many."""
+        removed = 0
+        user_of = self.user_of
+        for rec in self.pending:
+            keep = [r for r in rec.events if user_of(r) != user_id]
+            removed += len(rec.events) - len(keep)
+            rec.events = keep
+        self.count -= removed
+        return removed
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self.count = 0
 
 
 def _to_us(ts: datetime) -> int:
@@ -124,6 +195,8 @@ def _encode_rows(rows: list[list[Any]]) -> bytes:
 def _decode_events(payload: bytes) -> list[dict[str, Any]]:
     out = []
     for row in json.loads(payload):
+        if len(row) < len(_WAL_FIELDS):  # written before tenants / recommendation ids
+            row = [*row, *[""] * (len(_WAL_FIELDS) - len(row))]
         ev = dict(zip(_WAL_FIELDS, row, strict=True))
         ev["ts"] = _from_us(ev["ts"])
         ev["received_at"] = _from_us(ev["received_at"])
@@ -140,7 +213,7 @@ def events_table(events: list[dict[str, Any]]) -> pa.Table:
 
 
 class _SeenSet:
-    """event_id -> WAL seq, LRU-bounded by size and age (first sight)."""
+    """Scoped event id (`event_key`) -> WAL seq, LRU-bounded by size and age (first sight)."""
 
     def __init__(self, max_ids: int, ttl_s: float) -> None:
         self.max_ids = max_ids
@@ -206,29 +279,35 @@ class IngestPipeline:
         self._ids_expired_at = time.monotonic()
         self.committed_ids_load_s = 0.0
         self._wal: WriteAheadLog | None = None
-        self._pending: deque[_Pending] = deque()
-        self._pending_events = 0
+        # Events and tombstones (tombstones ride with the events: an events commit past
+        # one says its deletes are done), and impressions: one stream per table.
+        self._events = _Stream(BRONZE, events_table, lambda e: e["user_id"])
+        self._imps = _Stream(IMPRESSIONS, impressions_table, lambda r: r[IMP_USER_ID])
+        self.impressions = ImpressionRecorder(settings.impressions, self._log_impressions,
+                                              self._sync_impressions)
+        """What the servicers record each answer's impression with (`record`)."""
         self._ingest_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._committed_seq = 0
+        self._covered_seq = 0
+        """Every WAL record up to here is in its table (what the segments may be released
+        up to)."""
         self.last_flush_time: float | None = None
-        self.flushed_total = 0
-        self.flush_commits = 0
         self.flush_errors = 0
         self.last_flush_error: str | None = None
         self.accepted_total = 0
         self.duplicates_total = 0
         self.rejected_total = 0
         self.replayed_events = 0
+        self.replayed_impressions = 0
         self.replayed: list[tuple[int, list[dict[str, Any]]]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def _table_txn_version(self) -> int:
-        path = str(self.lake.path(BRONZE))
+    def _table_txn_version(self, table: str = BRONZE) -> int:
+        path = str(self.lake.path(table))
         if not DeltaTable.is_deltatable(path):
             return 0
         v = DeltaTable(path).transaction_version(self.app_id)
@@ -242,16 +321,21 @@ class IngestPipeline:
             self._claim = NodeClaim.acquire(self.server.wal_dir, self.lake.root,
                                             self._configured_node_id)
             self._node_id = self._claim.node_id
-        committed = self._table_txn_version()
+        committed = self._table_txn_version(BRONZE)
+        committed_imp = self._table_txn_version(IMPRESSIONS)
+        # One seq series for both tables: new records go above both versions (a log emptied
+        # at a graceful stop must not reuse a seq either table holds), and records up to the
+        # larger one may be gone (released once in their tables).
         wal = WriteAheadLog.open(
             self.server.wal_dir,
             fsync_interval_ms=self.server.wal_fsync_interval_ms,
             segment_bytes=self.segment_bytes,
-            min_seq=committed + 1,
+            min_seq=max(committed, committed_imp) + 1,
         )
         for note in wal.truncated:
             log.warning("WAL recovery: %s", note)
-        self._committed_seq = committed
+        self._events.committed_seq = committed
+        self._imps.committed_seq = committed_imp
         tombstones: list[str] = []
         now = time.monotonic()
         try:
@@ -259,23 +343,34 @@ class IngestPipeline:
                 if rec.rtype == REC_EVENTS:
                     events = _decode_events(rec.payload)
                     for ev in events:
-                        self._seen.add(ev["event_id"], rec.seq, now)
+                        self._seen.add(event_key(ev), rec.seq, now)
                     if rec.seq > committed:
-                        self._pending.append(_Pending(rec.seq, events))
-                        self._pending_events += len(events)
+                        self._events.pending.append(_Pending(rec.seq, events))
+                        self._events.count += len(events)
+                elif rec.rtype == REC_IMPRESSIONS:
+                    if rec.seq > committed_imp:
+                        rows = decode_rows(rec.payload)
+                        self._imps.pending.append(_Pending(rec.seq, rows))
+                        self._imps.count += len(rows)
                 elif rec.rtype == REC_FORGET:
+                    user = json.loads(rec.payload)["user_id"]
                     if rec.seq > committed:
-                        user = json.loads(rec.payload)["user_id"]
-                        self._pending_events -= self._drop_user_pending(user)
-                        self._pending.append(_Pending(rec.seq, [], user_tombstone=user))
+                        self._events.drop_user(user)
+                        self._events.pending.append(_Pending(rec.seq, [], user_tombstone=user))
+                    if rec.seq > committed_imp:
+                        self._imps.drop_user(user)
+                    # A commit to either table after the tombstone means its deletes were
+                    # done: forget_user() holds the flush lock until they are.
+                    if rec.seq > max(committed, committed_imp):
                         tombstones.append(user)
                 else:
                     raise IngestError(f"WAL record {rec.seq} has unknown type {rec.rtype}")
             self._seen.trim(now)
             self._load_committed_ids()
-            self.replayed_events = self._pending_events
+            self.replayed_events = self._events.count
+            self.replayed_impressions = self._imps.count
             # (seq, events) acknowledged before a crash, maybe never told to the peers
-            self.replayed = [(p.seq, p.events) for p in self._pending if p.events]
+            self.replayed = [(p.seq, p.events) for p in self._events.pending if p.events]
             self._wal = wal
             # A tombstone not yet covered by a commit may not have reached the lake: redo its
             # deletes before flushing (later events of that user are still pending).
@@ -286,42 +381,51 @@ class IngestPipeline:
             wal.close()
             self._release_claim()
             self._wal = None
-            self._pending.clear()
-            self._pending_events = 0
+            self._events.clear()
+            self._imps.clear()
             self._seen = _SeenSet(self._seen.max_ids, self._seen.ttl_s)
             self._committed_ids = CommittedIds(self.server.dedupe_window_days)
             raise
-        if self.replayed_events:
-            log.info("WAL replay: %d event(s) committed to bronze", self.replayed_events)
+        if self.replayed_events or self.replayed_impressions:
+            log.info("WAL replay: %d event(s), %d impression(s) committed to bronze",
+                     self.replayed_events, self.replayed_impressions)
         self._thread = threading.Thread(target=self._flush_loop, name="wal-flusher", daemon=True)
         self._thread.start()
+        self.impressions.start()
 
     def _load_committed_ids(self) -> None:
-        """Remember the ids bronze received within the dedupe window (from every writer)."""
+        """Remember the (tenant, id) pairs bronze received within the dedupe window (from
+        every writer)."""
         window = self.server.dedupe_window_days
         if window <= 0 or not self.lake.exists(BRONZE):
             return
         t0 = time.perf_counter()
         ts_type = pa.timestamp("us", tz="UTC")
         since = datetime.now(UTC) - timedelta(days=window)
-        table = self.lake.read(BRONZE, columns=["event_id", "received_at"],
+        table = self.lake.read(BRONZE, columns=["event_id", "tenant", "received_at"],
                                filters=pc.field("received_at") >= pa.scalar(since, ts_type))
-        self._committed_ids.add(table.column("event_id"),
+        self._committed_ids.add(scoped_ids(table.column("tenant"), table.column("event_id")),
                                 received_days(table.column("received_at")))
         self.committed_ids_load_s = time.perf_counter() - t0
         log.info("dedupe window loaded: %d ids from bronze in %.2f s", table.num_rows,
                  self.committed_ids_load_s)
 
     def close(self) -> None:
-        """Stop the flusher, flush what is pending to bronze, fsync and release the WAL."""
+        """Write the waiting impressions, stop the flusher, flush what is pending to the lake,
+        fsync and release the WAL."""
         if self._closed:
             return
+        wal = self._wal
+        if wal is not None:
+            try:
+                self.impressions.close()  # into the WAL (synced) before the last flush
+            except Exception:  # noqa: BLE001 - the events must still be flushed
+                log.exception("impressions: the last write failed; they are lost")
         self._closed = True
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        wal = self._wal
         if wal is None:
             self._release_claim()
             return
@@ -329,9 +433,20 @@ class IngestPipeline:
             self.flush()
         finally:
             with self._ingest_lock:
-                drained = not self._pending and wal.last_seq <= self._committed_seq
+                drained = not self._events.pending and not self._imps.pending \
+                    and wal.last_seq <= self._covered_seq
             wal.close(delete_all=drained)
             self._release_claim()
+
+    @property
+    def flush_commits(self) -> int:
+        """Commits to bronze_events so far (impressions: `stats()`)."""
+        return self._events.flush_commits
+
+    @property
+    def flushed_total(self) -> int:
+        """Events written to bronze_events so far."""
+        return self._events.flushed_total
 
     @property
     def node_id(self) -> str:
@@ -342,7 +457,7 @@ class IngestPipeline:
 
     @property
     def app_id(self) -> str:
-        """The Delta app transaction this node's WAL flushes under."""
+        """The Delta app transaction this node's WAL flushes under (on each table)."""
         return f"{APP_PREFIX}{self.node_id}"
 
     def _release_claim(self) -> None:
@@ -365,11 +480,13 @@ class IngestPipeline:
             raise IngestError("IngestPipeline is closed")
         return self._wal
 
-    def ingest(self, events: list[dict[str, Any]]) -> IngestResult:
+    def ingest(self, events: list[dict[str, Any]], *, tenant: str = "") -> IngestResult:
         """Validate, de-duplicate and durably log `events`; returns once they are fsynced.
 
-        Invalid events are rejected one by one (the others are still accepted); the
-        reason names the field. Raises ValueError for a batch above `max_batch`,
+        `tenant` (the caller's, `online.auth.caller_tenant`) scopes the event ids: an id this tenant
+        sent before is a duplicate, the same id from another tenant is not. Invalid events
+        are rejected one by one (the others are still accepted); the reason names the
+        field. Raises ValueError for a batch above `max_batch`,
         IngestOverloadedError when the bronze flush is too far behind, IngestError when
         the pipeline is not running or the WAL failed (nothing was acknowledged then).
         """
@@ -389,24 +506,26 @@ class IngestPipeline:
             except EventValidationError as exc:
                 rejected.append((i, str(exc)))
                 continue
+            ev["tenant"] = tenant
             valid.append((ev, _wal_row(ev)))
+        keys = [event_key(ev) for ev, _ in valid]
         # Hashing outside the lock; an id committed meanwhile is still in the seen-set.
-        in_bronze = self._committed_ids.contains([ev["event_id"] for ev, _ in valid])
+        in_bronze = self._committed_ids.contains(keys)
         # Encode optimistically outside the lock; re-encoded below only if duplicates drop out.
         encoded = _encode_rows([row for _, row in valid]) if valid else b""
         accepted: list[dict[str, Any]] = []
         duplicates = 0
         wait_seq = 0
         seq = 0
+        stream = self._events
         with self._ingest_lock:
-            if self._pending_events >= self.max_pending_events:
+            if stream.count >= self.max_pending_events:
                 raise IngestOverloadedError(
-                    f"{self._pending_events} events wait for the bronze flush "
+                    f"{stream.count} events wait for the bronze flush "
                     f"(limit {self.max_pending_events}); retry later")
             batch_ids: set[str] = set()
             rows: list[list[Any]] = []
-            for (ev, row), committed in zip(valid, in_bronze, strict=True):
-                eid = ev["event_id"]
+            for (ev, row), eid, committed in zip(valid, keys, in_bronze, strict=True):
                 if eid in batch_ids or committed:
                     duplicates += 1
                     continue
@@ -426,12 +545,12 @@ class IngestPipeline:
                     raise IngestError(f"write-ahead log failed: {exc}") from exc
                 mono = time.monotonic()
                 for ev in accepted:
-                    self._seen.add(ev["event_id"], seq, mono)
+                    self._seen.add(event_key(ev), seq, mono)
                 self._seen.trim(mono)
-                self._pending.append(_Pending(seq, accepted))
-                self._pending_events += len(accepted)
+                stream.pending.append(_Pending(seq, accepted))
+                stream.count += len(accepted)
                 wait_seq = max(wait_seq, seq)
-                if self._pending_events >= self.server.flush_max_events:
+                if stream.count >= self.server.flush_max_events:
                     self._wake.set()
             self.accepted_total += len(accepted)
             self.duplicates_total += duplicates
@@ -444,10 +563,40 @@ class IngestPipeline:
         return IngestResult(accepted=accepted, duplicates=duplicates, rejected=rejected,
                             seq=seq)
 
-    def note_peer_events(self, event_ids: list[str]) -> None:
-        """Ids another replica acknowledged (durable in its WAL, bound for bronze): from now
-        on a resend of one of them here is a duplicate, as if bronze already held it."""
-        self._committed_ids.add(event_ids)
+    def note_peer_events(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Events another replica acknowledged (durable in its WAL, bound for bronze): from
+        now on a resend of one of them here (same tenant, same id) is a duplicate, as if
+        bronze already held it."""
+        self._committed_ids.add([event_key(e) for e in events])
+
+    # -- impressions (called by the impression writer thread, `online.impressions`) ----------
+    def _log_impressions(self, rows: list[list[Any]]) -> int:
+        """Append impression rows as one WAL record (not yet durable); returns its seq, or
+        0 when the lake flush is too far behind (the rows are dropped, never waited for)."""
+        wal = self._require_open()
+        payload = encode_rows(rows)
+        stream = self._imps
+        with self._ingest_lock:
+            if stream.count >= self.max_pending_events:
+                return 0  # counted as dropped by the recorder
+            try:
+                seq = wal.write(REC_IMPRESSIONS, payload)
+            except WALError as exc:
+                raise IngestError(f"write-ahead log failed: {exc}") from exc
+            stream.pending.append(_Pending(seq, rows))
+            stream.count += len(rows)
+            if stream.count >= self.server.flush_max_events:
+                self._wake.set()
+        return seq
+
+    def _sync_impressions(self, seq: int) -> None:
+        wal = self._wal
+        if wal is None:
+            raise IngestError("IngestPipeline is not started")
+        try:
+            wal.sync(seq)
+        except WALError as exc:
+            raise IngestError(f"write-ahead log failed: {exc}") from exc
 
     # -- flushing ----------------------------------------------------------------------------
     def _flush_loop(self) -> None:
@@ -460,24 +609,25 @@ class IngestPipeline:
                 break
             # A wake-up during the previous flush may be stale: flush when either trigger
             # holds now, so micro-batches stay near flush_max_events under steady load.
-            if (self._pending_events < self.server.flush_max_events
+            if (self._events.count < self.server.flush_max_events
+                    and self._imps.count < self.server.flush_max_events
                     and time.monotonic() - last < interval):
                 continue
             last = time.monotonic()
             try:
                 self.flush()
-            except Exception as exc:  # keep the events in the WAL and retry next interval
+            except Exception as exc:  # keep the records in the WAL and retry next interval
                 self.flush_errors += 1
                 self.last_flush_error = f"{type(exc).__name__}: {exc}"
-                log.exception("flush to bronze failed; events stay in the WAL, will retry")
+                log.exception("flush to the lake failed; records stay in the WAL, will retry")
                 self._stop.wait(interval)
 
     def flush(self) -> int:
-        """Commit every durable pending event to bronze now; returns how many were written."""
+        """Commit every durable pending event and impression to the lake now; returns how
+        many events were written."""
         wal = self._wal
         if wal is None:
             raise IngestError("IngestPipeline is not started")
-        written = 0
         with self._flush_lock:
             # Seal the segment being written first: once its records are in bronze this
             # flush deletes it, so an event's bytes leave the WAL with the flush that stores
@@ -487,51 +637,59 @@ class IngestPipeline:
             except WALError as exc:
                 raise IngestError(f"write-ahead log failed: {exc}") from exc
             durable = wal.synced_seq  # what arrives meanwhile waits for the next flush
-            while True:
-                with self._ingest_lock:
-                    batch: list[_Pending] = []
-                    n = 0
-                    for rec in self._pending:
-                        if rec.seq > durable or (batch and n >= self.server.flush_max_events):
-                            break
-                        batch.append(rec)
-                        n += len(rec.events)
-                if not batch:
-                    break
-                last = batch[-1].seq
-                # Ask the table, not our memory: a commit that raised may still have landed.
-                committed = self._table_txn_version()
-                events: list[dict[str, Any]] = []
-                if committed < last:
-                    events = [e for r in batch if r.seq > committed for e in r.events]
-                    self.lake.append(BRONZE, events_table(events),
-                                     app_transaction=(self.app_id, last))
-                    self.flush_commits += 1
-                with self._ingest_lock:
-                    for _ in batch:
-                        self._pending.popleft()
-                    self._pending_events -= n
-                    self._committed_seq = last
-                self._committed_ids.add([e["event_id"] for r in batch for e in r.events])
-                written += len(events)
-                self.flushed_total += len(events)
-                self.last_flush_time = time.time()
-                wal.release_upto(last)
-            wal.release_upto(self._committed_seq)  # a sealed segment with nothing pending
+            written = self._flush_stream(self._events, durable, self._events_committed)
+            self._flush_stream(self._imps, durable)
+            # Both streams hold nothing at or below `durable` now: every record up to it is
+            # in its table.
+            self._covered_seq = max(self._covered_seq, durable)
+            wal.release_upto(self._covered_seq)
             if time.monotonic() - self._ids_expired_at > 3600.0:
                 self._ids_expired_at = time.monotonic()
                 self._committed_ids.expire()
         return written
 
-    # -- erasure -----------------------------------------------------------------------------
-    def _drop_user_pending(self, user_id: str) -> int:
-        removed = 0
-        for rec in self._pending:
-            keep = [e for e in rec.events if e["user_id"] != user_id]
-            removed += len(rec.events) - len(keep)
-            rec.events = keep
-        return removed
+    def _events_committed(self, batch: list[_Pending]) -> None:
+        self._committed_ids.add([event_key(e) for r in batch for e in r.events])
 
+    def _flush_stream(self, stream: _Stream, durable: int,
+                      committed_hook: Callable[[list[_Pending]], None] | None = None) -> int:
+        """Commit `stream`'s pending records up to `durable` to its table, in micro-batches
+        of about `flush_max_events` rows, each with the app transaction of its last seq.
+        Caller holds the flush lock. Returns the rows written."""
+        written = 0
+        while True:
+            with self._ingest_lock:
+                batch: list[_Pending] = []
+                n = 0
+                for rec in stream.pending:
+                    if rec.seq > durable or (batch and n >= self.server.flush_max_events):
+                        break
+                    batch.append(rec)
+                    n += len(rec.events)
+            if not batch:
+                return written
+            last = batch[-1].seq
+            # Ask the table, not our memory: a commit that raised may still have landed.
+            committed = self._table_txn_version(stream.table)
+            rows: list[Any] = []
+            if committed < last:
+                rows = [e for r in batch if r.seq > committed for e in r.events]
+                self.lake.append(stream.table, stream.to_table(rows),
+                                 app_transaction=(self.app_id, last))
+                stream.flush_commits += 1
+            with self._ingest_lock:
+                for _ in batch:
+                    stream.pending.popleft()
+                # rows an erasure dropped meanwhile already left the count
+                stream.count -= sum(len(r.events) for r in batch)
+                stream.committed_seq = last
+            if committed_hook is not None:
+                committed_hook(batch)
+            written += len(rows)
+            stream.flushed_total += len(rows)
+            self.last_flush_time = time.time()
+
+    # -- erasure -----------------------------------------------------------------------------
     def _delete_user_rows(self, user_id: str) -> dict[str, int]:
         # Recorded first: every server hides the user's batch vector from then on, also
         # after a restart (a replayed tombstone may record it twice; readers take a set).
@@ -546,21 +704,29 @@ class IngestPipeline:
         return counts
 
     def forget_user(self, user_id: str) -> dict[str, int]:
-        """Erase a user from pending WAL events and the lake tables; counts per table.
+        """Erase a user from pending WAL events and impressions and the lake tables; counts
+        per table.
 
         The tombstone is durable before anything is deleted, so a crash part-way is
-        finished by the next `start()`; the user's events ingested after this call are kept.
+        finished by the next `start()`; the user's events ingested (and answers shown)
+        after this call are kept.
         """
         wal = self._require_open()
         if not isinstance(user_id, str) or not user_id.strip():
             raise ValueError("user_id must be a non-empty string")
         with self._flush_lock:
+            waiting, writer = self.impressions.drop_user(user_id)
             try:
                 with self._ingest_lock:
                     seq = wal.write(REC_FORGET, json.dumps({"user_id": user_id}).encode())
-                    removed = self._drop_user_pending(user_id)
-                    self._pending_events -= removed
-                    self._pending.append(_Pending(seq, [], user_tombstone=user_id))
+                    removed = self._events.drop_user(user_id)
+                    removed_imps = self._imps.drop_user(user_id)
+                    self._events.pending.append(_Pending(seq, [], user_tombstone=user_id))
+            except WALError as exc:
+                raise IngestError(f"write-ahead log failed: {exc}") from exc
+            finally:
+                writer.release()  # impressions written from now on come after the tombstone
+            try:
                 wal.sync(seq)
             except WALError as exc:
                 raise IngestError(f"write-ahead log failed: {exc}") from exc
@@ -568,22 +734,27 @@ class IngestPipeline:
         # The WAL files still hold the user's acknowledged events and the tombstone: the
         # next flush (within server.flush_interval_s) deletes them (see flush()).
         counts["wal_pending"] = removed
+        counts["impressions_pending"] = removed_imps + waiting
         return counts
 
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         wal = self._wal
+        ev, imps = self._events, self._imps
         with self._ingest_lock:
-            pending_events = self._pending_events
-            pending_records = len(self._pending)
-            oldest = self._pending[0].received if self._pending else None
+            pending_events = ev.count
+            pending_records = len(ev.pending)
+            pending_impressions = imps.count
+            oldest = min((s.pending[0].received for s in (ev, imps) if s.pending),
+                         default=None)
             seen = len(self._seen)
+        rec = self.impressions
         return {
             "pending_events": pending_events,
             "pending_records": pending_records,
             "last_flush_time": self.last_flush_time,
-            "flushed_total": self.flushed_total,
-            "flush_commits": self.flush_commits,
+            "flushed_total": ev.flushed_total,
+            "flush_commits": ev.flush_commits,
             "flush_errors": self.flush_errors,
             "last_flush_error": self.last_flush_error,
             "ingest_lag_s": (time.time() - oldest) if oldest is not None else 0.0,
@@ -592,7 +763,7 @@ class IngestPipeline:
             "wal_fsyncs": wal.fsyncs if wal is not None else 0,
             "wal_last_seq": wal.last_seq if wal is not None else 0,
             "wal_durable_seq": wal.synced_seq if wal is not None else 0,
-            "committed_seq": self._committed_seq,
+            "committed_seq": ev.committed_seq,
             "accepted_total": self.accepted_total,
             "duplicates_total": self.duplicates_total,
             "rejected_total": self.rejected_total,
@@ -600,4 +771,12 @@ class IngestPipeline:
             "seen_ids": seen,
             "committed_ids": len(self._committed_ids),
             "committed_ids_bytes": self._committed_ids.nbytes(),
+            "impressions_waiting": rec.pending(),
+            "impressions_pending": pending_impressions,
+            "impressions_recorded": rec.recorded,
+            "impressions_dropped": rec.dropped,
+            "impressions_flushed": imps.flushed_total,
+            "impressions_flush_commits": imps.flush_commits,
+            "impressions_committed_seq": imps.committed_seq,
+            "replayed_impressions": self.replayed_impressions,
         }

@@ -1,6 +1,7 @@
 """Access keys of the public Recommender service: the keys file and its CLI.
 
     python -m online.keys create --name shop1 --scopes recommend,ingest   # prints the key once
+    python -m online.keys create --name support --scopes recommend,history  # + explain reasons
     python -m online.keys list
     python -m online.keys revoke shop1                                    # by name or id
 
@@ -27,9 +28,11 @@ from pathlib import Path
 
 from lake.config import ConfigError, Settings, load_settings
 
-SCOPES: tuple[str, ...] = ("recommend", "ingest", "catalogue")
+SCOPES: tuple[str, ...] = ("recommend", "ingest", "catalogue", "history")
 """recommend: Recommend, RecommendBatch, SimilarItems; ingest: IngestEvents;
-catalogue: UpsertItems."""
+catalogue: UpsertItems; history: the user's own items as the "because" reasons of
+`explain=true` (a user's history is personal data: without this scope explain answers the
+recommendations without them)."""
 KEY_PREFIX = "lrk_"
 
 
@@ -137,7 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create", help="create a key and print it (shown only this once)")
     c.add_argument("--name", required=True, help="who uses the key, e.g. the shop backend")
-    c.add_argument("--scopes", required=True, help=f"comma-separated: {','.join(SCOPES)}")
+    c.add_argument("--scopes", required=True,
+                   help=f"comma-separated: {','.join(SCOPES)} (history: the 'because' items "
+                        "of Recommend explain=true, i.e. the user's own history)")
     sub.add_parser("list", help="the keys (names, ids, scopes; never the keys)")
     r = sub.add_parser("revoke", help="delete a key (running servers drop it within a second)")
     r.add_argument("key", help="name or id")

@@ -22,6 +22,7 @@ from prometheus_client import (
     ProcessCollector,
     make_wsgi_app,
 )
+from prometheus_client.core import CounterMetricFamily
 
 HEALTH_PATH = "/healthz"
 """The HTTP readiness path next to /metrics: 200 while the server serves, 503 otherwise."""
@@ -88,6 +89,18 @@ class Metrics:
         self.ingest_flush_lag = Gauge("lambdarec_ingest_flush_lag_seconds",
                                       "Age of the oldest event waiting for the bronze flush",
                                       registry=r)
+        # Every answer (Recommend, each RecommendBatch entry, SimilarItems) is an impression
+        # with a recommendation_id, counted here whether or not sampling records it.
+        self.impressions = Counter(
+            "lambdarec_impressions_total",
+            "Answers served (impressions), by serving model, strategy, experiment and arm",
+            ["model_version", "strategy", "experiment", "arm"], registry=r)
+        self.impressions_pending = Gauge(
+            "lambdarec_impressions_pending",
+            "Recorded impressions not yet in bronze_impressions (in memory or the WAL)",
+            registry=r)
+        self._impression_stats: Callable[[], dict[str, Any]] | None = None
+        r.register(_ImpressionsDropped(lambda: self._impression_stats))
         self._version: str | None = None
         self._http: Any = None
         # Label children by label values: `labels()` takes a lock and builds a key per
@@ -106,6 +119,14 @@ class Metrics:
         """Read the ingest pipeline's `stats()` at scrape time."""
         self.ingest_pending.set_function(lambda: float(stats().get("pending_events", 0)))
         self.ingest_flush_lag.set_function(lambda: float(stats().get("ingest_lag_s", 0.0)))
+        self.impressions_pending.set_function(lambda: float(
+            stats().get("impressions_waiting", 0) + stats().get("impressions_pending", 0)))
+        self._impression_stats = stats
+
+    def impression_counter(self, model_version: str, strategy: str, experiment: str,
+                           arm: str) -> Any:
+        """The `lambdarec_impressions_total` child of these labels (cached)."""
+        return self.child(self.impressions, model_version, strategy, experiment, arm)
 
     def observe_rpc(self, rpc: tuple[str, str, str], code: str, seconds: float) -> None:
         self.child(self.requests, *rpc, code).inc()
@@ -148,6 +169,22 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _ImpressionsDropped:
+    """`lambdarec_impressions_dropped_total`, read from the ingest pipeline's stats at
+    scrape time (the recorder counts; a collector spares it a metrics dependency)."""
+
+    def __init__(self, source: Callable[[], Callable[[], dict[str, Any]] | None]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Any]:
+        stats = self._source()
+        value = float(stats().get("impressions_dropped", 0)) if stats is not None else 0.0
+        yield CounterMetricFamily(
+            "lambdarec_impressions_dropped",
+            "Sampled impressions never recorded (memory buffer full, lake flush behind, "
+            "WAL failure); the answers were served", value=value)
 
 
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -18,15 +19,22 @@ from lake.config import Settings
 from lake.foldin import contributions
 from online.catalog import Catalog, RowView
 from online.errors import NoModel, NotFound
-from online.model import LoadedModel, ModelManager, RowFilterIndex
+from online.experiment_arms import Assignment
+from online.loaded_model import LoadedModel
+from online.model_manager import ModelManager
+from online.row_filters import RowFilterIndex
 from online.state import OnlineState
 
 log = logging.getLogger(__name__)
 
 CONTEXT_EVENT_TYPE = "add_to_cart"
-"""Context (session / basket) items are folded in with this event type's weight."""
+"""Context (session / basket) items are folded in with this event type's weight in the
+serving model's strength settings (1 when they do not weigh it)."""
 MAX_BECAUSE = 3
-PERSONALISED, FALLBACK = "personalised", "fallback"
+PERSONALISED, FALLBACK, POPULARITY = "personalised", "fallback", "popularity"
+"""Result strategies: ranked by the user's vector; popularity because the user has none;
+popularity because the user's experiment arm is the popularity ranking (a holdout; on the
+wire STRATEGY_FALLBACK)."""
 FALLBACK_RANKED_BATCH_ITEMS = 1000
 """Most popular batch items kept in the cached fallback ranking."""
 
@@ -118,7 +126,6 @@ class Recommender:
         self.catalog = catalog
         self.overfetch = settings.server.overfetch
         self.exact_max_rows = settings.server.exact_filter_max_rows
-        self.context_weight = float(settings.interactions.weights.get(CONTEXT_EVENT_TYPE, 1.0))
         self._fb_cache: tuple[tuple[int, int], tuple[list[tuple[str, float]], float, int]] | \
             None = None
 
@@ -248,18 +255,33 @@ class Recommender:
         context_item_ids: Sequence[str] = (),
         explain: bool = False,
         check: DeadlineCheck = _no_deadline,
+        arm: Assignment | None = None,
     ) -> Result:
-        model = self.manager.current  # once per request
+        """Top-k for `user_id`; `arm` (`ExperimentArms.arm_for`): the experiment arm that
+        serves the user, its model (None: the champion), popularity or settings."""
+        model = arm.model if arm is not None and arm.model is not None \
+            else self.manager.current  # once per request
         if model is None:
-            return self._fallback(None, k, f, set(context_item_ids), user_id, check)
+            return self._fallback(None, k, f, set(context_item_ids), user_id, check,
+                                  POPULARITY if arm is not None and arm.popularity
+                                  else FALLBACK)
         context_rows: dict[int, float] = {}
-        for iid in context_item_ids:
-            r = model.item_row.get(iid)
-            if r is not None:
-                context_rows[r] = context_rows.get(r, 0.0) + self.context_weight
+        if context_item_ids:
+            weight = self.context_weight(model)
+            for iid in context_item_ids:
+                r = model.item_row.get(iid)
+                if r is not None:
+                    context_rows[r] = context_rows.get(r, 0.0) + weight
         check("fold-in")
         prof = self.state.profile(model, user_id, context_rows or None)
-        seen_ids = prof.seen_ids | set(context_item_ids) if f.exclude_seen else set()
+        seen_ids: AbstractSet[str] = frozenset()
+        if f.exclude_seen:  # (the profile's set as it is when there is no context: no copy)
+            seen_ids = prof.seen_ids | set(context_item_ids) if context_item_ids \
+                else prof.seen_ids
+        if arm is not None and arm.popularity:  # the holdout: seen items still excluded
+            if f.exclude_seen and prof.batch_rows.size:
+                seen_ids = set(seen_ids) | {model.item_ids[r] for r in prof.batch_rows.tolist()}
+            return self._fallback(model, k, f, seen_ids, user_id, check, POPULARITY)
         if prof.vector is None or not np.count_nonzero(prof.vector):  # (faster than any())
             return self._fallback(model, k, f, seen_ids, user_id, check)
         # Seen = the batch history + real-time events of `seen_event_types` (by id) + context.
@@ -269,7 +291,8 @@ class Recommender:
             r = item_row.get(iid)
             if r is not None:
                 skip_rows.add(r)
-        query = model.user_query(prof.vector, int(prof.rows.size))
+        query = model.user_query(prof.vector, int(prof.rows.size),
+                                 arm.blend(model) if arm is not None else None)
         hits = self._search(model, query, k, f, skip_rows, check)
         item_ids = model.item_ids
         if explain and prof.rows.size:
@@ -278,6 +301,12 @@ class Recommender:
             items = [(item_ids[r], s, []) for r, s in hits]
         return Result(items, model.version, PERSONALISED)
 
+    def context_weight(self, model: LoadedModel) -> float:
+        """What one context item adds to the user's strength on `model`: a fresh
+        `CONTEXT_EVENT_TYPE` event (no value, no decay) weighed as the model's fold-in
+        weighs events, with the settings it was trained with."""
+        return float(self.state.params(model).weights.get(CONTEXT_EVENT_TYPE, 1.0))
+
     def _because(self, model: LoadedModel, rows: np.ndarray, target: int) -> list[str]:
         factors = model.item_factors
         c = contributions(np.empty(0), factors, rows, factors[target])
@@ -285,8 +314,8 @@ class Recommender:
         return [model.item_ids[int(rows[i])] for i in order if c[i] > 0 and rows[i] != target]
 
     def _fallback(
-        self, model: LoadedModel | None, k: int, f: FilterSpec, seen_ids: set[str],
-        user_id: str, check: DeadlineCheck,
+        self, model: LoadedModel | None, k: int, f: FilterSpec, seen_ids: AbstractSet[str],
+        user_id: str, check: DeadlineCheck, strategy: str = FALLBACK,
     ) -> Result:
         """Popularity: 0.5 x batch popularity + 0.5 x real-time decayed counts (each scaled
         to max 1), exact top-k under the filters.
@@ -327,7 +356,7 @@ class Recommender:
                 chunk *= 4
         top = sorted(picked, key=lambda kv: (-kv[1], kv[0]))[:k]
         return Result([(iid, s, []) for iid, s in top],
-                      model.version if model is not None else "", FALLBACK)
+                      model.version if model is not None else "", strategy)
 
     def _popularity_ranking(
         self, model: LoadedModel | None
@@ -364,13 +393,13 @@ class Recommender:
 
     def answer_bounds(self) -> tuple[int, int, int]:
         """(most items one answer can hold, longest item id it can name in UTF-8 bytes,
-        model version length): what bounds the size of a Recommend answer."""
-        model = self.manager.current
+        model version length): what bounds the size of a Recommend answer, on any model
+        held (an experiment's arms included)."""
+        models = self.manager.models()
         pop = self.state.popularity
-        items = len(pop) + (model.n_items if model is not None else 0)
-        longest = max(pop.longest_id_bytes,
-                      model.longest_item_id_bytes if model is not None else 0)
-        return items, longest, len(model.version.encode()) if model is not None else 0
+        items = len(pop) + max((m.n_items for m in models), default=0)
+        longest = max(pop.longest_id_bytes, *(m.longest_item_id_bytes for m in models))
+        return items, longest, max((len(m.version.encode()) for m in models), default=0)
 
     # -- SimilarItems ------------------------------------------------------------------
     def similar(self, item_id: str, k: int, f: FilterSpec,

@@ -30,11 +30,12 @@ import yaml  # noqa: E402
 
 from lake.bundle import current_version  # noqa: E402
 from lake.config import ENV_PREFIX, PROJECT_ROOT, ConfigError, Settings, load_settings  # noqa: E402
+from lake.reload_notice import python_command  # noqa: E402
 from lake.tables import Lake  # noqa: E402
+from online.auth import refuse_weak_admin_token  # noqa: E402
 from online.fleet import Fleet, FleetError  # noqa: E402
 from online.keys import KeyStore, keys_file  # noqa: E402
 from online.node_identity import NodeIdentityError  # noqa: E402
-from online.notify import python_command  # noqa: E402
 from online.ports import PortInUse, ensure_free  # noqa: E402
 
 # Used when the lake is empty (data.source none): any ids are valid in an ingest.
@@ -116,6 +117,7 @@ def _run_fleet(args: argparse.Namespace) -> int:
     srv = settings.server
     for setting in ("port", "admin_port"):  # the front door's
         ensure_free(srv.host, getattr(srv, setting), f"server.{setting}")
+    refuse_weak_admin_token(srv)  # the servers would refuse it, but only after `prepare`
     done = prepare(settings, pipeline=not args.no_pipeline)
     fleet = Fleet(settings, args.replicas)
     state = fleet.start()
@@ -146,7 +148,8 @@ def usage(settings: Settings, ports: dict[str, int], ids: tuple[str, str, str]) 
         "(token from server.admin_token)",
     ]
     if "console" in ports:
-        lines.append(f"console: http://{srv.host}:{ports['console']}/")
+        scheme = "https" if srv.tls_cert is not None else "http"  # the console's TLS too
+        lines.append(f"console: {scheme}://{srv.host}:{ports['console']}/")
     if srv.auth == "keys" and KeyStore(keys_file(settings)).load():
         lines.append("public calls need an access key: export LAMBDAREC_KEY=<key> "
                      "(python -m online.keys create --name NAME --scopes recommend,ingest)")
@@ -193,6 +196,7 @@ def _run(args: argparse.Namespace) -> int:
     for setting in ("port", "admin_port", "metrics_port",
                     *(() if args.no_console else ("console_port",))):
         ensure_free(srv.host, getattr(srv, setting), f"server.{setting}")
+    refuse_weak_admin_token(srv)  # the servers would refuse it, but only after `prepare`
     done = prepare(settings, pipeline=not args.no_pipeline)
     if done["model"] is None:
         reason = (done.get("pipeline") or {}).get("reason")

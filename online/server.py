@@ -36,17 +36,22 @@ from lake import foldin  # noqa: E402
 from lake.bundle import current_version  # noqa: E402
 from lake.config import ConfigError, Settings, load_settings  # noqa: E402
 from lake.erasure import erased_users  # noqa: E402
+from lake.experiments import ExperimentStore, experiments_file  # noqa: E402
 from lake.tables import Lake  # noqa: E402
 from lake.training_cut import trained_from  # noqa: E402
 from online.auth import admin_guard, public_guard  # noqa: E402
 from online.catalog import Catalog  # noqa: E402
+from online.experiment_arms import ExperimentArms  # noqa: E402
 from online.fleet_channel import FleetChannel, PublishingIngest, ReplicaApplier  # noqa: E402
 from online.ingest import APP_PREFIX, IngestPipeline  # noqa: E402
+from online.latency import favour_requests  # noqa: E402
+from online.loaded_model import LoadedModel  # noqa: E402
 from online.metrics import Metrics, configure_logging  # noqa: E402
-from online.model import LoadedModel, ModelManager  # noqa: E402
+from online.model_manager import ModelManager  # noqa: E402
 from online.node_identity import NodeIdentityError  # noqa: E402
 from online.pb import admin_pb2_grpc, recommender_pb2_grpc  # noqa: E402
 from online.ports import PortInUse, ensure_free  # noqa: E402
+from online.rate_limits import RateLimits  # noqa: E402
 from online.recommender import Recommender  # noqa: E402
 from online.service import (  # noqa: E402
     UNDECODABLE_LOG_INTERVAL_S,
@@ -59,9 +64,9 @@ from online.service import (  # noqa: E402
 )
 from online.state import OnlineState  # noqa: E402
 from online.tls import server_credentials  # noqa: E402
+from online.warm_start import latest_users, replay, restore_popularity  # noqa: E402
 
 log = logging.getLogger(__name__)
-WARM_START_MAX_EVENTS = 2_000_000
 
 
 def limit_threads() -> None:
@@ -96,6 +101,8 @@ class OnlineServer:
     _serving: threading.Event = field(default_factory=threading.Event)
     """Set while both gRPC servers are started and not shutting down (the HTTP health)."""
     fleet: FleetChannel | None = None
+    experiments: ExperimentArms | None = None
+    """The running experiment this server serves (follows `<lake.root>/experiments.json`)."""
     bronze_floor: Callable[[str], int] = lambda node: 0
     created_ms: int = 0  # before the catalogue and erasures were read from the lake
 
@@ -123,15 +130,20 @@ class OnlineServer:
         if self.settings.server.reload_poll_s > 0:
             self._poller = threading.Thread(target=self._poll, name="model-poller", daemon=True)
             self._poller.start()
+        if self.experiments is not None:
+            self.experiments.start()
         log.info("server started", extra={"ports": self.ports,
                                           "model": getattr(self.manager.current, "version", None)})
 
-    def warm_start(self, max_events: int = WARM_START_MAX_EVENTS) -> int:
+    def warm_start(self) -> int:
         """Rebuild online state from the bronze events the model was not trained on.
 
         After a restart, users keep what they did since the last batch run (read-your-writes
-        survives restarts), late arrivals included. Skipped when the bundle does not say
-        what it was trained on.
+        survives restarts), late arrivals included: the users who sent the latest events,
+        up to the online caps, as the running server held them (`online.warm_start`), so
+        the time it takes follows the caps, not how many ids sent events. Real-time
+        popularity counts all of them. Skipped when the bundle does not say what it was
+        trained on. Returns the events replayed into user state.
         """
         model = self.manager.current
         cut = model.cut if model is not None else None
@@ -143,6 +155,7 @@ class OnlineServer:
             snapshot.transaction_version(f"{APP_PREFIX}{node}") or 0)
         if model is None or cut is None:
             return 0
+        t0 = time.perf_counter()
         ts_type = pa.timestamp("us", tz="UTC")
         newer = ds.field("ts") >= pa.scalar(cut.ts_before, ts_type)
         if cut.received_until is not None:  # late events live in old event dates
@@ -153,14 +166,24 @@ class OnlineServer:
             "bronze_events", version=snapshot.version(),
             columns=["user_id", "item_id", "event_type", "value", "ts", "received_at"],
             filters=newer)
-        if table.num_rows > max_events:
-            table = table.sort_by("ts").slice(table.num_rows - max_events)
-        events = table.sort_by("ts").to_pylist()
-        if events:
-            self.engine.apply_events(events)
-        log.info("warm start", extra={"events": len(events), "since": cut.ts_before.isoformat(),
-                                      "users": len(self.engine.state)})
-        return len(events)
+        in_bronze = table.num_rows
+        state = self.engine.state
+        restore_popularity(state.popularity, table, state.params(model))
+        # a user keeps up to their latest seen_items_per_user events for exclude-seen
+        recent = latest_users(table, max_users=state.max_users,
+                              per_user=max(state.recent_cap, state.seen_cap),
+                              max_events=state.max_events)
+        replay(state, model, recent)
+        replayed = recent.num_rows
+        del table, recent
+        # Arrow's allocator keeps what the read and the selection used (hundreds of MB
+        # after a day of junk ids) unless asked to give it back.
+        pa.default_memory_pool().release_unused()
+        log.info("warm start", extra={"events": replayed,
+                                      "since": cut.ts_before.isoformat(),
+                                      "bronze_events": in_bronze, "users": len(state),
+                                      "seconds": round(time.perf_counter() - t0, 3)})
+        return replayed
 
     def _poll(self) -> None:
         while not self._stop_poll.wait(self.settings.server.reload_poll_s):
@@ -189,6 +212,8 @@ class OnlineServer:
             return
         self._stopped.set()
         self._stop_poll.set()
+        if self.experiments is not None:
+            self.experiments.close()
         self._serving.clear()
         self.health.enter_graceful_shutdown()
         self.admin_health.enter_graceful_shutdown()
@@ -211,8 +236,19 @@ class OnlineServer:
         return self.grpc_server.wait_for_termination(timeout)
 
 
+def oldest_cut(models: Sequence[LoadedModel], champion: LoadedModel) -> LoadedModel:
+    """The held model trained on the least (the earliest training cut): what the online
+    state may forget is what every held model learned. A model that does not record its
+    cut learned nothing for sure: then the champion decides (as before experiments)."""
+    cut_models = [m for m in models if m.cut is not None]
+    if champion.cut is None or len(cut_models) < len(models):
+        return champion
+    return min(cut_models, key=lambda m: m.cut.ts_before if m.cut is not None else 0)
+
+
 def _make_grpc_server(settings: Settings, workers: int, interceptor: ServiceInterceptor) -> Any:
     mb = settings.server.max_message_bytes
+    favour_requests(settings.server)  # process-wide: the GIL hand-over and the collector
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         interceptors=[interceptor],
@@ -251,6 +287,7 @@ def create_server(
     for setting, port in (("server.port", srv.port), ("server.admin_port", srv.admin_port)):
         ensure_free(srv.host, port, setting)
     guard = public_guard(settings)  # a server that must not start says so before any work
+    admin_check = admin_guard(srv)
     tls = server_credentials(srv)
     if threads:
         limit_threads()
@@ -266,40 +303,52 @@ def create_server(
     catalog = Catalog(lake)
     catalog.load()
 
-    def refold(new: LoadedModel, old: LoadedModel | None) -> int:
+    def prepare(new: LoadedModel) -> None:
         # Erased users stay hidden in every model trained before their erasure, across
         # restarts and on servers that did not receive the ForgetUser call.
         new.forgotten |= erased_users(lake, trained_from(new.bundle.manifest))
         catalog.rows(new)  # the filters' row arrays, built before the model serves
+
+    def refold(new: LoadedModel, old: LoadedModel | None) -> int:
+        prepare(new)
         return state.refold(new)
 
     def swapped(new: LoadedModel) -> None:
-        state.trim(new)  # only now: until the swap the old model still needs every event
+        # Only now: until the swap the old model still needs every event. An experiment's
+        # model trained on less than the champion keeps what it has not learned.
+        state.trim(oldest_cut(manager.models(), new))
         m.set_model(new.version)
         m.online_items.set(new.online_items)
 
-    manager = ModelManager(settings, on_new_model=refold, on_swapped=swapped)
+    manager = ModelManager(settings, on_new_model=refold, on_swapped=swapped,
+                           on_held=prepare)
     if load_model and current_version(settings.model.dir):
         manager.reload(None)
     engine = Recommender(settings, manager, state, catalog)
+    arms = ExperimentArms(ExperimentStore(experiments_file(settings)), manager)
+    if load_model:  # a restart serves the running experiment from its first request
+        arms.refresh()
 
     public_health = health.HealthServicer()
     admin_health = health.HealthServicer()
     undecodable_log = EveryInterval(UNDECODABLE_LOG_INTERVAL_S)
+    limits = RateLimits.from_settings(srv)  # per key: calls/s here, events/s in IngestEvents
     public = _make_grpc_server(settings, srv.workers,
-                               ServiceInterceptor(m, guard=guard,
+                               ServiceInterceptor(m, guard=guard, limits=limits,
                                                   undecodable_log=undecodable_log))
     admin = _make_grpc_server(settings, 2, ServiceInterceptor(
-        m, guard=admin_guard(srv), undecodable_log=undecodable_log))
+        m, guard=admin_check, undecodable_log=undecodable_log))
     server = OnlineServer(settings, public, admin, public_health, admin_health, manager,
                           engine, ingest, m, lake, metrics_enabled=metrics,
-                          created_ms=created_ms,
+                          created_ms=created_ms, experiments=arms,
                           public_key=guard.internal_key if guard is not None else None)
 
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
-        RecommenderServicer(settings, engine, ingest, m), public)
+        RecommenderServicer(settings, engine, ingest, m, limits=limits, experiments=arms),
+        public)
     admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminServicer(engine, state, ingest, m, Validator(settings), server.reload), admin)
+        AdminServicer(engine, state, ingest, m, Validator(settings), server.reload,
+                      experiments=arms), admin)
     names = service_names()
     for g, h, svc in ((public, public_health, names[0]), (admin, admin_health, names[1])):
         health_pb2_grpc.add_HealthServicer_to_server(h, g)

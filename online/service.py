@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -21,24 +22,41 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lake.bundle import BundleError, check_version_name
 from lake.config import Settings
+from lake.experiments import Experiment
 from lake.validation import EventLimits, id_problem, text_problem, validate_event
-from online.auth import CALLER, AccessKeys, AdminToken
+from online.auth import CALLER, AccessKeys, AdminToken, caller_has, caller_tenant
 from online.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
+    ResourceExhausted,
     ServiceError,
     status_of,
 )
+from online.experiment_arms import ExperimentArms
+from online.impressions import RECOMMEND, SIMILAR, SIMILAR_STRATEGY, new_recommendation_id
 from online.metrics import Metrics, rpc_labels
 from online.model_info import evaluation_fields
 from online.pb import admin_pb2, admin_pb2_grpc, recommender_pb2_grpc
 from online.pb import recommender_pb2 as pb
-from online.recommender import FALLBACK, MAX_BECAUSE, FilterSpec, Recommender, Result
+from online.rate_limits import IngestGate, RateLimits
+from online.recommender import (
+    FALLBACK,
+    MAX_BECAUSE,
+    POPULARITY,
+    FilterSpec,
+    Recommender,
+    Result,
+)
 from online.state import OnlineState
 
 log = logging.getLogger(__name__)
 
 DEADLINE_MARGIN_S = 0.0005
+RETRY_AFTER_MS = "retry-after-ms"
+"""Trailing metadata of a RESOURCE_EXHAUSTED answer: milliseconds to wait before retrying."""
+RATE_LIMITED_PREFIX = f"/{pb.DESCRIPTOR.services_by_name['Recommender'].full_name}/"
+"""Calls/s limits apply to the public service's methods (not health checks, reflection)."""
 UNDECODABLE_LOG_INTERVAL_S = 60.0
 
 
@@ -94,9 +112,11 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     """
 
     def __init__(self, metrics: Metrics, *, guard: AccessKeys | AdminToken | None = None,
-                 undecodable_log: EveryInterval | None = None) -> None:
+                 undecodable_log: EveryInterval | None = None,
+                 limits: RateLimits | None = None) -> None:
         self.metrics = metrics
         self._guard = guard
+        self._limits = limits  # calls/s per key, for the Recommender service's methods
         self._wrapped: dict[str, tuple[Any, Any]] = {}
         # shared by a server's ports: one line per interval for the whole process
         self._undecodable_log = undecodable_log or EveryInterval(UNDECODABLE_LOG_INTERVAL_S)
@@ -119,6 +139,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def _wrap(self, handler: Any, full_method: str) -> Any:
         inner = handler.unary_unary
         guard = self._guard.checker(full_method) if self._guard is not None else None
+        method = full_method.rsplit("/", 1)[-1]
+        limit_call = self._limits.call if self._limits is not None and \
+            self._limits.limits_calls and full_method.startswith(RATE_LIMITED_PREFIX) else None
         metrics = self.metrics
         rpc = rpc_labels(full_method)
         ok = metrics.child(metrics.requests, *rpc, grpc.StatusCode.OK.name)
@@ -133,6 +156,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 token = CALLER.set(guard(context.invocation_metadata())
                                    if guard is not None else None)
                 try:
+                    if limit_call is not None:  # after the guard: the key is the budget
+                        limit_call(method)
                     out = inner(request, context)
                 finally:
                     CALLER.reset(token)
@@ -143,6 +168,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 elif not isinstance(exc, ServiceError | ValueError):
                     log.warning("rpc error", extra={"method": full_method, "error": message})
                 metrics.observe_rpc(rpc, code.name, clock() - t0)
+                if isinstance(exc, ResourceExhausted):  # the hint, machine-readable
+                    context.set_trailing_metadata(
+                        ((RETRY_AFTER_MS, str(math.ceil(exc.retry_after_s * 1000))),))
                 context.abort(code, message)
             ok.inc()
             latency.observe(clock() - t0)
@@ -219,7 +247,8 @@ class Validator:
     def ids(self, field: str, values: Iterable[str]) -> list[str]:
         values = list(values)
         if len(values) > self.max_batch:
-            raise InvalidArgument(field, f"at most {self.max_batch} entries, got {len(values)}")
+            raise InvalidArgument(field, f"at most {self.max_batch} entries "
+                                  f"(server.max_batch), got {len(values)}")
         max_id = self.max_id
         for i, v in enumerate(values):  # the entry's field name only when it is wrong
             problem = id_problem(v, max_id)
@@ -236,7 +265,8 @@ class Validator:
         if n == 0:
             raise InvalidArgument(field, "must not be empty")
         if n > self.max_batch:
-            raise InvalidArgument(field, f"at most {self.max_batch} entries, got {n}")
+            raise InvalidArgument(field, f"at most {self.max_batch} entries (server.max_batch), "
+                                  f"got {n}")
 
     def filters(self, f: pb.Filters, *, prefix: str = "filters") -> FilterSpec:
         empty: frozenset[str] = frozenset()
@@ -286,19 +316,32 @@ def event_to_dict(e: pb.Event) -> dict[str, Any]:
         "ts": ts,
         "session_id": e.session_id or None,
         "properties": dict(e.properties) or None,
+        "recommendation_id": e.recommendation_id,  # "" = none
     }
 
 
 # -- servicers ---------------------------------------------------------------------------
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, settings: Settings, engine: Recommender, ingest: Any,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, limits: RateLimits | None = None,
+                 experiments: ExperimentArms | None = None) -> None:
+        """`limits`: the per-key rate limits (the events/s half is counted here, calls/s by
+        the interceptor); None = no events/s limit. `experiments`: the running experiment
+        (`arm_for(user_id)` picks each Recommend's arm); None = no experiments."""
         self.settings = settings
         self.engine = engine
+        self.experiments = experiments
         self.ingest = ingest
         self.metrics = metrics
         self.v = Validator(settings)
+        self.limits = limits
+        self.gate = IngestGate.from_settings(settings.server)
+        self.gate_min_events = settings.server.ingest_gate_min_events
         self._by_strategy: dict[str, Any] = {}  # strategy -> its counter child
+        # Impressions (`online.impressions`): every answer gets an id; the recorder (None
+        # for an ingest without one) keeps the sampled ones for bronze_impressions.
+        self.impressions = getattr(ingest, "impressions", None)
+        self._by_impression: dict[tuple[str, str, str, str], Any] = {}  # counter children
 
     def Recommend(self, request: pb.RecommendRequest,  # noqa: N802 (gRPC names)
                   context: grpc.ServicerContext) -> pb.RecommendResponse:
@@ -351,45 +394,86 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         return (v.id(f"{prefix}user_id", request.user_id), v.k(f"{prefix}k", request.k),
                 v.filters(request.filters, prefix=f"{prefix}filters"),
                 v.ids(f"{prefix}context_item_ids", request.context_item_ids),
-                request.explain)
+                # the "because" items are the user's history: only for keys allowed to read it
+                request.explain and caller_has("history"))
 
     def _answer(self, call: tuple[str, int, FilterSpec, list[str], bool],
                 check: Callable[[str], None], resp: pb.RecommendResponse) -> None:
         user_id, k, filters, ctx_items, explain = call
+        # the user's experiment arm (None: none running, or outside its traffic)
+        arm = self.experiments.arm_for(user_id) if self.experiments is not None else None
         result = self.engine.recommend(user_id, k, filters, context_item_ids=ctx_items,
-                                       explain=explain, check=check)
+                                       explain=explain, check=check, arm=arm)
         counter = self._by_strategy.get(result.strategy)
         if counter is None:  # first answer of this strategy
             counter = self._by_strategy[result.strategy] = self.metrics.child(
                 self.metrics.strategy, result.strategy)
         counter.inc()
         resp.model_version = result.model_version
-        resp.strategy = pb.STRATEGY_FALLBACK if result.strategy == FALLBACK \
+        resp.strategy = pb.STRATEGY_FALLBACK if result.strategy in (FALLBACK, POPULARITY) \
             else pb.STRATEGY_PERSONALISED
+        experiment_id, arm_name = (arm.experiment_id, arm.arm) if arm is not None else ("", "")
+        if arm is not None:
+            resp.experiment_id = experiment_id
+            resp.arm = arm_name
         _add_items(resp.items, result)
+        resp.recommendation_id = self._shown(RECOMMEND, user_id, None, result, result.strategy,
+                                             experiment_id, arm_name, filters, ctx_items)
+
+    def _shown(self, surface: str, user_id: str | None, anchor_item_id: str | None,
+               result: Result, strategy: str, experiment_id: str, arm: str,
+               filters: FilterSpec, context_item_ids: list[str]) -> str:
+        """The answer's new recommendation_id: counted, and recorded for bronze_impressions
+        when sampled (an append to the recorder's list: no I/O here)."""
+        rec_id = new_recommendation_id()
+        key = (result.model_version, strategy, experiment_id, arm)
+        counter = self._by_impression.get(key)
+        if counter is None:  # first answer with these labels
+            counter = self._by_impression[key] = self.metrics.impression_counter(*key)
+        counter.inc()
+        if self.impressions is not None:
+            self.impressions.record(rec_id, caller_tenant(), surface, user_id, anchor_item_id,
+                                    result.items, result.model_version, strategy,
+                                    experiment_id, arm, filters, context_item_ids)
+        return rec_id
 
     def SimilarItems(self, request: pb.SimilarItemsRequest,  # noqa: N802
                      context: grpc.ServicerContext) -> pb.SimilarItemsResponse:
         item_id = self.v.id("item_id", request.item_id)
         k = self.v.k("k", request.k)
         filters = self.v.filters(request.filters)
+        # optional: who is looking (recorded on the impression, the answer ignores it)
+        viewer = self.v.id("user_id", request.user_id) if request.user_id else None
         check = deadline_check(context)
         check("similar items")
         result = self.engine.similar(item_id, k, filters, check=check)
         resp = pb.SimilarItemsResponse(model_version=result.model_version)
         _add_items(resp.items, result)
+        resp.recommendation_id = self._shown(SIMILAR, viewer, item_id, result,
+                                             SIMILAR_STRATEGY, "", "", filters, [])
         return resp
 
     def IngestEvents(self, request: pb.IngestEventsRequest,  # noqa: N802
                      context: grpc.ServicerContext) -> pb.IngestEventsResponse:
+        # the cheap refusals first: no event is looked at before the size and rate checks
         self.v.batch("events", len(request.events))
+        if self.limits is not None:
+            self.limits.events(len(request.events))
+        if len(request.events) < self.gate_min_events:
+            return self._ingest(request, context)
+        with self.gate.turn(context.time_remaining()):
+            return self._ingest(request, context)
+
+    def _ingest(self, request: pb.IngestEventsRequest,
+                context: grpc.ServicerContext) -> pb.IngestEventsResponse:
         events = [event_to_dict(e) for e in request.events]
         if request.atomic:  # all or nothing: check every event before any is stored
             now = datetime.now(UTC)
             for i, e in enumerate(events):
                 validate_event(i, e, now=now, limits=self.v.event_limits)  # raises -> 400
         deadline_check(context)("ingest")
-        result = self.ingest.ingest(events)
+        # event ids are unique per tenant (the caller's key name): see online.ingest
+        result = self.ingest.ingest(events, tenant=caller_tenant())
         if request.atomic and result.rejected:  # the pipeline disagrees with our check
             i, reason = result.rejected[0]
             raise InvalidArgument(f"events[{i}]", reason)
@@ -457,13 +541,15 @@ def _ts(iso: str | None) -> Timestamp | None:
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     def __init__(self, engine: Recommender, state: OnlineState, ingest: Any,
                  metrics: Metrics, validator: Validator,
-                 reload: Callable[[str | None], dict[str, Any]]) -> None:
+                 reload: Callable[[str | None], dict[str, Any]], *,
+                 experiments: ExperimentArms | None = None) -> None:
         self.engine = engine
         self.state = state
         self.ingest = ingest
         self.metrics = metrics
         self.v = validator
         self._reload = reload
+        self.experiments = experiments
 
     def ReloadModel(self, request: admin_pb2.ReloadModelRequest,  # noqa: N802
                     context: grpc.ServicerContext) -> admin_pb2.ReloadModelResponse:
@@ -506,6 +592,54 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return admin_pb2.ForgetUserResponse(user_id=user_id, online_state_removed=removed,
                                             lake_json=json.dumps(lake, sort_keys=True,
                                                                  default=str))
+
+
+    # -- experiments (`online.experiment_arms`, `lake.experiments`) -----------------------
+    def _arms(self) -> ExperimentArms:
+        if self.experiments is None:
+            raise FailedPrecondition("experiments are not enabled on this server")
+        return self.experiments
+
+    def CreateExperiment(self, request: admin_pb2.CreateExperimentRequest,  # noqa: N802
+                         context: grpc.ServicerContext) -> admin_pb2.Experiment:
+        arms = [{"name": a.name, "share": a.share, "model_version": a.model_version,
+                 "popularity": a.popularity, "settings": dict(a.settings)}
+                for a in request.arms]
+        traffic = request.traffic if request.HasField("traffic") else 1.0
+        exp = self._arms().create(request.name, arms, traffic=traffic, salt=request.salt,
+                                  description=request.description)
+        return experiment_message(exp)
+
+    def ListExperiments(self, request: admin_pb2.ListExperimentsRequest,  # noqa: N802
+                        context: grpc.ServicerContext) -> admin_pb2.ListExperimentsResponse:
+        return admin_pb2.ListExperimentsResponse(
+            experiments=[experiment_message(e) for e in self._arms().list()])
+
+    def GetExperiment(self, request: admin_pb2.GetExperimentRequest,  # noqa: N802
+                      context: grpc.ServicerContext) -> admin_pb2.Experiment:
+        return experiment_message(self._arms().get(self._experiment_id(request)))
+
+    def StopExperiment(self, request: admin_pb2.StopExperimentRequest,  # noqa: N802
+                       context: grpc.ServicerContext) -> admin_pb2.Experiment:
+        return experiment_message(self._arms().stop(self._experiment_id(request)))
+
+    def _experiment_id(self, request: Any) -> str:
+        return self.v.id("experiment_id", request.experiment_id)
+
+
+def experiment_message(e: Experiment) -> admin_pb2.Experiment:
+    """`lake.experiments.Experiment` as the Admin API's message."""
+    msg = admin_pb2.Experiment(
+        experiment_id=e.experiment_id, name=e.name, salt=e.salt, traffic=e.traffic,
+        state=e.state, description=e.description,
+        arms=[admin_pb2.ExperimentArm(name=a.name, share=a.share,
+                                      model_version=a.model_version,
+                                      popularity=a.popularity, settings=dict(a.settings))
+              for a in e.arms])
+    msg.started_at.FromDatetime(e.started_at)
+    if e.stopped_at is not None:
+        msg.stopped_at.FromDatetime(e.stopped_at)
+    return msg
 
 
 def service_names() -> Sequence[str]:

@@ -2,8 +2,9 @@
 
 Every job's `main(argv)` is a thin wrapper: build a parser with `job_parser`, parse,
 `settings_from_args`, call the job's `run(...)`, and print its result with `emit` (one
-JSON line on stdout, which is what Airflow tasks and scripts read). Errors a user can fix
-(bad dates, unknown versions, invalid config) print one line on stderr and exit 2.
+JSON line on stdout, which is what scripts read; `--result-file` writes the same line to a
+file too, which is where the Airflow tasks read it). Errors a user can fix (bad dates,
+unknown versions, invalid config) print one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def date_range(start: date, end: date) -> list[date]:
 
 
 def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """A parser with the options every job shares (`--config`, `--master`)."""
+    """A parser with the options every job shares (`--config`, `--master`,
+    `--result-file`)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument(
         "--config",
@@ -65,6 +67,13 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--master",
         default=None,
         help="Spark master URL overriding spark.master, e.g. spark://127.0.0.1:7077",
+    )
+    p.add_argument(
+        "--result-file",
+        dest="result_file",
+        type=Path,
+        default=None,
+        help="also write the JSON result line to this file (the DAGs' Spark tasks read it)",
     )
     return p
 
@@ -91,9 +100,12 @@ def to_jsonable(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def emit(result: dict[str, Any]) -> None:
-    """Print `result` as one JSON line on stdout."""
-    sys.stdout.write(json.dumps(result, default=to_jsonable, sort_keys=True) + "\n")
+def emit(result: dict[str, Any], result_file: Path | None = None) -> None:
+    """Print `result` as one JSON line on stdout (and write it to `result_file` if given)."""
+    line = json.dumps(result, default=to_jsonable, sort_keys=True) + "\n"
+    if result_file is not None:
+        result_file.write_text(line)
+    sys.stdout.write(line)
     sys.stdout.flush()
 
 
@@ -117,5 +129,5 @@ def run_main(
     except USER_ERRORS as exc:
         sys.stderr.write(f"{parser.prog}: error: {exc}\n")
         return EXIT_USAGE
-    emit(result)
+    emit(result, getattr(args, "result_file", None))
     return 0 if result.get("ok", True) else 1

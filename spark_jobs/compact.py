@@ -1,8 +1,10 @@
 """Compaction: bronze events -> silver events, for the dates whose bronze rows changed.
 
 Silver holds each event once (first arrival wins), validated and typed, partitioned by
-`event_date`. The job rewrites whole silver partitions, so a rerun gives the same table
-and a date whose bronze events are gone ends up empty.
+`event_date`. An event is its (tenant, event_id): ids are unique per tenant (the access
+key that sent it, `online.ingest`), so two tenants' events with the same id both stay.
+The job rewrites whole silver partitions, so a rerun gives the same table and a date whose
+bronze events are gone ends up empty.
 
 By default the work is proportional to what changed, not to the history: silver records
 (a Delta application transaction in the same commit) the bronze version it was compacted
@@ -48,21 +50,25 @@ REQUIRED = ("event_id", "user_id", "item_id", "event_type", "ts", "received_at")
 ID_COLUMNS = ("event_id", "user_id", "item_id")
 OUTPUT_COLUMNS = (
     "event_id", "user_id", "item_id", "event_type", "value", "ts", "received_at",
-    "session_id", "properties", "event_date",
+    "session_id", "properties", "event_date", "tenant", "recommendation_id",
 )
+EVENT_KEY = ("tenant", "event_id")
+"""What identifies an event: its id within its tenant ("" for events without one)."""
 # First arrival wins; the remaining columns only break ties, so the result never depends
 # on the order Spark happens to read the rows in.
 TIE_BREAK = ("received_at", "ts", "user_id", "item_id", "event_type", "value", "session_id",
-             "properties")
+             "properties", "recommendation_id")
 
 
 def compact_events(bronze: DataFrame) -> DataFrame:
     """Validate, type and de-duplicate raw events.
 
     Drops rows with a null or blank required field, an unknown `event_type`, or a
-    non-finite `value` (NaN, +-inf; null stays allowed). Keeps one row per `event_id`:
-    the earliest `received_at`, ties broken by the other columns. `event_type` is
-    trimmed and lower-cased, `event_date` recomputed as the UTC date of `ts`.
+    non-finite `value` (NaN, +-inf; null stays allowed). Keeps one row per `EVENT_KEY`
+    (tenant, event_id): the earliest `received_at`, ties broken by the other columns.
+    `event_type` is trimmed and lower-cased, `event_date` recomputed as the UTC date of
+    `ts`, a null (or missing) `tenant` or `recommendation_id` is "" (bronze rows from
+    before those columns).
 
     Args:
         bronze: DataFrame with the bronze event columns (extra columns are ignored).
@@ -81,6 +87,8 @@ def compact_events(bronze: DataFrame) -> DataFrame:
         F.col("received_at").cast("timestamp").alias("received_at"),
         F.col("session_id").cast("string").alias("session_id"),
         F.col("properties").cast("string").alias("properties"),
+        *((F.coalesce(F.col(c).cast("string"), F.lit("")) if c in bronze.columns
+           else F.lit("")).alias(c) for c in ("tenant", "recommendation_id")),
     )
     valid = F.lit(True)
     for c in REQUIRED:
@@ -93,7 +101,7 @@ def compact_events(bronze: DataFrame) -> DataFrame:
     df = df.where(valid)
 
     order = [F.col(c).asc_nulls_last() for c in TIE_BREAK]
-    w = Window.partitionBy("event_id").orderBy(*order)
+    w = Window.partitionBy(*EVENT_KEY).orderBy(*order)
     return (
         df.withColumn("_rank", F.row_number().over(w))
         .where(F.col("_rank") == 1)
@@ -106,7 +114,7 @@ def compact_events(bronze: DataFrame) -> DataFrame:
 
 def compact_events_arrow(bronze: pa.Table) -> pa.Table:
     """`compact_events` on an Arrow table (the Arrow engine, `spark_jobs.engine`): the
-    same rules, row for row. Rows come out sorted by `event_date, ts, event_id`."""
+    same rules, row for row. Rows come out sorted by `event_date, ts, event_id, tenant`."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -114,6 +122,12 @@ def compact_events_arrow(bronze: pa.Table) -> pa.Table:
     from lake.schemas import SILVER_EVENTS
 
     types = SILVER_EVENTS.schema
+    n = bronze.num_rows
+
+    def text(c: str) -> pa.ChunkedArray | pa.Array:  # "" for rows from before the column
+        col = bronze.column(c) if c in bronze.column_names else pa.nulls(n, pa.string())
+        return pc.fill_null(pc.cast(col, pa.string()), "")
+
     t = pa.table({
         **{c: pc.cast(bronze.column(c), pa.string()) for c in ID_COLUMNS},
         # Spark's trim strips spaces only, not all whitespace
@@ -121,6 +135,8 @@ def compact_events_arrow(bronze: pa.Table) -> pa.Table:
                                                          pa.string()), " ")),
         **{c: pc.cast(bronze.column(c), types.field(c).type)
            for c in ("value", "ts", "received_at", "session_id", "properties")},
+        "tenant": text("tenant"),
+        "recommendation_id": text("recommendation_id"),
     })
     valid = pc.is_in(t["event_type"], pa.array(EVENT_TYPES, pa.string()))
     for c in REQUIRED:
@@ -131,17 +147,19 @@ def compact_events_arrow(bronze: pa.Table) -> pa.Table:
                      pc.not_equal(pc.abs(t["value"]), float("inf")))
     valid = pc.and_kleene(valid, pc.or_kleene(pc.is_null(t["value"]), finite))
     t = t.filter(pc.fill_null(valid, False))
-    # one row per event_id: the first in (event_id, TIE_BREAK) order, nulls last
-    order = pc.sort_indices(t, [(c, "ascending", "at_end") for c in ("event_id", *TIE_BREAK)])
-    ids = t["event_id"].take(order)
-    first = np.ones(len(ids), bool)
-    if len(ids) > 1:
-        first[1:] = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(
-            zero_copy_only=False)
+    # one row per (tenant, event_id): the first in (EVENT_KEY, TIE_BREAK) order, nulls last
+    order = pc.sort_indices(t, [(c, "ascending", "at_end") for c in (*EVENT_KEY, *TIE_BREAK)])
+    first = np.ones(len(order), bool)
+    if len(order) > 1:
+        first[1:] = False
+        for c in EVENT_KEY:  # a row starts a new event where any key column changes
+            col = t[c].take(order)
+            first[1:] |= pc.not_equal(col.slice(1), col.slice(0, len(col) - 1)).to_numpy(
+                zero_copy_only=False)
     t = t.take(pc.filter(order, pa.array(first)))
     t = t.append_column("event_date", pc.cast(t["ts"], pa.date32()))
     t = t.take(pc.sort_indices(t, [("event_date", "ascending"), ("ts", "ascending"),
-                                   ("event_id", "ascending")]))
+                                   ("event_id", "ascending"), ("tenant", "ascending")]))
     return t.select(list(OUTPUT_COLUMNS))
 
 
@@ -284,7 +302,7 @@ def run(
         # one file per event date (not one per date and shuffle partition), rows in a stable
         # order
         out = silver.repartition("event_date").sortWithinPartitions("event_date", "ts",
-                                                                    "event_id")
+                                                                    "event_id", "tenant")
         version = write_table(out, lake, "silver_events", mode="overwrite",
                               partitions=[{"event_date": d} for d in dates],
                               app_transaction=record)
@@ -320,8 +338,8 @@ def _compact_arrow(lake: Lake, bronze_version: int, dates: Sequence[date],
 
     from lake.spark_bridge import write_table
 
-    bronze = lake.delta("bronze_events", bronze_version).to_pyarrow_dataset().to_table(
-        filter=_in_dates(dates))
+    # Lake.read: the catalog's columns (tenant "" for older files) and types
+    bronze = lake.read("bronze_events", version=bronze_version, filters=_in_dates(dates))
     silver = compact_events_arrow(bronze)
     # event_date is recomputed from ts: keep only rows that belong to the rewritten dates
     silver = silver.filter(pc.is_in(silver["event_date"], pa.array(dates, pa.date32())))

@@ -35,7 +35,8 @@ from lake.config import EvaluateSettings, Settings
 from spark_jobs.als import ALSFactors, scaled_half_step
 from spark_jobs.cli import JobError
 from spark_jobs.matrix import InteractionMatrix, lookup_ids
-from spark_jobs.recipe import sample_users
+from spark_jobs.recipe import sample_users, tuning_path
+from spark_jobs.splits import tuning_users
 
 if TYPE_CHECKING:
     from lake.foldin import FoldInParams
@@ -90,9 +91,6 @@ def eval_user_limit(ev: EvaluateSettings, n_items: int) -> int:
 def searched_users(log: EventLog, settings: Settings, version: str) -> np.ndarray | None:
     """The users the recipe search of `version` scored (None when no search ran): the
     evaluation leaves them out, so the recipe is never judged on the users it was picked on."""
-    from spark_jobs.splits import tuning_users
-    from spark_jobs.tune import tuning_path
-
     if not tuning_path(settings.model.dir, version).exists():
         return None
     return tuning_users(log.user_ids, settings.tune.validation_users, settings.train.seed)

@@ -185,7 +185,7 @@ def run(settings: Settings, *, as_of: date, spark: SparkSession | None = None,
     from spark_jobs.cli import date_range
     from spark_jobs.compact import logged_rows
     from spark_jobs.engine import choose_engine
-    from spark_jobs.tune import load_recipe
+    from spark_jobs.recipe import load_recipe
 
     t0 = time.perf_counter()
     cfg = settings.interactions

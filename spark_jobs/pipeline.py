@@ -93,8 +93,8 @@ def data_read(loaded: dict[str, Any]) -> str:
 def reload_servers(settings: Settings, version: str) -> dict[str, str]:
     """Make running servers (`airflow.reload_targets`) serve the new model; for a server
     that does not answer, say how to do it later (a server started later loads CURRENT)."""
-    from online.notify import notify_reload, reload_command
-    from online.tls import own_client_tls
+    from lake.reload_notice import notify_reload, reload_command
+    from lake.tls import own_client_tls
 
     targets = settings.airflow.reload_targets or []
     outcome: dict[str, str] = notify_reload(targets, settings.server.admin_token, version,
@@ -152,6 +152,7 @@ def run(
     from spark_jobs import compact, evaluate, interactions, publish, train, tune
     from spark_jobs.eval_sample import version_sample
     from spark_jobs.event_log import read_event_log
+    from spark_jobs.recipe import load_recipe
     from spark_jobs.staging import inputs_fingerprint, load_inputs, save_inputs
 
     t0 = time.perf_counter()
@@ -204,7 +205,7 @@ def run(
         # the users the evaluation scores: the train step leaves their held-out pairs out
         # when they are few, and the evaluation then scores the trained item factors
         sample = timed("eval_sample", version_sample, log, test,
-                       tune.load_recipe(settings, version).strength, settings, version)
+                       load_recipe(settings, version).strength, settings, version)
         g = timed("interactions", interactions.run, settings, as_of=as_of, spark=spark,
                   version=version)
         if spark is None and settings.train.backend == "mllib":

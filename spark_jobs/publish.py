@@ -2,13 +2,15 @@
 
 Steps for version V (each safe to repeat):
 
-1. Load the staged model and its metrics (`spark_jobs.staging`).
+1. Load the staged model (the bundle `staging/V/bundle`) and its metrics
+   (`spark_jobs.staging`).
 2. Gate (`spark_jobs.gate.decide`): the ALS metric against the popularity baseline and the
-   model currently served. A version that already has a `model_runs` row keeps its
-   recorded decision unless `--force` is given, so a retried task never flips a decision
-   nor rolls CURRENT back to a superseded version.
-3. Bundle `<models_dir>/V/` (`lake.bundle.write_bundle`, FAISS index, metrics in the
-   manifest); an existing bundle of V is reused.
+   model currently served. A version whose bundle already holds this staged model keeps
+   its recorded `model_runs` decision unless `--force` is given, so a retried task never
+   flips a decision nor rolls CURRENT back to a superseded version.
+3. Bundle `<models_dir>/V/`: the staged bundle with its FAISS index and the metrics in the
+   manifest (`lake.bundle.save_bundle`); an existing bundle of V holding the same model
+   and metrics is reused.
 4. `user_factors` / `item_factors`: partition `model_version = V` rewritten from Arrow.
 5. `model_runs` row for V upserted: status `current` (accepted) or `rejected`, gate
    reason, params, metrics JSON, bundle path; `created_at` of a rerun is the first one's.
@@ -16,7 +18,27 @@ Steps for version V (each safe to repeat):
 
 Rejected versions keep their bundle and row but are never made current.
 
-    python -m spark_jobs.publish --version v20261122T010000Z-ab12 [--force]
+**Into an experiment** (`into_experiment=NAME`, the nightly DAG's `publish.into_experiment`):
+an accepted V is not made current. Its bundle is staged beside the champion (status
+`published`, CURRENT unchanged) and experiment NAME runs it as arm `challenger` against the
+champion's version (`lake.experiments.publish_challenger`, `publish.challenger_share`);
+servers serve it within a second from the experiments file, no reload needed. Promote the
+winner with `python -m lake.experiments promote EXP challenger`. Without a champion there
+is nothing to compare: V goes live as usual.
+
+**A rerun overwrites exactly its own version, all from one source.** The bundle, the
+factor partitions and the `model_runs` row of V always come from V's staging as it is
+now, so they cannot disagree. A plain retry finds the bundle holding that staging and
+changes nothing. After `train` (or `evaluate`) ran again for V (a cleared Airflow task),
+the staging holds another model: a V never served (no row yet, or rejected) is published
+again from it (bundle replaced, gated anew); a V that has been served (`current`,
+`published`, `rolled_back`) is refused with one line and nothing is written, because
+servers know a model by its version, and new factors under a served name would differ
+between replicas that reloaded and those that did not. Publish such a model under a new
+version (a new run).
+
+    python -m spark_jobs.publish --version v20261122T010000Z-ab12 [--force] \
+        [--into-experiment NAME]
 """
 
 from __future__ import annotations
@@ -32,25 +54,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lake.bundle import (
-    current_version,
-    read_manifest,
-    recipe_manifest,
-    set_current,
-    write_bundle,
-)
+from lake.bundle import current_version, read_manifest, save_bundle, set_current
 from lake.config import Settings
+from lake.experiments import ExperimentConflict, StoreError, publish_challenger
+from lake.model_runs import CURRENT, PUBLISHED, REJECTED, ROLLED_BACK, model_run, set_status
 from lake.tables import Lake
-from lake.training_cut import RECEIVED_UNTIL, TS_BEFORE
 from spark_jobs.cli import JobError, job_parser, run_main, settings_from_args
 from spark_jobs.gate import Decision, decide
-from spark_jobs.staging import TrainedModel, load_metrics, load_staged
+from spark_jobs.staging import load_metrics, staged_bundle
 
-# model_runs.status values
-CURRENT = "current"
-PUBLISHED = "published"
-REJECTED = "rejected"
-ROLLED_BACK = "rolled_back"
 MODEL_KEY = "als"
 
 
@@ -72,25 +84,6 @@ def factor_table(ids: np.ndarray, factors: np.ndarray, version: str, id_col: str
     )
 
 
-def model_run(lake: Lake, version: str) -> dict[str, Any] | None:
-    """The `model_runs` row of `version`, or None."""
-    if not lake.exists("model_runs"):
-        return None
-    rows = lake.read("model_runs", filters=[("model_version", "=", version)]).to_pylist()
-    return rows[0] if rows else None
-
-
-def set_status(lake: Lake, versions: list[str], status: str) -> None:
-    """Set `model_runs.status` of `versions` (rewrites those rows through a keyed upsert)."""
-    if not versions:
-        return
-    rows = lake.read("model_runs").to_pylist()
-    changed = [dict(r, status=status) for r in rows
-               if r["model_version"] in versions and r["status"] != status]
-    if changed:
-        lake.upsert("model_runs", pa.Table.from_pylist(changed))
-
-
 def _current_metrics(
     models_dir: Path, current: str | None, version: str, metrics: dict[str, Any]
 ) -> tuple[dict[str, Any] | None, str]:
@@ -101,7 +94,7 @@ def _current_metrics(
     if evaluated:
         return evaluated, f"{current} evaluated on this test set"
     try:
-        recorded = read_manifest(models_dir / current).get("metrics") or {}
+        recorded = read_manifest(models_dir / current).metrics
     except ValueError:
         return None, f"{current} has no readable manifest"
     if recorded.get("split") != metrics.get("split"):
@@ -127,61 +120,50 @@ def record_decision(report: str | None, decision: Decision, status: str) -> None
                     f"{decision.reason}\n")
 
 
-def _ensure_bundle(
-    settings: Settings, model: TrainedModel, metrics: dict[str, Any]
-) -> tuple[Path, bool]:
-    """Write the bundle of `model` unless a valid one exists; returns (path, reused)."""
-    from lake.vector_index import build_and_save
+def run(settings: Settings, *, version: str, force: bool = False,
+        into_experiment: str | None = None) -> dict[str, Any]:
+    """Gate and publish staged model `version` (see the module docstring); with
+    `into_experiment`, an accepted model becomes that experiment's challenger instead of
+    CURRENT.
 
-    path = settings.model.dir / model.version
-    if path.exists():
-        manifest = read_manifest(path)
-        if manifest.get("version") != model.version:
-            raise JobError(f"{path} holds version {manifest.get('version')!r}, "
-                           f"not {model.version!r}")
-        return path, True
-    path = write_bundle(
-        settings.model.dir,
-        model.version,
-        user_ids=model.user_ids,
-        item_ids=model.item_ids,
-        user_factors=model.user_factors,
-        item_factors=model.item_factors,
-        user_items=model.user_items,
-        item_popularity=model.item_popularity,
-        foldin=model.foldin,
-        backend=model.backend,
-        params=model.params,
-        metrics=metrics,
-        write_index=lambda f, p: build_and_save(f, p, settings.index),
-        extra={"as_of": model.as_of.isoformat() if model.as_of else None,
-               **recipe_manifest(model.params),
-               **{k: model.info[k] for k in (TS_BEFORE, RECEIVED_UNTIL) if k in model.info}},
-    )
-    return path, False
-
-
-def run(settings: Settings, *, version: str, force: bool = False) -> dict[str, Any]:
-    """Gate and publish staged model `version` (see the module docstring).
+    Raises:
+        JobError: the metrics lack the model, the bundle directory holds another version,
+            or V has been served from another model than its staging holds now.
 
     Returns:
         `{"job", "version", "accepted", "status", "reason", "current", "previous_current",
-        "bundle", "bundle_reused", "metric", "metrics", "compared_with", "seconds"}`.
+        "bundle", "bundle_reused", "bundle_replaced", "metric", "metrics", "compared_with",
+        "seconds"}`.
     """
+    from lake.vector_index import build_and_save
+
     t0 = time.perf_counter()
     models_dir = Path(settings.model.dir)
     lake = Lake.from_settings(settings.lake)
-    model = load_staged(models_dir, version)
+    staged = staged_bundle(models_dir, version)
     metrics = load_metrics(models_dir, version)
     models = metrics.get("models") or {}
     if MODEL_KEY not in models:
         raise JobError(f"metrics of {version} have no {MODEL_KEY!r} entry: {sorted(models)}")
+    model = staged.with_metrics(metrics)  # what V's bundle, tables and row are made of
 
     previous = current_version(models_dir)
     existing = model_run(lake, version)
+    path = models_dir / version
+    published = read_manifest(path) if path.exists() else None
+    if published is not None and published.version != version:
+        raise JobError(f"{path} holds version {published.version!r}, not {version!r}")
+    same = published is not None and published.same_model(model.manifest) \
+        and published.metrics == model.manifest.metrics
+    if published is not None and not same and existing is not None \
+            and existing["status"] in (CURRENT, PUBLISHED, ROLLED_BACK):
+        raise JobError(
+            f"{version} was published (status {existing['status']}) from another model than "
+            f"its staging holds now (train or evaluate ran again since); a served version is "
+            f"never replaced: publish the new model under a new version")
     compared = "recorded decision"
-    if existing is not None and not force and existing["status"] in (CURRENT, PUBLISHED,
-                                                                     REJECTED, ROLLED_BACK):
+    if existing is not None and not force and (same or published is None) \
+            and existing["status"] in (CURRENT, PUBLISHED, REJECTED, ROLLED_BACK):
         decision = Decision(existing["status"] != REJECTED, existing["gate_reason"] or "")
         status = existing["status"]
     else:
@@ -189,26 +171,33 @@ def run(settings: Settings, *, version: str, force: bool = False) -> dict[str, A
         decision = decide(models[MODEL_KEY], models.get("popularity"), cur_metrics,
                           settings.gate, force=force, evidence=metrics)
         status = CURRENT if decision.accepted else REJECTED
+    challenger = bool(into_experiment) and decision.accepted and previous is not None \
+        and previous != version
+    if challenger and status == CURRENT:
+        status = PUBLISHED  # staged beside the champion: the experiment serves it
 
-    bundle, reused = _ensure_bundle(settings, model, metrics)
+    if not same:
+        save_bundle(model, path, write_index=lambda f, p: build_and_save(f, p, settings.index),
+                    replace=published is not None)
     record_decision(metrics.get("report"), decision, status)
     part = [{"model_version": version}]
     lake.overwrite("user_factors", factor_table(model.user_ids, model.user_factors, version,
                                                 "user_id"), partitions=part)
     lake.overwrite("item_factors", factor_table(model.item_ids, model.item_factors, version,
                                                 "item_id"), partitions=part)
+    manifest = model.manifest
     created = existing["created_at"] if existing is not None else datetime.now(UTC)
     row = {
         "model_version": [version],
         "created_at": [created],
-        "as_of": [model.as_of],
-        "backend": [model.backend],
-        "params": [json.dumps({**model.params, "foldin": model.foldin.to_dict()},
+        "as_of": [manifest.as_of],
+        "backend": [manifest.backend],
+        "params": [json.dumps({**manifest.params, "foldin": manifest.foldin.to_dict()},
                               sort_keys=True, default=str)],
-        "metrics": [json.dumps(metrics, sort_keys=True, default=str)],
+        "metrics": [json.dumps(manifest.metrics, sort_keys=True, default=str)],
         "status": [status],
         "gate_reason": [decision.reason],
-        "bundle_path": [str(bundle)],
+        "bundle_path": [str(path)],
     }
     lake.upsert("model_runs", pa.table(row))
     if status == CURRENT:
@@ -216,6 +205,16 @@ def run(settings: Settings, *, version: str, force: bool = False) -> dict[str, A
         others = [r["model_version"] for r in lake.read("model_runs").to_pylist()
                   if r["status"] == CURRENT and r["model_version"] != version]
         set_status(lake, others, PUBLISHED)
+    experiment = None
+    if challenger and status == PUBLISHED:
+        try:
+            experiment = publish_challenger(
+                settings, str(into_experiment), champion=str(previous), challenger=version,
+                share=settings.publish.challenger_share,
+                traffic=settings.publish.experiment_traffic).to_json()
+        except (ExperimentConflict, StoreError) as exc:
+            raise JobError(f"{version} is published but not in experiment "
+                           f"{into_experiment!r}: {exc}") from None
     return {
         "job": "publish",
         "version": version,
@@ -225,11 +224,13 @@ def run(settings: Settings, *, version: str, force: bool = False) -> dict[str, A
         "compared_with": compared,
         "current": current_version(models_dir),
         "previous_current": previous,
-        "bundle": str(bundle),
-        "bundle_reused": reused,
+        "bundle": str(path),
+        "bundle_reused": same,
+        "bundle_replaced": published is not None and not same,
         "metric": settings.gate.metric,
         "metrics": {name: m.get(settings.gate.metric) for name, m in models.items()
                     if isinstance(m, dict)},
+        "experiment": experiment,
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
@@ -240,9 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", required=True, help="staged model version to publish")
     parser.add_argument("--force", action="store_true",
                         help="publish and make current even if the gate rejects it")
+    parser.add_argument("--into-experiment", metavar="NAME", default=None,
+                        help="run an accepted model as the challenger of experiment NAME "
+                             "against the champion instead of making it current")
 
     def body(args: Any) -> dict[str, Any]:
-        return run(settings_from_args(args), version=args.version, force=args.force)
+        return run(settings_from_args(args), version=args.version, force=args.force,
+                   into_experiment=args.into_experiment)
 
     return run_main(parser, argv, body)
 

@@ -6,17 +6,20 @@
 * `train`    — the ALS backend and its hyper-parameters (`lake.config.TrainSettings`),
 * `blend`    — the popularity mix for short histories (`lake.blend`).
 
-The tuning search proposes recipes, the evaluation scores the chosen one against the
-baselines, the gold job and the trainer apply it to all data, and the bundle carries its
+The tuning search proposes recipes and writes the chosen one to the version's
+`tuning.json` (`tuning_path`); the evaluation scores it against the baselines, the gold
+job and the trainer apply it to all data (`load_recipe`), and the bundle carries its
 strength and blend so the online layer scores exactly as the evaluation did.
 `fit_and_score` is the one offline path from (events, recipe) to ranking metrics.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +31,9 @@ from lake.strength import StrengthParams
 from spark_jobs.als import ALSFactors, make_trainer, train_params
 from spark_jobs.matrix import InteractionMatrix
 from spark_jobs.metrics import RankingResult, ScoreFn, evaluate_ranking
+from spark_jobs.staging import staged_dir
 
+TUNING_JSON = "tuning.json"
 TRAIN_KEYS = ("backend", "factors", "regularization", "iterations", "alpha", "reg_exponent",
               "seed")
 
@@ -62,6 +67,20 @@ class Recipe:
                 + (f" nu={t.reg_exponent:g}" if t.backend == "ials" else "")
                 + f" alpha={t.alpha:.3g} it={t.iterations} half_life={s.half_life_days}"
                 f" values={tf} blend(beta={self.blend.beta:g}, n0={self.blend.n0:g})")
+
+
+def tuning_path(models_dir: Path | str, version: str) -> Path:
+    """Where the recipe search of `version` writes its result (`spark_jobs.tune`)."""
+    return staged_dir(models_dir, version) / TUNING_JSON
+
+
+def load_recipe(settings: Settings, version: str | None) -> Recipe:
+    """The tuned recipe of `version` when its search ran, else the configured one."""
+    if version:
+        p = tuning_path(settings.model.dir, version)
+        if p.exists():
+            return Recipe.from_dict(json.loads(p.read_text())["best"], settings.train)
+    return Recipe.from_settings(settings)
 
 
 def item_prior(train: sp.csr_matrix) -> np.ndarray:

@@ -1,17 +1,21 @@
-"""Staged models: what `train` hands to `evaluate` and `publish`, on disk without pickle.
+"""Staged models: what `train` hands to `evaluate` and `publish`, on disk as a bundle.
 
-Layout of `<models_dir>/staging/<version>/`:
+A staged model is a model bundle (`lake.bundle`, the one format) that CURRENT does not name
+yet: no index and no metrics. Layout of `<models_dir>/staging/<version>/`:
 
-    model.json            version, backend, as_of, train params, fold-in params, shapes
-    arrays.npz            user_ids, item_ids (unicode), user_factors, item_factors (float32),
-                          user_items_{indptr,indices,data,shape}, item_popularity (float64)
+    bundle/               the model: `lake.bundle.save_bundle` / `read_bundle` (ids,
+                          factors, the strengths the trainer saw, popularity; the manifest
+                          holds backend, as-of, train params, fold-in params, the recipe's
+                          strength and blend, the training cut and the run's facts)
     metrics.json          written by `evaluate` (see `save_metrics`)
     inputs.json           written by the pipeline: the fingerprint of what the model was
                           built from (`inputs_fingerprint`)
+    tuning.json           written by `tune` (`spark_jobs.recipe`)
 
-A rerun of the same version overwrites the files (arrays are written to a temporary name
-and renamed into place, so a reader never sees a half-written file). Loading uses
-`np.load(..., allow_pickle=False)`.
+A rerun of the same version replaces `bundle/` (written under a temporary name and renamed
+into place, so a reader never sees a half-written model; checksummed, no pickle). A run
+staged by an earlier release (`arrays.npz` + `model.json`) is refused with one line: train
+it again.
 
 Metrics shape (the publish gate reads it):
 
@@ -34,16 +38,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
+from lake.blend import BlendParams
+from lake.bundle import (
+    LEGACY_STAGED_ARRAYS,
+    STAGED_BUNDLE,
+    STAGING,
+    Bundle,
+    read_bundle,
+    save_bundle,
+    staged_path,
+)
 from lake.foldin import FoldInParams
+from lake.strength import StrengthParams
+from lake.training_cut import TrainingCut
 
 if TYPE_CHECKING:
     from lake.config import Settings
 
-STAGING = "staging"
-MODEL_JSON = "model.json"
-ARRAYS = "arrays.npz"
 METRICS_JSON = "metrics.json"
-FORMAT_VERSION = 1
 
 
 class StagingError(ValueError):
@@ -72,7 +84,9 @@ class TrainedModel:
     item_popularity: np.ndarray
     """(n_items,) float64, e.g. the sum of confidence per item."""
     info: dict[str, Any] = field(default_factory=dict)
-    """Free-form facts about the run (fit seconds, device, ...); stored in model.json."""
+    """Free-form facts about the run (fit seconds, device, ...); in the manifest's `info`."""
+    cut: TrainingCut | None = None
+    """The events the model learned from (`lake.training_cut`), for the servers."""
 
     def __post_init__(self) -> None:
         self.user_ids = np.asarray(self.user_ids).astype(str)
@@ -100,6 +114,30 @@ class TrainedModel:
         if self.item_popularity.shape != (ni,):
             raise StagingError(f"item_popularity shape {self.item_popularity.shape} != ({ni},)")
 
+    def to_bundle(self) -> Bundle:
+        """The model as a bundle (in memory): the recipe's strength and blend and the
+        training cut go into the manifest, where the servers read them."""
+        self.validate()
+        recipe = self.params.get("recipe") or {}
+        return Bundle.create(
+            version=self.version, backend=self.backend, as_of=self.as_of,
+            user_ids=self.user_ids, item_ids=self.item_ids,
+            user_factors=self.user_factors, item_factors=self.item_factors,
+            user_items=self.user_items, item_popularity=self.item_popularity,
+            foldin=self.foldin, params=self.params,
+            strength=StrengthParams.from_dict(recipe["strength"]) if recipe else None,
+            blend=BlendParams.from_dict(recipe.get("blend")), cut=self.cut, info=self.info)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> TrainedModel:
+        m = bundle.manifest
+        return cls(
+            version=m.version, backend=m.backend, as_of=m.as_of, params=dict(m.params),
+            foldin=m.foldin, user_ids=bundle.user_ids, item_ids=bundle.item_ids,
+            user_factors=bundle.user_factors, item_factors=bundle.item_factors,
+            user_items=bundle.user_items, item_popularity=bundle.item_popularity,
+            info=dict(m.info), cut=m.cut if m.events_ts_before is not None else None)
+
 
 def staged_dir(models_dir: Path | str, version: str) -> Path:
     if not version or "/" in version or version in (".", ".."):
@@ -114,68 +152,32 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_staged(models_dir: Path | str, model: TrainedModel) -> Path:
-    """Write `model` to `<models_dir>/staging/<version>/` (overwriting a previous run)."""
-    model.validate()
+    """Write `model` as the bundle `<models_dir>/staging/<version>/bundle/` (replacing a
+    previous run's); returns `<models_dir>/staging/<version>`."""
     d = staged_dir(models_dir, model.version)
-    d.mkdir(parents=True, exist_ok=True)
-    csr = model.user_items.tocsr()
-    csr.sort_indices()
-    tmp = d / f"{ARRAYS}.tmp{os.getpid()}.npz"
-    np.savez(
-        tmp,
-        user_ids=model.user_ids.astype(str),
-        item_ids=model.item_ids.astype(str),
-        user_factors=model.user_factors,
-        item_factors=model.item_factors,
-        user_items_indptr=csr.indptr.astype(np.int64),
-        user_items_indices=csr.indices.astype(np.int32),
-        user_items_data=csr.data.astype(np.float64),
-        user_items_shape=np.asarray(csr.shape, dtype=np.int64),
-        item_popularity=model.item_popularity,
-    )
-    os.replace(tmp, d / ARRAYS)
-    meta = {
-        "format": FORMAT_VERSION,
-        "version": model.version,
-        "backend": model.backend,
-        "as_of": model.as_of.isoformat() if model.as_of else None,
-        "params": model.params,
-        "foldin": model.foldin.to_dict(),
-        "n_users": len(model.user_ids),
-        "n_items": len(model.item_ids),
-        "factors": model.factors,
-        "nnz": int(csr.nnz),
-        "info": model.info,
-    }
-    _atomic_write_text(d / MODEL_JSON, json.dumps(meta, indent=2, sort_keys=True, default=str))
+    save_bundle(model.to_bundle(), staged_path(models_dir, model.version), replace=True)
     return d
+
+
+def staged_bundle(models_dir: Path | str, version: str) -> Bundle:
+    """The staged model of `version` as its bundle (checksums verified).
+
+    Raises:
+        StagingError: none staged, or staged by an earlier release.
+        BundleError: the bundle is incomplete or corrupt.
+    """
+    d = staged_dir(models_dir, version)
+    if not (d / STAGED_BUNDLE).is_dir():
+        if (d / LEGACY_STAGED_ARRAYS).exists():
+            raise StagingError(f"staged model {version!r} under {d} was written by an earlier "
+                               f"release ({LEGACY_STAGED_ARRAYS}); run train for it again")
+        raise StagingError(f"no staged model {version!r} under {d}")
+    return read_bundle(d / STAGED_BUNDLE)
 
 
 def load_staged(models_dir: Path | str, version: str) -> TrainedModel:
     """Read a staged model written by `save_staged`."""
-    d = staged_dir(models_dir, version)
-    if not (d / MODEL_JSON).exists() or not (d / ARRAYS).exists():
-        raise StagingError(f"no staged model {version!r} under {d}")
-    meta = json.loads((d / MODEL_JSON).read_text())
-    with np.load(d / ARRAYS, allow_pickle=False) as z:
-        ui = sp.csr_matrix(
-            (z["user_items_data"], z["user_items_indices"], z["user_items_indptr"]),
-            shape=tuple(int(x) for x in z["user_items_shape"]),
-        )
-        return TrainedModel(
-            version=meta["version"],
-            backend=meta["backend"],
-            as_of=date.fromisoformat(meta["as_of"]) if meta.get("as_of") else None,
-            params=dict(meta.get("params") or {}),
-            foldin=FoldInParams.from_dict(meta["foldin"]),
-            user_ids=z["user_ids"],
-            item_ids=z["item_ids"],
-            user_factors=z["user_factors"],
-            item_factors=z["item_factors"],
-            user_items=ui,
-            item_popularity=z["item_popularity"],
-            info=dict(meta.get("info") or {}),
-        )
+    return TrainedModel.from_bundle(staged_bundle(models_dir, version))
 
 
 def save_metrics(models_dir: Path | str, version: str, metrics: dict[str, Any]) -> Path:

@@ -8,9 +8,10 @@ Arrow batches into the dense id maps + CSR (`spark_jobs.matrix`); the MLlib back
 from a Spark DataFrame of the same snapshot (`lake.spark_bridge.read_table`), joined to the
 id maps by broadcast, so interactions never pass through the driver there.
 transform: `make_trainer(recipe.train, spark).fit(...)`, with the recipe the tuning search
-chose for this version (`spark_jobs.tune.load_recipe`; the configured one without a search).
-load: `save_staged(settings.model.dir, TrainedModel(...))` -> `<models>/staging/<version>/`
-(a rerun of the same version overwrites it).
+chose for this version (`spark_jobs.recipe.load_recipe`; the configured one without a search).
+load: `save_staged(settings.model.dir, TrainedModel(...))` -> the bundle
+`<models>/staging/<version>/bundle/` (`lake.bundle`, the format publish serves; a rerun of
+the same version replaces it).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from spark_jobs.eval_sample import (
 )
 from spark_jobs.event_log import lookback_log, silver_received_until
 from spark_jobs.matrix import GOLD, InteractionMatrix, read_gold
+from spark_jobs.recipe import load_recipe
 from spark_jobs.staging import TrainedModel, save_staged
-from spark_jobs.tune import load_recipe
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -164,8 +165,7 @@ def run(
                         gold_version=gold_version, sample=sample)
     # What the model learned from, for the servers: events after this cut stay online.
     start = as_of - timedelta(days=settings.interactions.lookback_days)
-    cut = TrainingCut(end_of_day(as_of), silver_received_until(lake, start, as_of))
-    model.info.update(cut.to_manifest())
+    model.cut = TrainingCut(end_of_day(as_of), silver_received_until(lake, start, as_of))
     path = save_staged(settings.model.dir, model)
     return {
         "job": "train",

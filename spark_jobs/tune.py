@@ -48,6 +48,7 @@ from lake.blend import BlendParams
 from lake.config import Settings
 from lake.strength import StrengthParams
 from spark_jobs.cli import JobError, job_parser, parse_date, run_main, settings_from_args
+from spark_jobs.evaluate import REPORTS, eval_holdout
 from spark_jobs.event_log import EventLog, Holdout, lookback_log
 from spark_jobs.metrics import evaluate_ranking
 from spark_jobs.recipe import (
@@ -56,14 +57,13 @@ from spark_jobs.recipe import (
     recipe_scorer,
     sample_users,
     score_batch_size,
+    tuning_path,
 )
 from spark_jobs.splits import tuning_users
-from spark_jobs.staging import staged_dir
 
 if TYPE_CHECKING:
     from lake.tables import Lake
 
-TUNING_JSON = "tuning.json"
 TRIAL_STATUS = "trial"
 FACTORS = (32, 64, 128)
 HALF_LIVES: tuple[float | None, ...] = (None, 7.0, 30.0, 180.0)
@@ -352,19 +352,6 @@ def choose_blend(scored: Any, matrix: Any, test: Any, recipe: Recipe, metric: st
 
 
 # -- persistence --------------------------------------------------------------------------
-def tuning_path(models_dir: Path | str, version: str) -> Path:
-    return staged_dir(models_dir, version) / TUNING_JSON
-
-
-def load_recipe(settings: Settings, version: str | None) -> Recipe:
-    """The tuned recipe of `version` when its search ran, else the configured one."""
-    if version:
-        p = tuning_path(settings.model.dir, version)
-        if p.exists():
-            return Recipe.from_dict(json.loads(p.read_text())["best"], settings.train)
-    return Recipe.from_settings(settings)
-
-
 def record_trials(lake: Lake, version: str, as_of: date, result: TuneResult) -> None:
     """One `model_runs` row per trial (status `trial`, version `<version>.tNN`)."""
     now = datetime.now(UTC)
@@ -399,7 +386,6 @@ def run(settings: Settings, *, as_of: date, version: str, log: EventLog | None =
         test: Holdout | None = None) -> dict[str, Any]:
     """Search, write tuning.json and the trial rows; returns a summary."""
     from lake.tables import Lake
-    from spark_jobs.evaluate import REPORTS, eval_holdout
 
     t0 = time.perf_counter()
     lake = Lake.from_settings(settings.lake)

@@ -8,14 +8,19 @@ uB*, uC* (3 each) have vectors along their cluster's axis and batch history on i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from lake.blend import BlendParams
 from lake.bundle import set_current, write_bundle
 from lake.config import IndexSettings
 from lake.foldin import FoldInParams
+from lake.training_cut import RECEIVED_UNTIL, TS_BEFORE, TrainingCut
 from lake.vector_index import build_and_save
 
 DIM = 8
@@ -32,10 +37,17 @@ def cluster_items(c: str) -> list[str]:
 
 def build(models_dir: Path, version: str, *, shuffle_seed: int | None = None,
           make_current: bool = True, as_of: str | None = None,
-          manifest: dict | None = None, metrics: dict | None = None) -> Path:
+          manifest: Mapping[str, Any] | None = None, metrics: dict | None = None,
+          blend: BlendParams | None = None) -> Path:
     """Write the known bundle. `shuffle_seed` permutes item rows (same ids, new order);
-    `manifest`: extra manifest entries (e.g. the training cut); `metrics`: the evaluation
-    recorded in the manifest (default the flat `{"ndcg@10": 0.5}`)."""
+    `manifest`: the training cut's manifest entries (`TrainingCut.to_manifest()`);
+    `metrics`: the evaluation recorded in the manifest (default the flat
+    `{"ndcg@10": 0.5}`); `blend`: the popularity blend its index is built for (default
+    none)."""
+    unknown = set(manifest or {}) - {TS_BEFORE, RECEIVED_UNTIL}
+    if unknown:
+        raise ValueError(f"online_bundles.build: manifest entries {sorted(unknown)} are not "
+                         "the training cut's")
     item_ids, item_vecs = [], []
     for c, axis in CLUSTERS.items():
         for i in range(PER_CLUSTER):
@@ -74,7 +86,8 @@ def build(models_dir: Path, version: str, *, shuffle_seed: int | None = None,
         user_items=user_items, item_popularity=popularity, foldin=FOLDIN,
         backend="implicit", params={"factors": DIM}, metrics=metrics or {"ndcg@10": 0.5},
         write_index=lambda f, p: build_and_save(f, p, IndexSettings()),
-        extra=({"as_of": as_of} if as_of else {}) | (manifest or {}),
+        as_of=date.fromisoformat(as_of) if as_of else None,
+        cut=TrainingCut.from_manifest(manifest) if manifest else None, blend=blend,
     )
     if make_current:
         set_current(models_dir, version)

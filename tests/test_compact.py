@@ -282,3 +282,70 @@ def test_a_log_that_cannot_tell_falls_back_to_every_date(spark, settings):
 def test_compact_needs_both_dates_or_neither(settings, capsys):
     assert compact.main(["--start", str(D1)]) == 2
     assert "--start and --end" in capsys.readouterr().err
+
+
+# -- tenants -----------------------------------------------------------------------------
+RAW_TENANT = StructType([*RAW.fields, StructField("tenant", StringType())])
+
+
+@pytest.fixture(params=["spark", "arrow"])
+def compacted_by_key(request, spark):
+    """Raw rows with a tenant last -> {(tenant, event_id): silver row}, per engine."""
+    def run(rows):
+        if request.param == "spark":
+            got = [r.asDict() for r in
+                   compact_events(spark.createDataFrame(rows, RAW_TENANT)).collect()]
+        else:
+            schema = RAW_ARROW.append(pa.field("tenant", pa.string()))
+            got = compact_events_arrow(pa.Table.from_pylist(
+                [dict(zip(schema.names, r, strict=True)) for r in rows], schema=schema)
+            ).to_pylist()
+        out = {(r["tenant"], r["event_id"]): r for r in got}
+        assert len(out) == len(got), "one silver row per (tenant, event_id)"
+        return out
+    return run
+
+
+def test_an_event_is_its_id_within_its_tenant(compacted_by_key):
+    later = T0 + timedelta(minutes=5)
+    rows = [
+        (*ev("order-1", user="uA", received=T0), "shopA"),
+        (*ev("order-1", user="uA-retry", received=later), "shopA"),  # A's resend: dropped
+        (*ev("order-1", user="uB", received=later), "shopB"),  # another shop's order: kept
+        (*ev("order-1", user="u-old", received=T0), None),  # bronze before tenants: ""
+        (*ev("order-1", user="u-open", received=later), ""),  # same tenant "": dropped
+    ]
+    for order in (rows, list(reversed(rows))):
+        out = compacted_by_key(order)
+        assert {k: r["user_id"] for k, r in out.items()} == {
+            ("shopA", "order-1"): "uA", ("shopB", "order-1"): "uB", ("", "order-1"): "u-old"}
+
+
+def test_compact_job_keeps_each_tenants_events_of_an_old_bronze(spark, settings):
+    from deltalake import write_deltalake
+
+    from lake.schemas import EVENT_FIELDS
+
+    lake = Lake.from_settings(settings.lake)
+    old = [r | {"session_id": None, "properties": None, "event_date": r["ts"].date()}
+           for r in bronze_rows()]
+    # a bronze table written before tenants existed: no tenant column at all
+    write_deltalake(str(lake.path("bronze_events")),
+                    pa.Table.from_pylist(old, schema=pa.schema(EVENT_FIELDS)),
+                    partition_by=["event_date"])
+    # then two shops send the same ids (the table gains the column with this write)
+    shops = [dict(event_id="order-7", user_id=user, item_id="i7", event_type="purchase",
+                  value=5.0, ts=_at(D2, 20), received_at=_at(D2, 20, n), tenant=shop)
+             for n, (shop, user) in enumerate([("shopA", "uA"), ("shopB", "uB"),
+                                                ("shopA", "uA-again")])]
+    lake.append("bronze_events", pa.Table.from_pylist(shops))
+    assert "tenant" in [f.name for f in lake.delta("bronze_events").schema().fields]
+
+    compact.run(settings, start=D1, end=D3, spark=spark)
+    rows = lake.read("silver_events")
+    assert "tenant" in [f.name for f in lake.delta("silver_events").schema().fields]
+    got = sorted((r["tenant"], r["event_id"], r["user_id"]) for r in rows.to_pylist())
+    want = sorted({("", r["event_id"], r["user_id"]) for r in bronze_rows()
+                   if r["user_id"] != "u-retry"}
+                  | {("shopA", "order-7", "uA"), ("shopB", "order-7", "uB")})
+    assert got == want

@@ -106,6 +106,20 @@ def test_env_values_are_parsed_by_their_field_type() -> None:
     assert s.server.wal_dir == Path("/tmp/0755")
 
 
+def test_list_and_mapping_elements_are_read_by_their_element_type() -> None:
+    # YAML 1.1 would turn `no` into False and `0755` into 493 (octal) inside the list.
+    s = load_settings(env={
+        "LAMBDAREC__AIRFLOW__RELOAD_TARGETS": "[no, 0755, '0755', off]",
+        "LAMBDAREC__SPARK__CONF": "{spark.foo: no, spark.bar: 0755}",
+        "LAMBDAREC__EVALUATE__K": "[5, 010]",
+        "LAMBDAREC__INTERACTIONS__WEIGHTS": '{"view": 0.5, "click": 1e1}',
+    }, path=None)
+    assert s.airflow.reload_targets == ["no", "0755", "0755", "off"]
+    assert s.spark.conf == {"spark.foo": "no", "spark.bar": "0755"}
+    assert s.evaluate.k == [5, 10]  # integers read as decimal, the way a plain int value is
+    assert s.interactions.weights["view"] == 0.5 and s.interactions.weights["click"] == 10.0
+
+
 @pytest.mark.parametrize("name,value", [
     ("LAMBDAREC__SERVER__PORT", "abc"),
     ("LAMBDAREC__DATA__SOURCE", "no"),

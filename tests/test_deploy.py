@@ -452,14 +452,7 @@ def test_secrets_file_is_not_committed() -> None:
 
 
 # -- optional Redis overlays (the fleet's shared channel) -----------------------------------
-def require_fleet_settings() -> None:
-    if "fleet" not in Settings.model_fields:
-        pytest.skip("no `fleet` section in the settings model yet (fleet.redis_url: issue 11 "
-                    "item 2, the fleet branch)")
-
-
 def test_compose_fleet_overlay_joins_every_replica_to_redis(compose: dict[str, Any]) -> None:
-    require_fleet_settings()
     overlay = yaml.safe_load(COMPOSE_FLEET.read_text())
     assert set(overlay["services"]) - set(compose["services"]) == {"redis", "front-door"}
     urls = set()
@@ -476,7 +469,6 @@ def test_compose_fleet_overlay_joins_every_replica_to_redis(compose: dict[str, A
 
 def test_k8s_fleet_overlay_joins_every_replica_to_the_redis_service(
         k8s: dict[str, Any]) -> None:
-    require_fleet_settings()
     kustomization = yaml.safe_load((K8S_FLEET / "kustomization.yaml").read_text())
     assert "../" in kustomization["resources"]
     docs = {d["kind"]: d for r in kustomization["resources"] if r != "../"

@@ -78,8 +78,8 @@ def test_printed_commands_use_this_python_and_ids_from_the_lake(tmp_path: Path) 
     import pyarrow as pa
 
     from lake.config import load_settings
+    from lake.reload_notice import python_command
     from lake.tables import Lake
-    from online.notify import python_command
     from online.run import NEW_USER, example_ids, usage
 
     lake = Lake(tmp_path / "lake")
@@ -104,7 +104,7 @@ def test_pipeline_reloads_the_running_server_or_prints_the_command(
     import online_bundles as kb
 
     from lake.config import load_settings
-    from online.notify import reload_command
+    from lake.reload_notice import reload_command
     from online.server import create_server
     from spark_jobs.pipeline import reload_servers
 

@@ -26,7 +26,7 @@ from lake.bundle import read_bundle
 from lake.config import load_settings
 from lake.erasure import USER_TABLES
 from lake.tables import Lake, LakeError
-from online.model import ModelManager
+from online.model_manager import ModelManager
 from online.pb import recommender_pb2 as pb
 from online.server import create_server
 
@@ -67,6 +67,10 @@ def seed_derived_tables(lake: Lake) -> None:
             "last_ts": [NOW], "as_of": [today]}))
         lake.append("user_factors", pa.table({
             "user_id": [user], "factors": [[0.5] * 4], "model_version": ["v1"]}))
+        lake.append("gold_attributed_events", pa.Table.from_pylist([{
+            "event_id": f"c-{user}", "tenant": "", "user_id": user, "item_id": "B5",
+            "event_type": "click", "ts": NOW, "recommendation_id": f"r-{user}",
+            "rule": "window", "position": 0, "impression_ts": NOW, "event_date": today}]))
 
 
 def stage_a_model(models: Path) -> Path:
@@ -122,6 +126,9 @@ def test_forget_user_then_purge_leaves_no_trace(tmp_path: Path) -> None:
         client.ingest([{"event_id": f"e-{u}-{i}", "user_id": u, "item_id": f"B{i}",
                         "event_type": "view", "ts": NOW}
                        for u in (VICTIM, KEEPER) for i in range(3)])
+        for u in (VICTIM, KEEPER):  # what they were shown: bronze_impressions
+            client.recommend(u, k=2)
+        server.ingest.impressions.write_now()
         server.ingest.flush()
         client.forget_user(VICTIM)
     finally:

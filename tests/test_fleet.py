@@ -24,10 +24,11 @@ import pytest
 from lambdarec_client import Client
 
 from lake.config import ConfigError, load_settings
+from lake.fleet_file import FLEET_FILE, read_fleet
+from lake.reload_notice import fleet_targets, notify_reload
 from lake.tables import Lake
 from lake.training_cut import TrainingCut
-from online.fleet import FLEET_FILE, Fleet, read_fleet
-from online.notify import fleet_targets, notify_reload
+from online.fleet import Fleet
 from online.pb import recommender_pb2 as pb
 from online.ports import free_port
 from tests import online_bundles

@@ -38,7 +38,7 @@ EVENTS = [
 ]
 BRONZE_SPARK = ("struct<event_id:string,user_id:string,item_id:string,event_type:string,"
                 "value:double,ts:timestamp,received_at:timestamp,session_id:string,"
-                "properties:string,event_date:date>")
+                "properties:string,event_date:date,tenant:string,recommendation_id:string>")
 COLS = ["event_id", "user_id", "item_id", "event_type", "value", "ts", "session_id"]
 
 
@@ -58,7 +58,7 @@ def events_arrow(events=EVENTS) -> pa.Table:
 
 
 def events_df(spark, events=EVENTS):
-    rows = [(*e[:6], RECEIVED, e[6], None, e[5].date()) for e in events]
+    rows = [(*e[:6], RECEIVED, e[6], None, e[5].date(), "", "") for e in events]
     return spark.createDataFrame(rows, spark_schema(BRONZE_EVENTS))
 
 
@@ -369,3 +369,15 @@ def test_tasks_write_one_file_per_partition_value_in_hive_directories(spark, tmp
     assert {k: sorted(v) for k, v in found.items()} == {
         k: [n for kk, n in rows if kk == k] for k in keys}
     assert len(written) <= 3 * len(keys)  # at most one file per task and value
+
+
+def test_a_dataframe_without_the_tenant_stores_its_default(spark, lake: Lake) -> None:
+    """Writers store a column's default (bronze's tenant and recommendation_id ""), never a
+    null for it."""
+    df = events_df(spark).drop("tenant", "recommendation_id")
+    write_table(df, lake, "bronze_events", mode="append")
+    for f in data_files(lake, "bronze_events"):
+        for name in ("tenant", "recommendation_id"):
+            stored = pq.read_table(lake.path("bronze_events") / f, columns=[name])
+            assert stored.column(name).null_count == 0
+            assert set(stored.column(name).to_pylist()) == {""}

@@ -1,5 +1,5 @@
-"""Access keys of the public service, protected mode and the default-admin-token warning:
-a real server on 127.0.0.1 (port 0) with a real keys file written by the keys CLI."""
+"""Access keys of the public service, the history scope, protected mode and the admin-token
+guard: a real server on 127.0.0.1 (port 0) with a real keys file written by the keys CLI."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from lake.config import ConfigError
 from online.console.data import ConsoleData
 from online.keys import KeyStore
 from online.keys import main as keys_main
+from online.pb import admin_pb2, admin_pb2_grpc
 from online.server import create_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, d
     store = KeyStore(tmp / "lake" / "access_keys.json")  # the default: next to the tables
     keys = {name: store.create(name, scopes)[1] for name, scopes in (
         ("reader", ("recommend",)), ("writer", ("ingest",)), ("shop", ("catalogue",)),
-        ("all", ("recommend", "ingest", "catalogue")))}
+        ("all", ("recommend", "ingest", "catalogue")), ("historian", ("recommend", "history")))}
     run = Running(tmp)
     yield run, keys
     run.close()
@@ -64,7 +65,7 @@ def test_keys_cli_stores_only_hashes_and_rejects_bad_scopes(
     assert keys_main(["--file", str(path), "create", "--name", "x", "--scopes", "read"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: --scopes: unknown scope 'read' (known: recommend, ingest, "
-                   "catalogue)")
+                   "catalogue, history)")
     assert keys_main(["--file", str(path), "create", "--name", "shop1", "--scopes",
                       "ingest"]) == 2
     assert "a key named 'shop1' exists" in capsys.readouterr().err
@@ -96,7 +97,7 @@ def test_calls_without_a_valid_key_are_unauthenticated(keyed) -> None:  # type: 
 def test_each_method_needs_its_scope(keyed) -> None:  # type: ignore[no-untyped-def]
     run, keys = keyed
     with client(run, keys["writer"]) as c:
-        # explain=true returns the user's history: it needs the recommend scope too
+        # Recommend needs the recommend scope, with explain too (its reasons also need history)
         code, msg = code_of(lambda: c.recommend("uA0", k=3, explain=True))
         assert code == grpc.StatusCode.PERMISSION_DENIED
         assert msg == ("access key 'writer' lacks the scope Recommend needs (recommend); "
@@ -163,8 +164,44 @@ def test_console_calls_with_its_own_in_process_key(keyed) -> None:  # type: igno
     try:
         reply = data.recommend("uA0", k=2)
         assert [i["item_id"] for i in reply["items"]] == ["A2", "A3"]
+        # its key holds every scope, history included: the page shows the reasons
+        assert all(i["because"] and {b["item_id"] for b in i["because"]} <= {"A0", "A1"}
+                   for i in reply["items"])
     finally:
         data.close()
+
+
+def because(resp) -> list[list[str]]:  # type: ignore[no-untyped-def]
+    return [list(i.because) for i in resp.items]
+
+
+def test_explain_reasons_need_the_history_scope(keyed) -> None:  # type: ignore[no-untyped-def]
+    run, keys = keyed
+    with client(run, keys["reader"]) as c:  # recommend only: the answer, not the history
+        plain = c.recommend("uA0", k=3)
+        resp = c.recommend("uA0", k=3, explain=True)
+        assert ids(resp) == ids(plain) == ["A2", "A3", "A4"]
+        assert because(resp) == [[], [], []]
+        batch = c.recommend_batch([{"user_id": "uA0", "k": 2, "explain": True},
+                                   {"user_id": "uB0", "k": 2, "explain": True}])
+        assert [ids(r) for r in batch.responses] == [["A2", "A3"], ["B2", "B3"]]
+        assert [because(r) for r in batch.responses] == [[[], []], [[], []]]
+    with client(run, keys["historian"]) as c:  # uA0's history is A0, A1 (the bundle's)
+        resp = c.recommend("uA0", k=3, explain=True)
+        assert ids(resp) == ["A2", "A3", "A4"]
+        assert all(b and set(b) <= {"A0", "A1"} for b in because(resp))
+        batch = c.recommend_batch([{"user_id": "uB0", "k": 2, "explain": True}])
+        assert all(b and set(b) <= {"B0", "B1"} for b in because(batch.responses[0]))
+        assert because(c.recommend("uA0", k=3)) == [[], [], []]  # asked for none
+
+
+def test_an_open_loopback_port_explains_without_a_key(tmp_path: Path) -> None:
+    run = Running(tmp_path)  # no keys: open on loopback, so every call may read history
+    try:
+        resp = run.client.recommend("uA0", k=2, explain=True)
+        assert all(b and set(b) <= {"A0", "A1"} for b in because(resp))
+    finally:
+        run.close()
 
 
 def test_loopback_without_keys_runs_open_with_one_warning(
@@ -193,7 +230,8 @@ def test_non_loopback_without_keys_refuses_to_start(tmp_path: Path) -> None:
         "set server.auth: none to serve without keys")
     assert not (tmp_path / "wal").exists()  # refused before anything was written
     # the documented opt-out starts (and says so)
-    server, _ = create_server(make_settings(tmp_path, host="0.0.0.0", auth="none"),
+    server, _ = create_server(make_settings(tmp_path, host="0.0.0.0", auth="none",
+                                            admin_token=STRONG),
                               load_model=False, metrics=False, threads=False)
     server.start()
     server.stop(grace=0)
@@ -213,6 +251,70 @@ def test_server_process_refusing_to_start_prints_one_line(tmp_path: Path) -> Non
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: server.host '0.0.0.0' is not "
                                                    "loopback"), out.stderr
+
+
+STRONG = "0123456789abcdef0123456789abcdef"  # like `openssl rand -hex 16`
+
+
+@pytest.mark.parametrize("token, problem", [
+    ("change-me", "is the default 'change-me'"),
+    ("", "is empty"),
+    ("fifteen-chars-x", "has 15 characters, fewer than 16"),
+])
+def test_non_loopback_with_a_weak_admin_token_refuses_to_start(
+        tmp_path: Path, token: str, problem: str) -> None:
+    for host in ("0.0.0.0", "192.0.2.1"):  # the second: never bound, refused before
+        settings = make_settings(tmp_path, host=host, auth="none", admin_token=token)
+        with pytest.raises(ConfigError) as ei:
+            create_server(settings, load_model=False, metrics=False, threads=False)
+        assert str(ei.value) == (
+            f"server.host {host!r} is not loopback and server.admin_token {problem}: set "
+            "LAMBDAREC__SERVER__ADMIN_TOKEN to a secret of at least 16 characters (e.g. "
+            "openssl rand -hex 16)")
+    assert not (tmp_path / "wal").exists()  # refused before anything was written
+    server, _ = create_server(make_settings(tmp_path, host="0.0.0.0", auth="none",
+                                            admin_token=token + "-" + STRONG),
+                              load_model=False, metrics=False, threads=False)
+    server.start()
+    server.stop(grace=0)
+
+
+@pytest.mark.slow
+def test_server_process_with_the_shipped_admin_token_off_loopback_prints_one_line(
+        tmp_path: Path) -> None:
+    KeyStore(tmp_path / "lake" / "access_keys.json").create("shop", ("recommend",))  # keys on
+    env = {**os.environ, "LAMBDAREC__SERVER__HOST": "0.0.0.0",
+           "LAMBDAREC__SERVER__ADMIN_TOKEN": "change-me",
+           "LAMBDAREC__SERVER__PORT": "0", "LAMBDAREC__SERVER__ADMIN_PORT": "0",
+           "LAMBDAREC__SERVER__METRICS_PORT": "0",
+           "LAMBDAREC__LAKE__ROOT": str(tmp_path / "lake"),
+           "LAMBDAREC__MODEL__DIR": str(tmp_path / "models"),
+           "LAMBDAREC__SERVER__WAL_DIR": str(tmp_path / "wal")}
+    out = subprocess.run([sys.executable, "-m", "online.server"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: server.host '0.0.0.0' is not loopback and server.admin_token is the default "
+        "'change-me': set LAMBDAREC__SERVER__ADMIN_TOKEN to a secret of at least 16 "
+        "characters (e.g. openssl rand -hex 16)"], out.stderr
+
+
+def test_an_empty_admin_token_admits_no_one(tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        run = Running(tmp_path, admin_token="")  # allowed on loopback only, with a warning
+    try:
+        assert "server.admin_token is empty: the admin port and the console admit no one; " \
+               "set LAMBDAREC__SERVER__ADMIN_TOKEN" in [r.getMessage() for r in caplog.records]
+        with grpc.insecure_channel(run.admin_target) as ch:
+            info = admin_pb2_grpc.AdminStub(ch).ModelInfo
+            for header in ("Bearer ", "Basic x"):  # both an empty credential
+                with pytest.raises(grpc.RpcError) as ei:
+                    info(admin_pb2.ModelInfoRequest(), metadata=[("authorization", header)],
+                         timeout=5)
+                assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED, header
+    finally:
+        run.close()
 
 
 def test_default_admin_token_warns_once_at_start(

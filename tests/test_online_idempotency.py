@@ -37,9 +37,10 @@ SERVER_CHILD = textwrap.dedent("""
 
 
 def overrides(tmp: Path, **server: Any) -> dict[str, Any]:
+    # no events/s limit: these tests resend as fast as they can (see test_online_rate_limits)
     srv = {"host": "127.0.0.1", "port": 0, "admin_port": 0, "metrics_port": 0,
            "wal_dir": str(tmp / "wal"), "flush_interval_s": 0.05, "flush_max_events": 1000,
-           "max_batch": 1000, **server}
+           "max_batch": 1000, "rate_limit_events_per_s": 0, **server}
     return {"lake": {"root": str(tmp / "lake")}, "model": {"dir": str(tmp / "models")},
             "server": srv}
 

@@ -17,7 +17,7 @@ import pytest
 
 from lake.config import Settings, load_settings
 from lake.tables import Lake
-from online.ingest import REC_FORGET, IngestOverloadedError, IngestPipeline
+from online.ingest import REC_FORGET, IngestError, IngestOverloadedError, IngestPipeline
 from online.wal import WriteAheadLog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,9 @@ def test_validation_rejects_bad_events_individually(env) -> None:  # type: ignor
         assert "'colour'" in reasons[7]
         a = r.accepted[0]  # normalised to bronze columns
         assert set(a) == {"event_id", "user_id", "item_id", "event_type", "value", "ts",
-                          "received_at", "session_id", "properties", "event_date"}
+                          "received_at", "session_id", "properties", "event_date", "tenant",
+                      "recommendation_id"}
+        assert a["tenant"] == ""  # no tenant given: the open port's, the console's
         assert a["value"] == 2.0 and a["properties"] == '{"price":9.5}'
         assert a["ts"] == NOW and a["event_date"] == NOW.date()
     rows = lake.read("bronze_events").sort_by("event_id").to_pylist()
@@ -239,7 +241,8 @@ def test_forget_user_erases_lake_rows_and_pending_wal(env) -> None:  # type: ign
     p.ingest([ev("p1", "u1"), ev("p2", "u2"), ev("p3", "u1")])  # pending in the WAL only
     counts = p.forget_user("u1")
     assert counts == {"bronze_events": 2, "silver_events": 1, "gold_interactions": 2,
-                      "user_factors": 1, "wal_pending": 2}
+                      "user_factors": 1, "gold_attributed_events": 0, "wal_pending": 2,
+                      "bronze_impressions": 0, "impressions_pending": 0}
     assert p.stats()["pending_events"] == 1
     for table in ("bronze_events", "silver_events", "gold_interactions", "user_factors"):
         assert "u1" not in users_in(lake, table), table
@@ -342,7 +345,7 @@ def test_ingest_is_durable_under_concurrent_callers(env) -> None:  # type: ignor
 def test_api_misuse(env) -> None:  # type: ignore[no-untyped-def]
     settings, lake = env
     p = IngestPipeline(settings, lake)
-    with pytest.raises(RuntimeError, match="not started"):
+    with pytest.raises(IngestError, match="not started"):
         p.ingest([ev("a")])
     p.start()
     with pytest.raises(ValueError, match="max_batch"):
@@ -350,7 +353,7 @@ def test_api_misuse(env) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(RuntimeError, match="in use"):
         IngestPipeline(settings, lake).start()  # one owner per wal_dir
     p.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(IngestError, match="closed"):
         p.ingest([ev("a")])
 
 

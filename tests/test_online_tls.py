@@ -1,10 +1,15 @@
-"""TLS on both gRPC ports with certificates generated at test time (the `cryptography`
-package): a real server on 127.0.0.1, real handshakes, plaintext refused."""
+"""TLS on both gRPC ports and the web console with certificates generated at test time (the
+`cryptography` package): a real server on 127.0.0.1, real handshakes, plaintext refused."""
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
+import socket
+import ssl
+import time
+import urllib.error
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,13 +23,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from lambdarec_client import Client
 from lambdarec_client.cli import main as cli_main
+from test_console import assert_login_form_only, cookie_of, get, login
 from test_online_server import TOKEN, Running, code_of, ids, make_settings
 
 from lake.config import ConfigError
+from lake.reload_notice import notify_reload
+from lake.tls import own_client_tls
+from online.console.app import create_console
 from online.console.data import ConsoleData
-from online.notify import notify_reload
 from online.server import create_server
-from online.tls import own_client_tls
+from online.tls import console_ssl_context
 
 
 def issue(directory: Path, name: str, *, signer: tuple[Any, Any] | None = None,
@@ -59,7 +67,7 @@ def issue(directory: Path, name: str, *, signer: tuple[Any, Any] | None = None,
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, Path]]:
     tmp = tmp_path_factory.mktemp("tls")
     cert, key, _, _ = issue(tmp, "server", ca=True)  # self-signed, like `openssl req -x509`
-    run = Running(tmp, tls_cert=str(cert), tls_key=str(key))
+    run = Running(tmp, tls_cert=str(cert), tls_key=str(key), console_port=0)
     yield run, cert
     run.close()
 
@@ -156,3 +164,49 @@ def test_reload_notification_reaches_a_tls_admin_port(tls) -> None:  # type: ign
     assert out[run.admin_target].startswith("ok: "), out
     plain = notify_reload([run.admin_target], TOKEN, None, timeout_s=3)["targets"]
     assert plain[run.admin_target].startswith("unreachable: UNAVAILABLE"), plain
+
+
+def test_console_speaks_https_with_the_servers_certificate(
+        tls, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run, cert = tls
+    con = create_console(run.settings, run.server)
+    con.start()
+    try:
+        assert con.scheme == "https"
+        base = f"https://127.0.0.1:{con.port}"
+        trust = ssl.create_default_context(cafile=str(cert))  # verifies name and chain
+        assert_login_form_only(*get(base + "/users/uA0", context=trust), expected=401,
+                               where="https, signed out")
+        status, headers, _ = login(base, next_path="/users/uA0", context=trust)
+        assert status == 303
+        attrs = [a.strip() for a in headers["Set-Cookie"].split(";")]
+        assert {"Secure", "HttpOnly", "SameSite=Strict"} <= set(attrs)  # HTTPS-only cookie
+        status, _, body = get(base + "/users/uA0", cookie=cookie_of(headers), context=trust)
+        assert status == 200 and b'id="recommendations"' in body and b"A2" in body
+        # a silent client (no handshake) holds its own thread, not the accept loop
+        with socket.create_connection(("127.0.0.1", con.port)):
+            t0 = time.monotonic()
+            assert get(base + "/login", context=trust)[0] == 200
+            assert time.monotonic() - t0 < 5
+        # plain HTTP gets no answer at all, and a client trusting another certificate
+        # refuses the handshake: the token never crosses in clear or to an impostor
+        with pytest.raises((urllib.error.URLError, http.client.HTTPException, OSError)):
+            get(f"http://127.0.0.1:{con.port}/login")
+        other, _, _, _ = issue(tmp_path, "impostor", ca=True)
+        with pytest.raises(urllib.error.URLError) as ei:
+            login(base, context=ssl.create_default_context(cafile=str(other)))
+        assert isinstance(ei.value.reason, ssl.SSLCertVerificationError)
+    finally:
+        con.stop()
+
+
+def test_console_tls_with_a_key_of_another_certificate_names_the_keys(tmp_path: Path) -> None:
+    cert, _, _, _ = issue(tmp_path, "server", ca=True)
+    _, other_key, _, _ = issue(tmp_path, "other", ca=True)
+    settings = make_settings(tmp_path, tls_cert=str(cert), tls_key=str(other_key))
+    with pytest.raises(ConfigError) as ei:
+        console_ssl_context(settings.server)
+    assert str(ei.value).startswith(
+        f"server.tls_cert / server.tls_key: {cert} and {other_key} are not a certificate "
+        "and its private key")
+    assert console_ssl_context(make_settings(tmp_path).server) is None  # TLS off: plain

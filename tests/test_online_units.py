@@ -17,8 +17,10 @@ from lake.training_cut import TrainingCut
 from online import recommender as rec_mod
 from online.catalog import Catalog
 from online.errors import DeadlineExceeded, InvalidArgument, ModelLoadError, status_of
-from online.model import ModelManager, RWLock, load_model
+from online.model_loading import load_model
+from online.model_manager import ModelManager
 from online.recommender import FilterSpec, Recommender
+from online.rwlock import RWLock
 from online.service import deadline_check
 from online.state import OnlineState
 
@@ -184,7 +186,8 @@ def test_context_requests_reuse_the_real_time_aggregate_until_the_next_event(
     engine: Recommender, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A basket context folds in on every request, but the user's real-time events are
-    summed once per state version: the vectors equal a fresh state's (nothing cached)."""
+    summed once per state version; each vector is the known answer: the implicit ALS
+    normal equations solved for the events' strengths plus the basket's."""
     model = engine.manager.current
     assert model is not None
     calls: list[int] = []
@@ -194,22 +197,31 @@ def test_context_requests_reuse_the_real_time_aggregate_until_the_next_event(
         calls.append(1)
         return real(self, *args)  # type: ignore[arg-type]
 
+    def solved(strengths: dict[str, float]) -> np.ndarray:
+        # (YtY + sum_i (c_i - 1) y_i y_i^T + lambda I) x = sum_i c_i y_i, c_i = 1 + alpha r_i
+        # with the bundle's alpha 1 and lambda 0.1 (kb.FOLDIN: implicit, unscaled lambda)
+        y_all = model.item_factors.astype(np.float64)
+        y = y_all[[model.item_row[i] for i in strengths]]
+        c = 1.0 + np.array(list(strengths.values()))
+        a = y_all.T @ y_all + (y.T * (c - 1.0)) @ y + 0.1 * np.eye(kb.DIM)
+        return np.linalg.solve(a, c @ y)
+
     monkeypatch.setattr(OnlineState, "_aggregate", counting)
-    events = [ev("shopper", "C3", "purchase"), ev("shopper", "B2", "view")]
-    engine.apply_events(events)
-    ctx = {model.item_row["A4"]: 1.0}
-    first = engine.state.profile(model, "shopper", ctx)
+    # default weights: purchase 8, view 1 (no value: counts 1; same instant: no decay)
+    engine.apply_events([ev("shopper", "C3", "purchase"), ev("shopper", "B2", "view")])
+    first = engine.state.profile(model, "shopper", {model.item_row["A4"]: 1.0})
     again = engine.state.profile(model, "shopper", {model.item_row["B4"]: 2.0})
     assert len(calls) == 1
-    fresh = OnlineState(engine.settings)
-    fresh.apply(model, events)
-    for got, context in ((first, ctx), (again, {model.item_row["B4"]: 2.0})):
-        want = fresh.profile(model, "shopper", context)
-        np.testing.assert_array_equal(got.vector, want.vector)
-        np.testing.assert_array_equal(got.rows, want.rows)
+    for got, want in ((first, {"C3": 8.0, "B2": 1.0, "A4": 1.0}),
+                      (again, {"C3": 8.0, "B2": 1.0, "B4": 2.0})):
+        assert got.vector is not None
+        np.testing.assert_allclose(got.vector, solved(want), rtol=1e-5, atol=1e-6)
+        got_strengths = {model.item_ids[r]: v for r, v in zip(got.rows.tolist(),
+                                                             got.values.tolist(), strict=True)}
+        assert got_strengths == pytest.approx(want, rel=1e-9)
     engine.apply_events([ev("shopper", "A1", "purchase")])
-    after = engine.state.profile(model, "shopper", ctx)
-    assert len(calls) == 3  # the fresh state's, then the new version's
+    after = engine.state.profile(model, "shopper", {model.item_row["A4"]: 1.0})
+    assert len(calls) == 2  # the new state version's
     assert model.item_row["A1"] in after.rows.tolist()
 
 
@@ -287,7 +299,7 @@ def test_interceptor_wraps_each_method_once_and_counts_calls() -> None:
 def test_selective_filters_search_once_and_follow_upserts(
     engine: Recommender, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from online.model import LoadedModel
+    from online.loaded_model import LoadedModel
 
     fetched: list[int] = []
     real = LoadedModel.search
@@ -318,7 +330,7 @@ def test_an_upsert_during_the_search_still_filters_the_answer(
 ) -> None:
     """The filter of a request is cached with the catalogue version it was built at; an
     upsert that lands while the search runs is still applied to that search's answer."""
-    from online.model import LoadedModel
+    from online.loaded_model import LoadedModel
 
     assert [i for i, _, _ in engine.recommend("uC0", 3, FilterSpec()).items] == \
         ["C2", "C3", "C4"]  # C0, C1 seen; the filter (every row available) is now cached
@@ -355,7 +367,7 @@ def test_filter_search_paths_agree_with_brute_force(tmp_path: Path) -> None:
     from lake.config import IndexSettings
     from lake.foldin import FoldInParams
     from lake.vector_index import build_and_save
-    from online.model import RowSelector, RowSubset
+    from online.row_filters import RowSelector, RowSubset
 
     rng = np.random.default_rng(7)
     n, dim = 4000, 16
@@ -400,7 +412,7 @@ def test_filter_search_paths_agree_with_brute_force(tmp_path: Path) -> None:
 def test_row_selector_admits_no_row_beyond_its_mask() -> None:
     """Rows added after a selector was built are outside it: FAISS reads its bitmap only up
     to the bitmap's size in bytes, never past the end (no row past the mask is admitted)."""
-    from online.model import RowSelector
+    from online.row_filters import RowSelector
 
     mask = np.array([True, False] * 8 + [True] * 4)  # 20 rows: 3 bytes of bitmap
     sel = RowSelector(mask, None).selector

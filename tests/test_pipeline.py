@@ -101,8 +101,8 @@ def test_pipeline_end_to_end_then_bad_model_is_rejected(spark, tmp_path):
     from spark_jobs.evaluate import eval_holdout
     from spark_jobs.event_log import read_event_log
     from spark_jobs.metrics import evaluate_ranking
+    from spark_jobs.recipe import load_recipe
     from spark_jobs.staging import load_staged, save_metrics, save_staged
-    from spark_jobs.tune import load_recipe
 
     good = load_staged(models, "v-good")
     rng = np.random.default_rng(0)

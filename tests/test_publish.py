@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from lake import rollback
 from lake.bundle import current_version, list_versions, read_bundle
 from lake.config import GateSettings, load_settings
 from lake.foldin import FoldInParams
+from lake.rollback import RollbackError
 from lake.tables import Lake
-from spark_jobs import publish, rollback
+from spark_jobs import publish
 from spark_jobs.cli import JobError
 from spark_jobs.gate import decide
 from spark_jobs.staging import TrainedModel, save_metrics, save_staged
@@ -156,7 +158,7 @@ def test_publish_writes_bundle_tables_and_current_and_rerun_is_identical(setting
     assert current_version(models) == "v1"
     bundle = read_bundle(models / "v1")
     np.testing.assert_array_equal(bundle.item_factors, model.item_factors)
-    assert bundle.manifest["metrics"]["models"]["als"]["ndcg@10"] == 0.30
+    assert bundle.manifest.metrics["models"]["als"]["ndcg@10"] == 0.30
 
     snap = snapshot(lake)
     uf = {r["user_id"]: r["factors"] for r in snap["user_factors"]}
@@ -204,9 +206,9 @@ def test_bad_model_rejected_then_rollback(settings, capsys):
     assert snapshot(lake) == before
 
     # rollback: rejected and unknown versions are refused with a clear message
-    with pytest.raises(JobError, match="rejected"):
+    with pytest.raises(RollbackError, match="rejected"):
         rollback.run(settings, version="v3")
-    with pytest.raises(JobError, match="unknown model version 'nope'"):
+    with pytest.raises(RollbackError, match="unknown model version 'nope'"):
         rollback.run(settings, version="nope")
 
     out = rollback.run(settings)  # default: newest published version before CURRENT
@@ -239,3 +241,60 @@ def test_cli_errors_are_one_line_and_exit_2(settings, tmp_path, monkeypatch, cap
     assert publish.main(["--version", "v1"]) == 0
     line = json.loads(capsys.readouterr().out.strip())
     assert line["version"] == "v1" and line["accepted"] is True
+
+
+# -- a rerun after `train` ran again (a cleared Airflow task): one source for everything ---
+def factor_rows(lake: Lake, table: str, key: str, version: str) -> dict[str, list[float]]:
+    return {r[key]: r["factors"] for r in lake.read(table).to_pylist()
+            if r["model_version"] == version}
+
+
+def test_a_served_version_is_never_republished_from_a_retrained_staging(settings):
+    models = settings.model.dir
+    lake = Lake.from_settings(settings.lake)
+    stage(models, "v1", als=0.30, seed=1)
+    assert publish.run(settings, version="v1")["status"] == "current"
+    served = read_bundle(models / "v1")
+    before = snapshot(lake)
+
+    stage(models, "v1", als=0.35, seed=2)  # train and evaluate of the same run ran again
+    with pytest.raises(JobError, match=r"^v1 was published \(status current\) from another "
+                                       r"model than its staging holds now"):
+        publish.run(settings, version="v1")
+    assert snapshot(lake) == before  # factor tables and model_runs untouched...
+    np.testing.assert_array_equal(read_bundle(models / "v1").item_factors, served.item_factors)
+    rows = factor_rows(lake, "item_factors", "item_id", "v1")  # ...and still the bundle's
+    np.testing.assert_allclose(np.array([rows[f"i{j}"] for j in range(N_ITEMS)]),
+                               served.item_factors)
+    assert current_version(models) == "v1"
+
+
+def test_a_rejected_version_retrained_is_published_again_all_from_its_new_staging(settings):
+    models = settings.model.dir
+    lake = Lake.from_settings(settings.lake)
+    stage(models, "v1", als=0.05, seed=1)  # far below popularity (0.20)
+    assert publish.run(settings, version="v1")["status"] == "rejected"
+
+    retrained = stage(models, "v1", als=0.30, seed=2)  # train and evaluate ran again
+    res = publish.run(settings, version="v1")
+    assert res["status"] == "current" and res["accepted"] and not res["bundle_reused"]
+    assert current_version(models) == "v1"
+    bundle = read_bundle(models / "v1")  # the new model, in the bundle...
+    np.testing.assert_array_equal(bundle.item_factors,
+                                  retrained.item_factors.astype(np.float32))
+    np.testing.assert_array_equal(bundle.user_factors,
+                                  retrained.user_factors.astype(np.float32))
+    for table, key, ids, factors in (("item_factors", "item_id", bundle.item_ids,
+                                      bundle.item_factors),
+                                     ("user_factors", "user_id", bundle.user_ids,
+                                      bundle.user_factors)):
+        rows = factor_rows(lake, table, key, "v1")  # ...the factor tables...
+        assert sorted(rows) == sorted(ids.tolist())
+        np.testing.assert_array_equal(np.array([rows[i] for i in ids], np.float32), factors)
+    (run,) = lake.read("model_runs").to_pylist()  # ...and the row, with its new decision
+    assert run["status"] == "current" and "0.3000" in run["gate_reason"]
+    assert json.loads(run["metrics"])["models"]["als"]["ndcg@10"] == 0.30
+    assert bundle.manifest.metrics["models"]["als"]["ndcg@10"] == 0.30
+
+    again = publish.run(settings, version="v1")  # a plain retry of that: nothing changes
+    assert again["bundle_reused"] and again["status"] == "current"

@@ -22,7 +22,7 @@ from lake.config import IndexSettings, TrainSettings, load_settings
 from lake.strength import StrengthParams
 from lake.vector_index import build_and_save
 from online.catalog import Catalog
-from online.model import ModelManager
+from online.model_manager import ModelManager
 from online.recommender import FilterSpec, Recommender
 from online.state import OnlineState
 from spark_jobs.als import ImplicitTrainer
@@ -50,12 +50,13 @@ def events(seed: int = 0) -> list[dict]:
     return out
 
 
-def publish(models: Path, rows: list[dict], blend: BlendParams) -> tuple[InteractionMatrix, object]:
+def publish(models: Path, rows: list[dict], blend: BlendParams,
+            strength: StrengthParams = STRENGTH) -> tuple[InteractionMatrix, object]:
     table = pa.Table.from_pylist(rows)
     log = event_log_from_table(table.set_column(
         table.schema.get_field_index("ts"), "ts",
         pa.array([r["ts"] for r in rows], pa.timestamp("us", tz="UTC"))))
-    matrix = InteractionMatrix(log.user_ids, log.item_ids, log.matrix(STRENGTH))
+    matrix = InteractionMatrix(log.user_ids, log.item_ids, log.matrix(strength))
     train = TrainSettings(factors=6, regularization=0.5, alpha=2.0, iterations=10)
     fitted = ImplicitTrainer(train).fit(matrix)
     write_bundle(
@@ -64,7 +65,7 @@ def publish(models: Path, rows: list[dict], blend: BlendParams) -> tuple[Interac
         user_items=matrix.csr, item_popularity=popularity(matrix.csr), foldin=fitted.foldin,
         backend="implicit", params=fitted.params,
         write_index=lambda f, p: build_and_save(f, p, IndexSettings()),
-        extra={"strength": STRENGTH.to_dict(), "blend": blend.to_dict()})
+        strength=strength, blend=blend)
     set_current(models, "v1")
     return matrix, fitted
 
@@ -126,3 +127,50 @@ def test_blend_index_dimension_is_checked_at_load(tmp_path: Path, beta: float) -
     model = engine(tmp_path).manager.current
     assert model is not None
     assert model.index.faiss_index.d == 6 + (1 if beta > 0 else 0)
+
+
+# The model's recipe weighs purchases 4 and does not weigh clicks; the server's own settings
+# weigh them 8 and 2 (the defaults) and add_to_cart 4 where the recipe says 2.5.
+RECIPE = StrengthParams({"view": 1.0, "purchase": 4.0, "add_to_cart": 2.5},
+                        {"purchase": "log1p"}, half_life_days=20.0)
+
+
+def test_real_time_popularity_and_new_items_weigh_events_as_the_model(tmp_path: Path) -> None:
+    publish(tmp_path / "models", events(3), BlendParams(), RECIPE)
+    eng = engine(tmp_path)
+    assert eng.manager.current is not None and eng.manager.current.strength == RECIPE
+    now = datetime.now(UTC)
+    eng.apply_events([
+        {"user_id": "p1", "item_id": "i00", "event_type": "view", "ts": now},
+        {"user_id": "p1", "item_id": "i01", "event_type": "purchase", "ts": now},
+        {"user_id": "p1", "item_id": "i02", "event_type": "click", "ts": now},
+        {"user_id": "p1", "item_id": "not-in-model", "event_type": "click", "ts": now},
+    ])
+    pop = eng.state.popularity
+    # by hand: view 1 against purchase 4 (the configured 8 would give 1/8); clicks weigh 0
+    assert pop.score("i01") == pytest.approx(1.0)
+    assert pop.score("i00") == pytest.approx(0.25)
+    assert pop.score("i02") == 0.0
+    assert eng.state.pending_items() == 0  # a click says nothing: no unknown item to fold
+
+
+def test_a_basket_context_weighs_as_the_model_weighs_add_to_cart(tmp_path: Path) -> None:
+    publish(tmp_path / "models", events(4), BlendParams(), RECIPE)
+    eng = engine(tmp_path)
+    model = eng.manager.current
+    assert model is not None
+    out = eng.recommend("stranger", 3, FilterSpec(only_available=False),
+                        context_item_ids=["i05"])
+    # By hand, implicit's objective for one interaction r = 2.5 (the recipe's add_to_cart,
+    # not the configured 4): (YtY + (c - 1) y y^T + lambda I) x = c y with c = 1 + alpha r.
+    y_all = model.item_factors.astype(np.float64)
+    y = y_all[model.item_row["i05"]]
+    c = 1.0 + model.foldin.alpha * 2.5
+    a = y_all.T @ y_all + (c - 1.0) * np.outer(y, y) + \
+        model.foldin.regularization * np.eye(len(y))
+    x = np.linalg.solve(a, c * y)
+    scores = y_all @ x
+    scores[model.item_row["i05"]] = -np.inf  # a context item counts as seen
+    order = np.argsort(-scores)[:3]
+    assert [i for i, _, _ in out.items] == [model.item_ids[j] for j in order]
+    np.testing.assert_allclose([s for _, s, _ in out.items], scores[order], rtol=1e-4)

@@ -13,8 +13,9 @@ from lake.config import load_settings
 from spark_jobs.eval_sample import eval_sample
 from spark_jobs.evaluate import eval_holdout, evaluate_recipe
 from spark_jobs.event_log import event_log_from_table
+from spark_jobs.recipe import load_recipe
 from spark_jobs.splits import tuning_users
-from spark_jobs.tune import BLEND_BETAS, BLEND_EVALS, BLEND_N0, load_recipe, search
+from spark_jobs.tune import BLEND_BETAS, BLEND_EVALS, BLEND_N0, search
 
 END = datetime(2024, 3, 31, 20, tzinfo=UTC)
 

@@ -13,8 +13,9 @@ from typing import Any
 import pyarrow.compute as pc
 from lambdarec_client import Client, to_dict
 
+from lake.as_of import event_date_bounds
 from lake.bundle import current_version
-from online.tls import own_client_tls
+from lake.tls import own_client_tls
 
 RECENT_EVENTS = 20
 TRIAL_MARK = ".t"
@@ -73,20 +74,25 @@ class ConsoleData:
               "properties": {"source": "console"}}]))
 
     def recent_events(self, user_id: str) -> list[dict[str, Any]]:
-        """The user's latest events: real-time ones the server holds, then the lake's."""
+        """The user's latest events, each once: the lake's, and the real-time ones the server
+        holds that the lake does not have yet ("where" says which)."""
         rows: list[dict[str, Any]] = []
-        st = self.server.engine.state.get(user_id)
-        for e in list(st.events) if st is not None else []:
-            rows.append({"ts": e.ts, "item_id": e.item_id, "event_type": e.event_type,
-                         "value": None if math.isnan(e.value) else e.value,
-                         "where": "real time"})
         lake = self.server.lake
+        in_lake: set[tuple[Any, str, str]] = set()
         if lake.exists("bronze_events"):
             t = lake.read("bronze_events", columns=["user_id", "item_id", "event_type", "value",
                                                     "ts"],
                           filters=pc.field("user_id") == user_id)
             for r in t.sort_by([("ts", "descending")]).slice(0, RECENT_EVENTS).to_pylist():
                 rows.append({**r, "where": "lake"})
+                in_lake.add((r["ts"], r["item_id"], r["event_type"]))
+        # An event flushed to bronze is also still in the real-time state: show it once.
+        for e in self.server.engine.state.recent_events(user_id):
+            if (e.ts, e.item_id, e.event_type) in in_lake:
+                continue
+            rows.append({"ts": e.ts, "item_id": e.item_id, "event_type": e.event_type,
+                         "value": None if math.isnan(e.value) else e.value,
+                         "where": "real time"})
         rows.sort(key=lambda r: r["ts"], reverse=True)
         for r in rows:
             r.update({k: v for k, v in self.item(r["item_id"]).items()
@@ -123,7 +129,7 @@ class ConsoleData:
 
     def rollback(self, version: str | None) -> str:
         """Point CURRENT at `version` (default: the previous one) and serve it here."""
-        from spark_jobs import rollback
+        from lake import rollback
 
         out = rollback.run(self.settings, version=version)
         reply = self.client.reload(out["version"])
@@ -132,14 +138,13 @@ class ConsoleData:
     def active_users(self, n: int) -> list[str]:
         """Users with the most events in the latest event date (links on the home page)."""
         lake = self.server.lake
-        if not lake.exists("bronze_events"):
+        # The latest date from the Delta log's partition values: reading the event_date
+        # column would scan all of bronze on every home-page view.
+        bounds = event_date_bounds(lake)
+        if bounds is None:
             return []
-        dates = lake.read("bronze_events", columns=["event_date"]).column("event_date")
-        if len(dates) == 0:
-            return []
-        latest = pc.max(dates)
         t = lake.read("bronze_events", columns=["user_id"],
-                      filters=pc.field("event_date") == latest)
+                      filters=pc.field("event_date") == bounds[1])
         counts = t.group_by("user_id").aggregate([("user_id", "count")])
         counts = counts.sort_by([("user_id_count", "descending"), ("user_id", "ascending")])
         return counts.column("user_id").slice(0, n).to_pylist()
@@ -147,6 +152,38 @@ class ConsoleData:
     def serving(self) -> str | None:
         model = self.server.manager.current
         return model.version if model is not None else None
+
+    # -- experiments -----------------------------------------------------------------------
+    def experiments(self) -> list[dict[str, Any]]:
+        """Every experiment (newest first), through the Admin API."""
+        return [_experiment(e) for e in to_dict(self.client.list_experiments())
+                .get("experiments", [])]
+
+    def experiment(self, experiment_id: str) -> dict[str, Any]:
+        """One experiment; LookupError when there is none of that id."""
+        import grpc
+
+        try:
+            return _experiment(to_dict(self.client.get_experiment(experiment_id)))
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise LookupError(f"no experiment {experiment_id!r}") from None
+            raise
+
+    def stop_experiment(self, experiment_id: str) -> str:
+        e = to_dict(self.client.stop_experiment(experiment_id))
+        return f"experiment {e['experiment_id']} is {e['state']}"
+
+    def experiment_results(self, experiment_id: str) -> list[dict[str, Any]]:
+        """EXPERIMENT RESULTS (the attribution helper fills this in): the
+        `experiment_results` rows of `experiment_id` (one per arm and metric, as
+        `spark_jobs.experiment_analysis` writes them); [] while the table does not exist."""
+        lake = self.server.lake
+        if not lake.exists("experiment_results"):
+            return []
+        table = lake.read("experiment_results",
+                          filters=pc.field("experiment_id") == experiment_id)
+        return table.to_pylist()
 
     # -- live ------------------------------------------------------------------------------
     def sample(self) -> Sample:
@@ -168,6 +205,15 @@ class ConsoleData:
                 elif s.name == "lambdarec_ingest_pending_events":
                     pending = s.value
         return Sample(time.time(), requests, errors, lat_sum, lat_count, lag, pending)
+
+
+def _experiment(e: dict[str, Any]) -> dict[str, Any]:
+    """An Experiment message as a dict (`to_dict`) with the fields a page shows."""
+    out = dict(e)
+    out["stopped_at"] = e.get("stopped_at") or ""
+    out["arms"] = [{"model_version": "", "popularity": False, "settings": {}, **a}
+                   for a in e.get("arms", [])]
+    return out
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:

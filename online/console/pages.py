@@ -9,7 +9,8 @@ from urllib.parse import quote
 
 from lake.config import EVENT_TYPES
 
-NAV = (("/", "Home"), ("/models", "Model runs"), ("/live", "Live"))
+NAV = (("/", "Home"), ("/models", "Model runs"), ("/experiments", "Experiments"),
+       ("/live", "Live"))
 
 
 def e(value: Any) -> str:
@@ -20,19 +21,30 @@ def link(kind: str, ident: str, text: str | None = None) -> str:
     return f'<a href="/{kind}/{quote(ident, safe="")}">{e(text or ident)}</a>'
 
 
-def page(title: str, body: str, *, admin: bool, script: bool = False) -> str:
-    nav = " ".join(f'<a href="{href}">{e(text)}</a>' for href, text in NAV)
+def page(title: str, body: str, *, signed_in: bool, script: bool = False) -> str:
+    """A whole page; signed out it has no navigation (there is nothing to reach)."""
+    nav = " ".join(f'<a href="{href}">{e(text)}</a>' for href, text in NAV) if signed_in \
+        else ""
     who = ('<span class="admin">admin</span> <form method="post" action="/logout" '
-           'class="inline"><button>log out</button></form>' if admin else
-           '<form method="post" action="/login" class="inline"><input type="password" '
-           'name="token" placeholder="admin token" aria-label="admin token">'
-           '<button>unlock admin</button></form>')
+           'class="inline"><button>log out</button></form>' if signed_in else "")
     js = '<script src="/static/console.js" defer></script>' if script else ""
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<title>{e(title)} · lambdarec</title>'
             f'<link rel="stylesheet" href="/static/console.css">{js}</head>'
             f'<body><header><b>lambdarec</b> {nav}<span class="who">{who}</span></header>'
             f'<main><h1>{e(title)}</h1>{body}</main></body></html>')
+
+
+def login(next_path: str, note: str = "") -> str:
+    """The login form: the admin token (`server.admin_token`), then back to `next_path`."""
+    return ((message(note, "bad") if note else "")
+            + '<p>The console shows shoppers\' histories and can change the system: sign in '
+              'with the admin token (server.admin_token).</p>'
+            + '<form method="post" action="/login" id="login"><label>admin token '
+              '<input type="password" name="token" autocomplete="current-password" required '
+              'autofocus></label>'
+            + f'<input type="hidden" name="next" value="{e(next_path)}">'
+            + '<button>sign in</button></form>')
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, id: str = "") -> str:
@@ -74,7 +86,7 @@ def recommendations(reply: dict[str, Any]) -> str:
                     rows, id="recommendations"))
 
 
-def user(user_id: str, reply: dict[str, Any], events: list[dict[str, Any]], *, admin: bool,
+def user(user_id: str, reply: dict[str, Any], events: list[dict[str, Any]], *,
          note: str = "") -> str:
     ev_rows = [[e(r["ts"].isoformat(timespec="seconds") if hasattr(r["ts"], "isoformat")
                   else r["ts"]), e(r["event_type"]), link("items", r["item_id"]),
@@ -89,10 +101,8 @@ def user(user_id: str, reply: dict[str, Any], events: list[dict[str, Any]], *, a
               '<button>ingest test event</button></form>')
     forget = (f'<form method="post" action="{action}/forget" class="danger"><button>forget '
               'this user (erase everywhere)</button></form>')
-    writes = (ingest + forget) if admin else \
-        '<p class="note">Unlock admin (top right) to ingest a test event or forget the user.</p>'
     return ((message(note) if note else "") + "<h2>Recommendations</h2>"
-            + recommendations(reply) + writes + "<h2>Recent events</h2>"
+            + recommendations(reply) + ingest + forget + "<h2>Recent events</h2>"
             + (table(["time", "type", "item", "title", "category", "source"], ev_rows,
                      id="events") if ev_rows else "<p id=\"events\">No events yet.</p>"))
 
@@ -122,8 +132,8 @@ def _intervals(metrics: dict[str, Any], name: str) -> dict[str, Any]:
     return (metrics.get("intervals") or {}).get("models", {}).get(name) or {}
 
 
-def models(runs: list[dict[str, Any]], current: str | None, *, admin: bool,
-           gate_metric: str, note: str = "") -> str:
+def models(runs: list[dict[str, Any]], current: str | None, *, gate_metric: str,
+           note: str = "") -> str:
     rows = []
     for r in runs:
         ms = r["metrics"].get("models", {})
@@ -134,7 +144,7 @@ def models(runs: list[dict[str, Any]], current: str | None, *, admin: bool,
                              _intervals(r["metrics"], "popularity")),
                      e(r.get("gate_reason"))])
     rollback = ""
-    if admin and runs:
+    if runs:
         options = "".join(f"<option>{e(r['model_version'])}</option>" for r in runs
                           if r["status"] in ("published", "current"))
         rollback = ('<form method="post" action="/models/reload" class="inline"><button>'
@@ -183,3 +193,71 @@ def live() -> str:
                      for c, t in (("rate", "requests / s"), ("latency", "mean latency ms"),
                                   ("lag", "ingest lag s (oldest unflushed event)")))
     return f'<div class="plots" id="live">{charts}</div>'
+
+
+# -- experiments ---------------------------------------------------------------------------
+def _arm_model(a: dict[str, Any]) -> str:
+    if a.get("popularity"):
+        return "popularity ranking"
+    return e(a.get("model_version") or "champion (CURRENT)")
+
+
+def _share(v: Any) -> str:
+    return e(f"{100 * float(v or 0):.1f}%")
+
+
+def experiments(rows: list[dict[str, Any]], note: str = "") -> str:
+    """Every experiment, newest first (`python -m lake.experiments create` or the Admin
+    API's CreateExperiment starts one)."""
+    body = [[link("experiments", x["experiment_id"]), e(x.get("name")),
+             f'<span class="{"ok" if x.get("state") == "running" else ""}">'
+             f'{e(x.get("state"))}</span>',
+             e(", ".join(f"{a['name']} {100 * float(a.get('share') or 0):.0f}%"
+                         for a in x["arms"])),
+             _share(x.get("traffic")), e(x.get("started_at")), e(x.get("stopped_at"))]
+            for x in rows]
+    return ((message(note) if note else "")
+            + ("" if rows else "<p>No experiments yet: start one with <code>python -m "
+                              "lake.experiments create</code> or the Admin API.</p>")
+            + table(["experiment", "name", "state", "arms", "traffic", "started", "stopped"],
+                    body, id="experiments"))
+
+
+def experiment(x: dict[str, Any], results: list[dict[str, Any]], note: str = "") -> str:
+    """One experiment: its arms and shares, its state, a stop button (confirmed on its own
+    page) while it runs, and the analysis results (`ConsoleData.experiment_results`)."""
+    ident = quote(x["experiment_id"], safe="")
+    arms = [[e(a["name"]), _share(a.get("share")), _arm_model(a),
+             e(", ".join(f"{k}={v}" for k, v in sorted((a.get("settings") or {}).items())))]
+            for a in x["arms"]]
+    stop = (f'<form method="post" action="/experiments/{ident}/stop" id="stop">'
+            '<button>stop experiment…</button></form>' if x.get("state") == "running" else "")
+    facts = (f'<p>{e(x.get("name"))}: <b id="state">{e(x.get("state"))}</b>, traffic '
+             f'{_share(x.get("traffic"))} of all users, started {e(x.get("started_at"))}'
+             + (f', stopped {e(x.get("stopped_at"))}' if x.get("stopped_at") else "")
+             + f'; salt <code>{e(x.get("salt"))}</code></p>'
+             + (f'<p>{e(x.get("description"))}</p>' if x.get("description") else ""))
+    return ((message(note) if note else "") + facts + stop
+            + "<h2>Arms</h2>" + table(["arm", "share", "model", "settings"], arms, id="arms")
+            + "<h2>Results</h2>" + experiment_results(results))
+
+
+def experiment_results(rows: list[dict[str, Any]]) -> str:
+    """EXPERIMENT RESULTS (the attribution helper fills this in): the analysis rows as a
+    plain table until then."""
+    if not rows:
+        return '<p id="results">No analysis yet (the experiment_results table has no rows ' \
+               'for this experiment).</p>'
+    keys = list(rows[0])
+    return table(keys, [[e(r.get(k)) for k in keys] for r in rows], id="results")
+
+
+def confirm_stop(x: dict[str, Any]) -> str:
+    """The confirmation step of Stop: stopping ends the split for every replica."""
+    ident = quote(x["experiment_id"], safe="")
+    return (f'<p>Stop experiment <b>{e(x["experiment_id"])}</b> ({e(x.get("name"))})? Every '
+            'replica then serves the champion to all users; the experiment is kept for its '
+            'analysis and cannot be restarted.</p>'
+            f'<form method="post" action="/experiments/{ident}/stop" id="confirm">'
+            '<input type="hidden" name="confirm" value="yes"><button>yes, stop it</button>'
+            f'</form> <a href="/experiments/{ident}">cancel</a>')

@@ -2,11 +2,15 @@
 
     python -m lambdarec_client recommend u1 -k 10 --explain --context i3 --category shoes
     python -m lambdarec_client recommend-batch --file requests.jsonl   # {"user_id", "k", ...}
-    python -m lambdarec_client similar i42 -k 5
+    python -m lambdarec_client similar i42 -k 5 [--user u1]
     python -m lambdarec_client ingest --user u1 --item i3 --type view     # or --file events.jsonl
+    python -m lambdarec_client ingest --user u1 --item i3 --type click --recommendation-id R
     python -m lambdarec_client upsert-items --item i3 --category shoes --unavailable
     python -m lambdarec_client health
     python -m lambdarec_client model-info | reload [--version V] | forget-user u1   (admin port)
+    python -m lambdarec_client create-experiment --name t --arm control:0.5 \
+        --arm challenger:0.5:v20261122-ab12 [--traffic 0.5]    (admin; see --help)
+    python -m lambdarec_client list-experiments | get-experiment EXP | stop-experiment EXP
 
 Targets: `--target` / `--admin-target`, else the server's own settings from the environment
 (LAMBDAREC__SERVER__HOST, __PORT, __ADMIN_PORT), else 127.0.0.1:50051 / 127.0.0.1:50052.
@@ -33,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from lambdarec.v1 import recommender_pb2 as pb
 
-from lambdarec_client.client import Client, to_dict
+from lambdarec_client.client import Client, recommend_request, to_dict
 
 # The server's defaults (its `server.*` settings), so a bare CLI reaches a bare server.
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_ADMIN_PORT, DEFAULT_TOKEN = "127.0.0.1", 50051, 50052, \
@@ -90,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                          "only_available ('-' for stdin)")
     s = sub.add_parser("similar", help="items similar to an item")
     s.add_argument("item_id")
+    s.add_argument("--user", default="", help="who is looking (recorded on the impression)")
     add_filters(s)
     i = sub.add_parser("ingest", help="send events (one from flags, or JSON lines from --file)")
     i.add_argument("--file", type=Path, help="JSON lines of events ('-' for stdin)")
@@ -98,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--type", default="view")
     i.add_argument("--value", type=float)
     i.add_argument("--event-id")
+    i.add_argument("--recommendation-id",
+                   help="the recommendation_id of the answer that led to the event")
     i.add_argument("--atomic", action="store_true")
     u = sub.add_parser("upsert-items", help="insert/update catalogue items")
     u.add_argument("--file", type=Path, help="JSON lines of items ('-' for stdin)")
@@ -113,12 +121,26 @@ def _parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("reload", help="(admin) load a model version (default: CURRENT)")
     rl.add_argument("--version")
     fu = sub.add_parser("forget-user", help="(admin) erase a user online and in the lake")
+    ce = sub.add_parser("create-experiment", help="(admin) start an A/B experiment")
+    ce.add_argument("--name", required=True)
+    ce.add_argument("--arm", action="append", required=True,
+                    metavar="NAME:SHARE[:MODEL[:KEY=VALUE,...]]",
+                    help="an arm: MODEL a version, empty or @champion for the champion, "
+                         "@popularity for the popularity ranking; settings e.g. "
+                         "blend_weight=0.3")
+    ce.add_argument("--traffic", type=float, help="share of users taking part (default 1)")
+    ce.add_argument("--salt", default="", help="assignment salt (default: a random one)")
+    ce.add_argument("--description", default="")
+    sub.add_parser("list-experiments", help="(admin) every experiment, newest first")
+    for name, text in (("get-experiment", "one experiment"),
+                       ("stop-experiment", "stop an experiment")):
+        sub.add_parser(name, help=f"(admin) {text}").add_argument("experiment_id")
     fu.add_argument("user_id")
     return p
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """JSON objects, one a line ('-' reads stdin); a bad line is a `UsageError` naming it."""
+def _numbered_jsonl(path: Path) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    """(the name to show, [(line number, JSON object)]); a bad line is a `UsageError`."""
     name = "<stdin>" if str(path) == "-" else str(path)
     try:
         text = sys.stdin.read() if str(path) == "-" else path.read_text()
@@ -135,8 +157,75 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                              ) from exc
         if not isinstance(row, dict):
             raise UsageError(f"{name}:{n}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+        rows.append((n, row))
+    return name, rows
+
+
+def parse_arm(text: str) -> dict[str, Any]:
+    """`NAME:SHARE[:MODEL[:KEY=VALUE,...]]` as an arm (`Client.create_experiment`); MODEL
+    empty or `@champion`: the champion, `@popularity`: the popularity ranking."""
+    parts = text.split(":", 3)
+    try:
+        share = float(parts[1]) if len(parts) >= 2 else None
+    except ValueError:
+        share = None
+    if share is None:
+        raise UsageError(f"--arm {text!r}: expected NAME:SHARE[:MODEL[:KEY=VALUE,...]] with a "
+                         "numeric SHARE")
+    model = parts[2] if len(parts) > 2 else ""
+    settings: dict[str, str] = {}
+    for pair in (parts[3].split(",") if len(parts) > 3 and parts[3] else []):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UsageError(f"--arm {text!r}: setting {pair!r} is not KEY=VALUE")
+        settings[key.strip()] = value.strip()
+    return {"name": parts[0], "share": share,
+            "model_version": "" if model in ("", "@champion", "@popularity") else model,
+            "popularity": model == "@popularity", "settings": settings}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """JSON objects, one a line ('-' reads stdin); a bad line is a `UsageError` naming it."""
+    return [row for _, row in _numbered_jsonl(path)[1]]
+
+
+REQUEST_FIELDS: dict[str, str] = {
+    "user_id": "text", "k": "integer", "context_item_ids": "list of text",
+    "explain": "boolean", "exclude_seen": "boolean", "exclude_item_ids": "list of text",
+    "include_categories": "list of text", "exclude_categories": "list of text",
+    "only_available": "boolean"}
+"""The keys of one `recommend-batch` line (`Client.recommend`'s arguments) and their kinds."""
+
+
+def _is(kind: str, v: Any) -> bool:
+    if kind == "text":
+        return isinstance(v, str)
+    if kind == "integer":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "boolean":
+        return isinstance(v, bool)
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def read_requests(path: Path) -> list[pb.RecommendRequest]:
+    """Recommend requests, one JSON object a line; an unknown key or a wrong type is a
+    `UsageError` naming the file, the line and the key."""
+    name, rows = _numbered_jsonl(path)
+    out = []
+    for n, row in rows:
+        unknown = sorted(set(row) - set(REQUEST_FIELDS))
+        if unknown:
+            raise UsageError(f"{name}:{n}: unknown field {unknown[0]!r} "
+                             f"(known: {', '.join(REQUEST_FIELDS)})")
+        for key, value in row.items():
+            if not _is(REQUEST_FIELDS[key], value):
+                raise UsageError(f"{name}:{n}: {key}: expected {REQUEST_FIELDS[key]}, got "
+                                 f"{json.dumps(value)}")
+        try:
+            out.append(recommend_request(**{"user_id": "", **row}))
+        except ValueError as exc:  # e.g. k beyond int32
+            raise UsageError(f"{name}:{n}: {exc}") from exc
+    return out
 
 
 def run_cli(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dict[str, Any], int]:
@@ -171,15 +260,16 @@ def run_cli(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dict[str,
                 return to_dict(c.recommend(args.user_id, args.k, context_item_ids=args.context,
                                            explain=args.explain,
                                            exclude_seen=not args.include_seen, **filters)), 0
-            return to_dict(c.similar(args.item_id, args.k, **filters)), 0
+            return to_dict(c.similar(args.item_id, args.k, user_id=args.user, **filters)), 0
         if cmd == "recommend-batch":
-            return to_dict(c.recommend_batch(read_jsonl(args.file))), 0
+            return to_dict(c.recommend_batch(read_requests(args.file))), 0
         if cmd == "ingest":
             if args.file:
                 events = read_jsonl(args.file)
             elif args.user and args.item:
                 events = [{"event_id": args.event_id, "user_id": args.user,
-                           "item_id": args.item, "event_type": args.type, "value": args.value}]
+                           "item_id": args.item, "event_type": args.type, "value": args.value,
+                           "recommendation_id": args.recommendation_id}]
             else:
                 raise UsageError("ingest: give --file, or --user and --item")
             reply = to_dict(c.ingest(events, atomic=args.atomic))
@@ -205,6 +295,16 @@ def run_cli(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dict[str,
             return to_dict(c.reload(args.version)), 0
         if cmd == "forget-user":
             return to_dict(c.forget_user(args.user_id)), 0
+        if cmd == "create-experiment":
+            return to_dict(c.create_experiment(
+                args.name, [parse_arm(a) for a in args.arm], traffic=args.traffic,
+                salt=args.salt, description=args.description)), 0
+        if cmd == "list-experiments":
+            return to_dict(c.list_experiments()), 0
+        if cmd == "get-experiment":
+            return to_dict(c.get_experiment(args.experiment_id)), 0
+        if cmd == "stop-experiment":
+            return to_dict(c.stop_experiment(args.experiment_id)), 0
     raise UsageError(f"unknown command {cmd}")
 
 

@@ -54,14 +54,17 @@ def _filters(
     return f
 
 
-def _recommend_request(user_id: str, k: int = 10, *, context_item_ids: Sequence[str] = (),
+def recommend_request(user_id: str, k: int = 10, *, context_item_ids: Sequence[str] = (),
                        explain: bool = False, **filters: Any) -> pb.RecommendRequest:
     return pb.RecommendRequest(user_id=user_id, k=k, filters=_filters(**filters),
                                context_item_ids=list(context_item_ids), explain=explain)
 
 
 def make_event(e: Mapping[str, Any]) -> pb.Event:
-    """A dict (ts as datetime, ISO string or epoch seconds; default now) as an Event."""
+    """A dict (ts as datetime, ISO string or epoch seconds; default now) as an Event.
+
+    `recommendation_id`: the id of the answer (Recommend, SimilarItems) whose list led to
+    the event, when known; it attributes the event to that list."""
     ev = pb.Event(
         event_id=str(e.get("event_id") or uuid.uuid4().hex),
         user_id=str(e.get("user_id", "")),
@@ -69,6 +72,7 @@ def make_event(e: Mapping[str, Any]) -> pb.Event:
         event_type=str(e.get("event_type", "")),
         session_id=str(e.get("session_id") or ""),
         properties={str(k): str(v) for k, v in (e.get("properties") or {}).items()},
+        recommendation_id=str(e.get("recommendation_id") or ""),
     )
     if e.get("value") is not None:
         ev.value = float(e["value"])
@@ -140,24 +144,30 @@ class Client:
     def recommend(self, user_id: str, k: int = 10, *, context_item_ids: Sequence[str] = (),
                   explain: bool = False, timeout: float | None = None,
                   **filters: Any) -> pb.RecommendResponse:
-        req = _recommend_request(user_id, k, context_item_ids=context_item_ids,
+        req = recommend_request(user_id, k, context_item_ids=context_item_ids,
                                  explain=explain, **filters)
         return self.stub.Recommend(req, metadata=self.md + _user(user_id),
                                    timeout=timeout or self.timeout)
 
-    def recommend_batch(self, requests: Iterable[Mapping[str, Any]], *,
+    def recommend_batch(self, requests: Iterable[Mapping[str, Any] | pb.RecommendRequest], *,
                         timeout: float | None = None) -> pb.RecommendBatchResponse:
-        """Several Recommend requests in one call; each a dict of `recommend`'s arguments
-        (`user_id`, `k`, `context_item_ids`, `explain`, and the filter keywords)."""
-        reqs = [_recommend_request(**{"user_id": "", **r}) for r in requests]
+        """Several Recommend requests in one call; each a `RecommendRequest` or a dict of
+        `recommend`'s arguments (`user_id`, `k`, `context_item_ids`, `explain`, and the
+        filter keywords)."""
+        reqs = [r if isinstance(r, pb.RecommendRequest)
+                else recommend_request(**{"user_id": "", **r}) for r in requests]
         return self.stub.RecommendBatch(pb.RecommendBatchRequest(requests=reqs),
                                         metadata=self.md + _user(reqs[0].user_id if reqs else ""),
                                         timeout=timeout or self.timeout)
 
-    def similar(self, item_id: str, k: int = 10, *, timeout: float | None = None,
-                **filters: Any) -> pb.SimilarItemsResponse:
-        req = pb.SimilarItemsRequest(item_id=item_id, k=k, filters=_filters(**filters))
-        return self.stub.SimilarItems(req, metadata=self.md, timeout=timeout or self.timeout)
+    def similar(self, item_id: str, k: int = 10, *, user_id: str = "",
+                timeout: float | None = None, **filters: Any) -> pb.SimilarItemsResponse:
+        """Items similar to `item_id`; `user_id`: who is looking (optional), recorded on the
+        answer's impression so their clicks are attributed to it."""
+        req = pb.SimilarItemsRequest(item_id=item_id, k=k, filters=_filters(**filters),
+                                     user_id=user_id)
+        return self.stub.SimilarItems(req, metadata=self.md + _user(user_id),
+                                      timeout=timeout or self.timeout)
 
     def ingest(self, events: Iterable[Mapping[str, Any] | pb.Event], *, atomic: bool = False,
                timeout: float | None = None) -> pb.IngestEventsResponse:
@@ -210,3 +220,41 @@ class Client:
         return stub.ForgetUser(admin_pb2.ForgetUserRequest(user_id=user_id),
                                metadata=md + _user(user_id),
                                timeout=timeout)
+
+    # -- experiments (admin) -------------------------------------------------------------
+    def create_experiment(self, name: str, arms: Iterable[Mapping[str, Any]], *,
+                          traffic: float | None = None, salt: str = "",
+                          description: str = "", timeout: float = 120.0
+                          ) -> admin_pb2.Experiment:
+        """Start an experiment (the server loads its arms' models first: `timeout`).
+
+        Each arm is a dict of `ExperimentArm`'s fields: `name`, `share`, `model_version`
+        ("" = the champion), `popularity`, `settings` (e.g. {"blend_weight": "0.3"})."""
+        stub, md = self._admin()
+        req = admin_pb2.CreateExperimentRequest(
+            name=name, salt=salt, description=description,
+            arms=[admin_pb2.ExperimentArm(
+                name=str(a["name"]), share=float(a["share"]),
+                model_version=str(a.get("model_version") or ""),
+                popularity=bool(a.get("popularity", False)),
+                settings={str(k): str(v) for k, v in (a.get("settings") or {}).items()})
+                for a in arms])
+        if traffic is not None:
+            req.traffic = traffic
+        return stub.CreateExperiment(req, metadata=md, timeout=timeout)
+
+    def list_experiments(self) -> admin_pb2.ListExperimentsResponse:
+        stub, md = self._admin()
+        return stub.ListExperiments(admin_pb2.ListExperimentsRequest(), metadata=md,
+                                    timeout=self.timeout)
+
+    def get_experiment(self, experiment_id: str) -> admin_pb2.Experiment:
+        stub, md = self._admin()
+        return stub.GetExperiment(admin_pb2.GetExperimentRequest(experiment_id=experiment_id),
+                                  metadata=md, timeout=self.timeout)
+
+    def stop_experiment(self, experiment_id: str) -> admin_pb2.Experiment:
+        stub, md = self._admin()
+        return stub.StopExperiment(
+            admin_pb2.StopExperimentRequest(experiment_id=experiment_id), metadata=md,
+            timeout=self.timeout)

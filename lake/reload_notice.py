@@ -1,7 +1,9 @@
 """Ask running online servers to hot-reload the model CURRENT names (`Admin.ReloadModel`).
 
-Shared by the Airflow DAGs' `notify_reload` step and `make pipeline`. Cheap to import (the
-gRPC client is imported when called), so DAG files can import it at parse time.
+Shared by the Airflow DAGs' `notify_reload` step and `make pipeline`: the batch layer's one
+call into the online layer, made through the client library (`lambdarec_client`) and the
+fleet's `fleet.json`, never the server package. Cheap to import (the gRPC client is
+imported when called), so DAG files can import it at parse time.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from online.tls import ClientTLS
+from lake.fleet_file import read_fleet
+from lake.tls import ClientTLS
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,6 @@ def reload_command(admin_target: str, version: str) -> str:
 def fleet_targets(targets: Sequence[str], run_dir: Path | None) -> list[str]:
     """`targets` with a fleet's front door (`<run_dir>/fleet.json`) replaced by each of its
     replicas' admin addresses: the front door would reach only one of them."""
-    from online.fleet import read_fleet
-
     fleet = read_fleet(run_dir) if run_dir is not None else None
     if fleet is None:
         return list(targets)
@@ -62,7 +63,7 @@ def notify_reload(
     A target that is the front door of the fleet running from `fleet_dir` (`fleet.run_dir`)
     stands for every replica of it.
 
-    `tls`: `Client` TLS arguments (`online.tls.own_client_tls`); None = plaintext.
+    `tls`: `Client` TLS arguments (`lake.tls.own_client_tls`); None = plaintext.
 
     A server that does not answer (UNAVAILABLE, DEADLINE_EXCEEDED) is logged as a warning:
     servers also load CURRENT when they start and when they poll. A server that answers
